@@ -1,0 +1,138 @@
+"""Benchmark of the retrieval index: write throughput and text-to-image ITC top-k search latency.
+
+Builds an index of random L2-normalised float16 embeddings (default 100,000 images, Nq=32, D=256, as the
+released BLIP-2 retrieval models), then times:
+  - writing: rows/s of `Index.add_many` in batches (one transaction each);
+  - the search cache: the first search after the writes rebuilds the memory-mapped `.emb` file ("cold");
+  - a fresh process-like open (new `Index` object, cache file present, pages likely still in the OS cache);
+  - warm queries: median, p90 and min over several random texts after a warm-up.
+
+    PYTHONPATH=src python bench/search.py                 # writes bench/results/search.json
+    PYTHONPATH=src python bench/search.py --images 20000 --queries 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from blip2.retrieval import Index, IndexRow
+
+RESULTS = Path(__file__).resolve().parent / "results" / "search.json"
+
+
+def _random_embeddings(rng: np.random.Generator, n: int, num_query: int, dim: int) -> np.ndarray:
+    x = rng.standard_normal((n, num_query, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    return x.astype(np.float16)  # (n, Nq, D)
+
+
+def build(index: Index, n: int, batch: int, seed: int) -> dict[str, float]:
+    """Fill the index in batches; time only the writes, not the random number generation."""
+    rng = np.random.default_rng(seed)
+    spent = 0.0
+    for start in range(0, n, batch):
+        emb = _random_embeddings(rng, min(batch, n - start), index.num_query, index.dim)
+        rows = [IndexRow(f"/images/{start + i:07d}.jpg", e, f"{start + i:064x}", 1000, 0.0) for i, e in enumerate(emb)]
+        t0 = time.perf_counter()
+        index.add_many(rows)
+        spent += time.perf_counter() - t0
+    return {"rows": n, "batch": batch, "seconds": spent, "rows_per_s": n / spent}
+
+
+def _texts(rng: np.random.Generator, n: int, dim: int) -> list[np.ndarray]:
+    t = rng.standard_normal((n, dim), dtype=np.float32)
+    return list(t / np.linalg.norm(t, axis=1, keepdims=True))
+
+
+def time_queries(index: Index, texts: list[np.ndarray], k: int, warmup: int = 2) -> dict[str, float]:
+    for text in texts[:warmup]:
+        index.search(text, k=k)
+    times = []
+    for text in texts[warmup:]:
+        t0 = time.perf_counter()
+        hits = index.search(text, k=k)
+        times.append(time.perf_counter() - t0)
+        assert len(hits[0]) == k
+    times.sort()
+    return {
+        "queries": len(times),
+        "median_ms": 1e3 * statistics.median(times),
+        "p90_ms": 1e3 * times[int(0.9 * (len(times) - 1))],
+        "min_ms": 1e3 * times[0],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=100_000)
+    parser.add_argument("--num-query", type=int, default=32)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1000, help="rows per add_many transaction")
+    parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--dir", type=Path, default=None, help="where to build the index (default: a temp dir)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(1)
+    texts = _texts(rng, args.queries + 2, args.dim)
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        db = Path(tmp) / "images.sqlite"
+        with Index(db, dim=args.dim, num_query=args.num_query, model="bench-random") as index:
+            write = build(index, args.images, args.batch, seed=0)
+            print(f"write: {write['rows_per_s']:.0f} rows/s ({write['seconds']:.1f} s)", flush=True)
+            t0 = time.perf_counter()
+            index.search(texts[0], k=args.k)
+            cold_rebuild = time.perf_counter() - t0
+        print(f"first query incl. cache rebuild: {cold_rebuild:.2f} s", flush=True)
+        db_bytes = db.stat().st_size
+        cache_bytes = Path(str(db) + ".emb").stat().st_size
+        with Index(db) as index:  # what a new process sees: the cache file exists, nothing is mapped yet
+            t0 = time.perf_counter()
+            index.search(texts[1], k=args.k)
+            cold_open = time.perf_counter() - t0
+            warm = time_queries(index, texts, args.k)
+            t0 = time.perf_counter()
+            index.search(np.stack(texts[:8]), k=args.k)
+            batch8 = time.perf_counter() - t0
+    print(f"first query, fresh Index: {1e3 * cold_open:.0f} ms; warm median {warm['median_ms']:.0f} ms", flush=True)
+    result = {
+        "bench": "retrieval index search",
+        "images": args.images,
+        "num_query": args.num_query,
+        "dim": args.dim,
+        "k": args.k,
+        "write": write,
+        "db_bytes": db_bytes,
+        "cache_bytes": cache_bytes,
+        "first_query_with_cache_rebuild_s": cold_rebuild,
+        "first_query_fresh_open_ms": 1e3 * cold_open,
+        "warm_query": warm,
+        "batch_of_8_texts_ms": 1e3 * batch8,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

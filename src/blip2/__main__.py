@@ -1,0 +1,3 @@
+from blip2.cli import main
+
+main()

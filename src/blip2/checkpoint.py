@@ -1,0 +1,352 @@
+"""Find, read, map and load BLIP-2 checkpoints; save them in the Hugging Face layout.
+
+Loading builds the model with parameters on the meta device (no memory), reads safetensors memory-mapped, casts
+each tensor once to its target dtype and assigns it: peak memory stays near one copy of the weights.
+Key mapping is one pure function per source format (`hf_keys`, `lavis_to_hf`); loading is strict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import Blip2Config
+from .errors import CheckpointError, ConfigError
+from .model import Blip2Model
+
+WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"]
+FP32_MODULES = ("query_tokens", "qformer.")  # the reference keeps the Q-Former and its queries in fp32
+
+
+# ---- where the files are -------------------------------------------------------------------------------------------
+def resolve(model: str | os.PathLike) -> Path:
+    """A local folder, or a Hub id fetched into (or found in) the Hugging Face cache."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path}: folder has no config.json; is it a BLIP-2 checkpoint folder?")
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: expected a checkpoint folder (with config.json), got a file")
+    if str(model).count("/") != 1 or str(model).startswith((".", "/", "~")):
+        raise CheckpointError(f"{model}: no such folder, and not a Hub id of the form 'owner/name'")
+    return _from_hub(str(model))
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HfHubHTTPError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    how = f"download it where there is network (`hf download {repo_id}`) or pass a local folder"
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=WEIGHT_PATTERNS, local_files_only=offline))
+    except Exception as e:  # noqa: BLE001 - hub errors come in many classes; all mean "not available"
+        if offline or "offline" in str(e).lower() or isinstance(e, (OSError, HfHubHTTPError)):
+            raise CheckpointError(f"model {repo_id!r} is not on disk and cannot be fetched ({type(e).__name__}); {how}")
+        raise
+    if not any(folder.glob("*.safetensors")):  # old repos ship only .bin
+        folder = Path(snapshot_download(repo_id, allow_patterns=["*.bin", "*.json"], local_files_only=offline))
+    return folder
+
+
+# ---- reading tensors -----------------------------------------------------------------------------------------------
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a folder: sharded or single, safetensors preferred over .bin."""
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid shard index ({e})") from e
+            missing = [n for n in shard_names if not (folder / n).is_file()]
+            if missing:
+                raise CheckpointError(f"{index}: shard files missing: {', '.join(missing)}")
+            return [folder / n for n in shard_names]
+        if (folder / single).is_file():
+            return [folder / single]
+    for pattern in ("*.safetensors", "*.bin", "*.pth", "*.pt"):
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found
+    raise CheckpointError(f"{folder}: no weights found (*.safetensors, *.bin, *.pth)")
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) pairs; safetensors are memory-mapped, .bin/.pth loaded with mmap when possible."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in files:
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(f, framework="pt") as st:
+                    for key in st.keys():
+                        yield key, st.get_tensor(key)
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from e
+        else:
+            yield from _load_pickle(f).items()
+
+
+def _load_pickle(f: Path) -> Mapping[str, torch.Tensor]:
+    try:
+        sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError:  # old zip-less files cannot be memory-mapped
+        sd = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors have no common class
+        raise CheckpointError(f"{f}: cannot read weights ({type(e).__name__}: {e})") from e
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]  # LAVIS checkpoints wrap the state dict
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{f}: expected a state dict, got {type(sd).__name__}")
+    return sd
+
+
+# ---- key maps ------------------------------------------------------------------------------------------------------
+_LAVIS_SWAPS = [
+    (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
+    (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
+    (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
+    (r"^visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.encoder.layers.\1.layer_norm1."),
+    (r"^visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.encoder.layers.\1.layer_norm2."),
+    (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.weight$", r"vision_model.encoder.layers.\1.self_attn.qkv.weight"),
+    (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
+    (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
+    (r"^ln_vision\.", "vision_model.post_layernorm."),
+    (r"^Qformer\.bert\.embeddings\.LayerNorm\.", "qformer.layernorm."),
+    (r"^Qformer\.bert\.embeddings\.(word|position)_embeddings\.", r"embeddings.\1_embeddings."),
+    (r"^Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.", r"qformer.encoder.layer.\1.\2.attention."),
+    (r"^Qformer\.bert\.", "qformer."),
+    (r"^vision_proj\.", "vision_projection."),
+    (r"^text_proj\.", "text_projection."),
+    (r"^(opt|t5|llm)_proj\.", "language_projection."),
+    (r"^(opt|t5|llm)_model\.", "language_model."),
+]
+# LAVIS keys with no counterpart in the HF layout: the ITC temperature, the stage-1 Q-Former LM head, a buffer.
+_LAVIS_DROPPED = re.compile(r"^(temp|Qformer\.cls\..*|Qformer\.bert\.embeddings\.position_ids)$")
+
+
+def is_lavis(keys: list[str]) -> bool:
+    return any(k.startswith(("visual_encoder.", "Qformer.", "ln_vision.")) for k in keys)
+
+
+def lavis_to_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a LAVIS `blip2`/`blip2_opt`/`blip2_t5` state dict to the HF layout (pure function).
+
+    The ViT's separate `q_bias`/`v_bias` become the fused `qkv.bias = [q_bias, 0, v_bias]`.
+    """
+    out: dict[str, torch.Tensor] = {}
+    biases: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        if _LAVIS_DROPPED.match(key):
+            continue
+        m = re.match(r"^visual_encoder\.blocks\.(\d+)\.attn\.(q|v)_bias$", key)
+        if m:
+            biases.setdefault(m.group(1), {})[m.group(2)] = value
+            continue
+        new = key
+        for pattern, repl in _LAVIS_SWAPS:
+            new, n = re.subn(pattern, repl, new)
+            if n:
+                break
+        out[new] = value
+    for i, qv in biases.items():
+        out[f"vision_model.encoder.layers.{i}.self_attn.qkv.bias"] = torch.cat([qv["q"], torch.zeros_like(qv["q"]), qv["v"]])
+    return out
+
+
+def hf_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Normalise HF-layout keys: older conversions stored the ViT's `q_bias`/`v_bias` unfused."""
+    out = dict(state)
+    for key in [k for k in out if k.endswith("self_attn.q_bias")]:
+        stem = key[: -len("q_bias")]
+        q, v = out.pop(key), out.pop(stem + "v_bias")
+        out[stem + "qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+    return out
+
+
+# ---- building and loading ------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _params_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device (no memory) while buffers stay real, as accelerate's
+    `init_empty_weights(include_buffers=False)`: non-persistent buffers (rotary tables, position ids) are not in
+    checkpoints and must exist after loading."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and not param.is_meta:  # a meta param is a tie to one already moved: keep it
+            p = module._parameters[name]
+            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def target_dtype(key: str, dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if key.startswith(FP32_MODULES) else dtype
+
+
+def build_empty(cfg: Blip2Config) -> Blip2Model:
+    with _params_on_meta():
+        return Blip2Model(cfg)
+
+
+def load_state(model: Blip2Model, state: Iterator[tuple[str, torch.Tensor]] | Mapping, dtype: torch.dtype,
+               source: str) -> None:
+    """Assign tensors to a model built by `build_empty`, strictly: any missing or unexpected key is an error."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers())
+    ties = _tie_groups(model)  # before assigning: assignment breaks the sharing
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    shape_errors: list[str] = []
+    for key, tensor in state.items() if isinstance(state, Mapping) else state:
+        if key in buffers:  # persistent buffers some LMs save; copied, not assigned
+            buffers[key].copy_(tensor)
+            continue
+        if key not in params:
+            unexpected.append(key)
+            continue
+        if tuple(tensor.shape) != tuple(params[key].shape):
+            shape_errors.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(params[key].shape)}")
+            continue
+        _assign(model, key, tensor.to(target_dtype(key, dtype)))
+        seen.add(key)
+    # tied parameters (e.g. lm_head and embed_tokens) are stored once: point every member at the loaded one
+    for group in ties:
+        loaded = [k for k in group if k in seen]
+        if loaded:
+            for k in group:
+                _assign(model, k, model.get_parameter(loaded[0]), as_is=True)
+            seen.update(group)
+    missing = sorted(set(params) - seen)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {_preview(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {_preview(unexpected)}")
+    if shape_errors:
+        problems.append(f"{len(shape_errors)} shape mismatches: {_preview(shape_errors)}")
+    if problems:
+        raise CheckpointError(f"{source}: weights do not fit the model in config.json; " + "; ".join(problems))
+
+
+def _preview(items: list[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n})" if len(items) > n else "")
+
+
+def _tie_groups(model: nn.Module) -> list[list[str]]:
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor, as_is: bool = False) -> None:
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    module._parameters[attr] = tensor if as_is else nn.Parameter(tensor, requires_grad=False)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """"auto": fp16 on CUDA, bf16 on a CPU with native bf16 matmuls (AVX512-BF16 / AMX), else fp32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype in names:
+        return names[dtype]
+    if dtype != "auto":
+        raise ConfigError(f"dtype {dtype!r} is not one of auto, {', '.join(names)}")
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and _cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def load_model(model: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[Blip2Model, Path]:
+    """Build and load a checkpoint (HF or LAVIS layout) on the CPU; returns the model in eval mode and its folder."""
+    folder = resolve(model)
+    cfg = Blip2Config.from_json_file(folder / "config.json")
+    files = weight_files(folder)
+    m = build_empty(cfg)
+    tensors = iter_tensors(files)
+    first = list(_peek_keys(files))
+    if is_lavis(first):
+        tensors = iter(lavis_to_hf(dict(tensors)).items())
+    elif any(k.endswith("self_attn.q_bias") for k in first):
+        tensors = iter(hf_keys(dict(tensors)).items())
+    load_state(m, tensors, dtype, str(folder))
+    m.requires_grad_(False)
+    return m.eval(), folder
+
+
+def _peek_keys(files: list[Path]) -> list[str]:
+    """Key names without reading tensors (safetensors headers / index)."""
+    from safetensors import safe_open
+
+    keys: list[str] = []
+    for f in files:
+        if f.suffix == ".safetensors":
+            with contextlib.suppress(Exception), safe_open(f, framework="pt") as st:
+                keys.extend(st.keys())
+        else:
+            keys.extend(_load_pickle(f).keys())
+    return keys
+
+
+def save_model(model: Blip2Model, folder: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write config.json and (sharded) model.safetensors in the HF layout; tied copies are written once."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save(folder)
+    tied = {k for g in _tie_groups(model) for k in g[1:]}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    state = {k: v for k, v in state.items() if k in dict(model.named_parameters(remove_duplicate=False))}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
+        return folder
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return folder

@@ -1,0 +1,184 @@
+"""Blip2Model: tensors in, tensors out.
+
+    pixel_values (B, 3, S, S) -> vision_model (B, N, Dv) -> qformer queries (B, Nq, Dq)
+        -> language_projection (B, Nq, d_lm) -> frozen LM with the prompt tokens -> logits / token ids
+    (retrieval layout)  queries -> vision_projection (B, Nq, E);  text CLS -> text_projection (B, E);  itm_head
+
+Attribute names are those of `transformers`' `Blip2ForConditionalGeneration` and `Blip2ForImageTextRetrieval`, so
+a HF state dict loads without renaming. Images, tokens and prompts live in `processing`/`pipeline`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Blip2Config
+from .language import build_language_model
+from .qformer import QFormer, TextEmbeddings
+from .vision import VisionTransformer
+
+
+@dataclass
+class Blip2Output:
+    logits: torch.Tensor  # causal: (B, Nq + T, V); seq2seq: (B, T_dec, V)
+    loss: torch.Tensor | None = None
+
+
+def sequence_scores(lm: nn.Module, out) -> torch.Tensor:
+    """One score per generated sequence from a `generate(..., return_dict_in_generate=True, output_scores=True)`."""
+    if getattr(out, "sequences_scores", None) is not None:
+        return out.sequences_scores
+    beam_indices = getattr(out, "beam_indices", None)
+    steps = lm.compute_transition_scores(out.sequences, out.scores, beam_indices, normalize_logits=True)
+    tokens = out.sequences[:, -steps.shape[1] :]  # (B, T_new)
+    eos = lm.generation_config.eos_token_id
+    is_eos = torch.isin(tokens, torch.tensor(eos if isinstance(eos, list) else [eos], device=tokens.device))
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # padding a finished sequence carries no score
+    return steps.masked_fill(after_eos | torch.isinf(steps), 0.0).sum(dim=1)
+
+
+class Blip2Model(nn.Module):
+    def __init__(self, cfg: Blip2Config) -> None:
+        super().__init__()
+        self.config = cfg
+        q = cfg.qformer_config
+        self.vision_model = VisionTransformer(cfg.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, q.hidden_size))
+        self.qformer = QFormer(q)
+        self.language_model: nn.Module | None = None
+        if cfg.has_text_side:
+            self.embeddings = TextEmbeddings(q)
+        if cfg.architecture == "Blip2ForImageTextRetrieval":
+            self.vision_projection = nn.Linear(q.hidden_size, cfg.image_text_hidden_size)
+            self.text_projection = nn.Linear(q.hidden_size, cfg.image_text_hidden_size)
+            self.itm_head = nn.Linear(q.hidden_size, 2)
+        if cfg.has_language_model:
+            lm = build_language_model(cfg)
+            self.language_projection = nn.Linear(q.hidden_size, lm.config.hidden_size)
+            self.language_model = lm
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.language_model is not None and bool(self.language_model.config.is_encoder_decoder)
+
+    # ---- image side -------------------------------------------------------------------------------------------
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, N, Dv) vision features (after `post_layernorm`)."""
+        return self.vision_model(pixel_values)
+
+    def query_output(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, N, Dv) -> (B, Nq, Dq): the learned queries after cross-attending to the image (fp32)."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.qformer(queries, queries.shape[1], image_embeds=image_embeds)
+
+    def image_prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, Nq, d_lm): the soft prompt the LM sees. Computed once per image and reusable."""
+        image_embeds = self.encode_image(pixel_values)
+        q = self.query_output(image_embeds).to(image_embeds.dtype)  # as the reference: back to the vision dtype
+        return self.language_projection(q)
+
+    # ---- language side ----------------------------------------------------------------------------------------
+    def _lm_inputs(self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        """`[prefix; embed(ids)]` and its mask; the queries come first, before any left padding and BOS."""
+        embed = self.language_model.get_input_embeddings()
+        text = embed(input_ids)  # (B, T, d)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        ones = torch.ones(prefix.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
+        inputs_embeds = torch.cat([prefix.to(text.dtype), text], dim=1)  # (B, Nq + T, d)
+        return inputs_embeds, torch.cat([ones, attention_mask], dim=1)
+
+    def placeholder_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The reference's full id sequence, `[<image>] * Nq + ids`: logits processors see these ids."""
+        image_id = self.config.image_token_index
+        if image_id is None:  # configs before transformers 4.47: no image token; pad is never generated
+            image_id = self.language_model.config.pad_token_id or 0
+        n = self.config.num_query_tokens
+        fill = torch.full((input_ids.shape[0], n), image_id, dtype=input_ids.dtype, device=input_ids.device)
+        return torch.cat([fill, input_ids], dim=1)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        pixel_values: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> Blip2Output:
+        """LM logits for an image (`pixel_values`, or a precomputed `prefix`) and text.
+
+        `labels` (B, T) align with `input_ids` (causal LM; -100 ignored) or are the decoder targets (seq2seq).
+        """
+        if prefix is None:
+            if pixel_values is None:
+                raise ValueError("give pixel_values or prefix")
+            prefix = self.image_prefix(pixel_values)
+        inputs_embeds, mask = self._lm_inputs(prefix, input_ids, attention_mask)
+        if self.is_encoder_decoder:
+            out = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=mask,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                labels=labels,
+            )
+            return Blip2Output(logits=out.logits, loss=out.loss)
+        logits = self.language_model(inputs_embeds=inputs_embeds, attention_mask=mask).logits
+        loss = None
+        if labels is not None:
+            shifted = logits[:, -labels.shape[1] : -1].float()  # (B, T-1, V) predicts labels[:, 1:]
+            loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        return Blip2Output(logits=logits, loss=loss)
+
+    @torch.no_grad()
+    def generate(
+        self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **gen
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generate from `[prefix; input_ids]`.
+
+        `gen` goes to `transformers`' `generate` (num_beams, do_sample, max_new_tokens, ...) exactly as the reference
+        passes it. Returns the new tokens (B * num_return_sequences, T_new) and one score per sequence: the beam
+        score with beam search, else the summed log-probability of the chosen tokens.
+        """
+        inputs_embeds, mask = self._lm_inputs(prefix, input_ids, attention_mask)
+        gen = {**gen, "return_dict_in_generate": True, "output_scores": True}
+        if self.is_encoder_decoder:
+            out = self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **gen)
+            new = out.sequences
+        else:
+            full_ids = self.placeholder_ids(input_ids)
+            out = self.language_model.generate(input_ids=full_ids, inputs_embeds=inputs_embeds, attention_mask=mask,
+                                               **gen)
+            new = out.sequences[:, full_ids.shape[1] :]
+        return new, sequence_scores(self.language_model, out)
+
+    # ---- retrieval side (ITC / ITM) ------------------------------------------------------------------------------
+    def image_embeddings(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, N, Dv) -> (B, Nq, E) L2-normalised query embeddings for ITC."""
+        q = self.query_output(image_embeds)
+        return F.normalize(self.vision_projection(q.to(self.vision_projection.weight.dtype)), dim=-1)
+
+    def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) BERT ids -> (B, E) L2-normalised CLS embeddings for ITC (text-only mode)."""
+        h = self.qformer(self.embeddings(input_ids), 0, text_mask=attention_mask)
+        return F.normalize(self.text_projection(h[:, 0].to(self.text_projection.weight.dtype)), dim=-1)
+
+    def itm_logits(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Pairs (image_embeds[i], text i) -> (B, 2) match logits: `itm_head` on the query rows, averaged."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        text = self.embeddings(input_ids)
+        embeds = torch.cat([queries, text.to(queries.dtype)], dim=1)  # (B, Nq + T, Dq)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        n = queries.shape[1]
+        h = self.qformer(embeds, n, text_mask=attention_mask, image_embeds=image_embeds)  # bidirectional
+        return self.itm_head(h[:, :n].to(self.itm_head.weight.dtype)).mean(dim=1)

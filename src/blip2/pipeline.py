@@ -1,0 +1,334 @@
+"""`Blip2`: the user-facing object. Images and strings in, strings and scores out.
+
+    m = blip2.load("Salesforce/blip2-opt-2.7b")
+    m.caption("cat.jpg"); m.caption("cat.jpg", prompt="a photo of"); m.ask("cat.jpg", "what is it?")
+    chat = m.chat("cat.jpg"); chat.ask("what is it?"); chat.ask("what colour is it?")
+
+The image side (vision encoder + Q-Former + projection) runs once per distinct image: its output is kept in a small
+LRU cache keyed by the image's content, so a chat, or several questions about one image, reuse it. A chat with a
+decoder-only LM also keeps the LM's key/value cache of the conversation so far and only runs the new tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from PIL import Image
+
+from .checkpoint import load_model, resolve_dtype
+from .errors import ConfigError, GenerationError
+from .model import Blip2Model, sequence_scores
+from .processing import ImageTransform, chat_prompt, load_image, vqa_prompt
+
+ImageInput = Union[str, os.PathLike, bytes, Image.Image]
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Every generation option, in one place. Defaults: greedy, up to 30 new tokens (LAVIS uses 5 beams)."""
+
+    max_new_tokens: int = 30
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    do_sample: bool = False
+    top_p: float = 1.0
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    num_return_sequences: int = 1
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.min_new_tokens >= 0, "min_new_tokens must be >= 0"),
+            (self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be <= max_new_tokens"),
+            (self.num_beams >= 1, "num_beams must be >= 1"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (self.temperature > 0.0, "temperature must be > 0"),
+            (self.repetition_penalty > 0.0, "repetition_penalty must be > 0"),
+            (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be >= 0"),
+            (1 <= self.num_return_sequences, "num_return_sequences must be >= 1"),
+            (self.do_sample or self.num_return_sequences <= self.num_beams,
+             "num_return_sequences must be <= num_beams unless do_sample"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise GenerationError(f"{message}; got {self}")
+
+    def hf_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `transformers`' `generate`."""
+        kw = asdict(self)
+        kw.pop("seed")
+        if not self.do_sample:  # sampling-only options would only trigger warnings
+            kw.pop("top_p")
+            kw.pop("temperature")
+        return kw
+
+
+VQA_OPTIONS = GenerationOptions(max_new_tokens=10)
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: list[int]
+    score: float  # log-probability of the tokens (beam search: the length-penalised beam score)
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) != "auto":
+        try:
+            return torch.device(device)
+        except RuntimeError as e:
+            raise ConfigError(f"device {device!r} is not a valid torch device ({e})") from e
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _image_key(image: ImageInput) -> str:
+    h = hashlib.sha1()
+    if isinstance(image, Image.Image):
+        h.update(f"{image.mode}{image.size}".encode())
+        h.update(image.tobytes())
+    elif isinstance(image, bytes):
+        h.update(image)
+    else:
+        path = Path(image)
+        stat = path.stat() if path.exists() else None
+        h.update(f"{path.resolve()}:{stat and stat.st_size}:{stat and stat.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+class Blip2:
+    """A loaded BLIP-2 checkpoint with its tokenizer and image transform."""
+
+    def __init__(self, model: Blip2Model, tokenizer, transform: ImageTransform, device: torch.device,
+                 name: str = "", image_cache_size: int = 64, qformer_tokenizer=None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.device = device
+        self.name = name
+        self.dtype = model.vision_model.embeddings.patch_embedding.weight.dtype
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache_size = image_cache_size
+        if tokenizer is not None and model.language_model is not None:
+            # OPT pads on the left so every prompt ends where generation starts; T5's encoder is padded right.
+            tokenizer.padding_side = "right" if model.is_encoder_decoder else "left"
+
+    @property
+    def config(self):
+        return self.model.config
+
+    # ---- images ---------------------------------------------------------------------------------------------------
+    def pixel_values(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        return self.transform([load_image(im) for im in images]).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def image_prefix(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """(B, Nq, d_lm) soft prompts, computed once per distinct image and then taken from the cache."""
+        keys = [_image_key(im) for im in images]
+        todo = {k: im for k, im in zip(keys, images) if k not in self._cache}
+        if todo:
+            fresh = self.model.image_prefix(self.pixel_values(list(todo.values())))
+            for k, p in zip(todo, fresh):
+                self._cache[k] = p
+        out = torch.stack([self._cache[k] for k in keys])
+        for k in keys:
+            self._cache.move_to_end(k)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return out
+
+    # ---- generation -----------------------------------------------------------------------------------------------
+    def _tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(list(prompts), padding=True, return_tensors="pt")
+        return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+
+    @torch.no_grad()
+    def generate(self, images: Sequence[ImageInput], prompts: Sequence[str] | None = None,
+                 options: GenerationOptions | None = None, **gen: Any) -> list[Generation]:
+        """One generation per (image, prompt) pair (x num_return_sequences), batched.
+
+        A batch gives what each pair gives alone: prompts are padded on the side the LM expects and masked.
+        """
+        if self.model.language_model is None:
+            raise ConfigError(f"{self.name}: a retrieval checkpoint has no language model; use similarity/match")
+        opts = replace(options or GenerationOptions(), **gen)
+        images = list(images)
+        prompts = [""] * len(images) if prompts is None else list(prompts)
+        if len(prompts) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+        if not images:
+            return []
+        prefix = self.image_prefix(images)
+        ids, mask = self._tokenize(prompts)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            if opts.seed is not None:
+                torch.manual_seed(opts.seed)
+            tokens, scores = self.model.generate(prefix, ids, mask, **opts.hf_kwargs())
+        return self._decode(tokens, scores)
+
+    def _decode(self, tokens: torch.Tensor, scores: torch.Tensor) -> list[Generation]:
+        out = []
+        specials = set(self.tokenizer.all_special_ids)
+        for row, score in zip(tokens.tolist(), scores.tolist()):
+            kept = [t for t in row if t not in specials]
+            text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+            out.append(Generation(text=text, tokens=kept, score=float(score)))
+        return out
+
+    def caption(self, image: ImageInput | Sequence[ImageInput], prompt: str | None = None, **gen: Any):
+        """A caption, or with `prompt` the continuation of it. A list of images gives a list of strings."""
+        single = not isinstance(image, (list, tuple))
+        images = [image] if single else list(image)
+        texts = [g.text for g in self.generate(images, [prompt or ""] * len(images), **gen)]
+        return texts[0] if single else texts
+
+    def ask(self, image: ImageInput | Sequence[ImageInput], question: str | Sequence[str], **gen: Any):
+        """Visual question answering with the `Question: {} Answer:` template."""
+        single = not isinstance(image, (list, tuple))
+        images = [image] if single else list(image)
+        questions = [question] * len(images) if isinstance(question, str) else list(question)
+        texts = [g.text for g in self.generate(images, [vqa_prompt(q) for q in questions], VQA_OPTIONS, **gen)]
+        return texts[0] if single else texts
+
+    def chat(self, image: ImageInput, context: int = 512) -> Chat:
+        return Chat(self, image, context=context)
+
+    # ---- retrieval ------------------------------------------------------------------------------------------------
+    def _require_text_side(self) -> None:
+        if not hasattr(self.model, "itm_head"):
+            raise ConfigError(f"{self.name}: this checkpoint has no Q-Former text side (use e.g. blip2-itm-vit-g)")
+
+    def _text_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=35, return_tensors="pt")
+        return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """(B, Nq, E) normalised query embeddings."""
+        self._require_text_side()
+        return self.model.image_embeddings(self.model.encode_image(self.pixel_values(list(images)))).float()
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """(B, E) normalised text embeddings."""
+        self._require_text_side()
+        return self.model.text_embeddings(*self._text_ids(texts)).float()
+
+    @torch.no_grad()
+    def similarity(self, images: Sequence[ImageInput], texts: Sequence[str]) -> torch.Tensor:
+        """ITC (Ni, Nt): cosine similarity, max over the query embeddings."""
+        img, txt = self.embed_images(images), self.embed_texts(texts)
+        return torch.einsum("iqe,te->itq", img, txt).amax(dim=-1)
+
+    @torch.no_grad()
+    def match(self, images: Sequence[ImageInput], texts: Sequence[str]) -> torch.Tensor:
+        """ITM (Ni, Nt): probability that each text describes each image."""
+        self._require_text_side()
+        image_embeds = self.model.encode_image(self.pixel_values(list(images)))  # (Ni, N, Dv)
+        ids, mask = self._text_ids(texts)
+        ni, nt = image_embeds.shape[0], ids.shape[0]
+        pairs_img = image_embeds.repeat_interleave(nt, dim=0)  # (Ni*Nt, N, Dv): image i with every text
+        logits = self.model.itm_logits(pairs_img, ids.repeat(ni, 1), mask.repeat(ni, 1))
+        return logits.float().softmax(dim=-1)[:, 1].reshape(ni, nt)
+
+
+def load(model: str | os.PathLike, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+         image_cache_size: int = 64) -> Blip2:
+    """Load a checkpoint (Hub id or local folder) with its tokenizer and image preprocessing."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    dev = pick_device(device)
+    dt = resolve_dtype(dtype, dev)
+    m, folder = load_model(model, dt)
+    if m.language_model is not None and (folder / "generation_config.json").is_file():
+        m.language_model.generation_config = GenerationConfig.from_pretrained(folder)
+    m.to(dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{folder}: no usable tokenizer ({e})") from e
+    return Blip2(m, tokenizer, ImageTransform.from_pretrained(folder), dev, name=str(model),
+                 image_cache_size=image_cache_size)
+
+
+class Chat:
+    """A conversation about one image; `ask` keeps the history as `Question: q Answer: a.` turns.
+
+    The prompt fits a context budget (default 512 tokens, counting the query tokens); the oldest turns go first
+    and the current question is never cut. With a decoder-only LM and greedy or sampled decoding (one sequence),
+    the key/value cache of the previous turn is kept: the next turn runs only the tokens after the longest common
+    prefix, so the image and the shared history are not recomputed.
+    """
+
+    def __init__(self, model: Blip2, image: ImageInput, context: int = 512) -> None:
+        self.m = model
+        self.context = context
+        self.history: list[tuple[str, str]] = []
+        self.set_image(image)
+
+    def set_image(self, image: ImageInput) -> None:
+        self.prefix = self.m.image_prefix([image])  # (1, Nq, d): raises ImageError now, not at the first question
+        self.reset()
+
+    def reset(self) -> None:
+        self.history = []
+        self._kv = None
+        self._kv_ids: list[int] = []
+
+    def prompt_for(self, question: str) -> str:
+        budget = self.context - self.m.config.num_query_tokens
+        return chat_prompt(self.history, question, lambda s: len(self.m.tokenizer(s).input_ids), budget)
+
+    @torch.no_grad()
+    def ask(self, question: str, **gen: Any) -> str:
+        opts = replace(GenerationOptions(), **gen)
+        prompt = self.prompt_for(question)
+        ids, mask = self.m._tokenize([prompt])
+        with torch.random.fork_rng(devices=[self.m.device] if self.m.device.type == "cuda" else []):
+            if opts.seed is not None:
+                torch.manual_seed(opts.seed)
+            if self.m.model.is_encoder_decoder or opts.num_beams > 1 or opts.num_return_sequences > 1:
+                tokens, scores = self.m.model.generate(self.prefix, ids, mask, **opts.hf_kwargs())
+            else:
+                tokens, scores = self._generate_cached(ids, opts)
+        answer = self.m._decode(tokens, scores)[0].text
+        self.history.append((question.strip(), answer))
+        return answer
+
+    def _generate_cached(self, ids: torch.Tensor, opts: GenerationOptions) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.m.model
+        full = model.placeholder_ids(ids)  # (1, Nq + T)
+        full_list = full[0].tolist()
+        n_query = self.m.config.num_query_tokens
+        common = 0
+        for a, b in zip(self._kv_ids, full_list):
+            if a != b:
+                break
+            common += 1
+        keep = min(common, len(full_list) - 1)  # generate needs at least one uncached token
+        gen = {**opts.hf_kwargs(), "return_dict_in_generate": True, "output_scores": True}
+        ones = torch.ones_like(full)
+        if self._kv is not None and keep >= n_query:
+            self._kv.crop(keep - self._kv.get_seq_length())  # negative: drop the tail after the common prefix
+            out = model.language_model.generate(input_ids=full, attention_mask=ones, cache=self._kv, **gen)
+        else:
+            embeds, _ = model._lm_inputs(self.prefix, ids, None)
+            out = model.language_model.generate(input_ids=full, inputs_embeds=embeds, attention_mask=ones, **gen)
+        self._kv = out.cache
+        self._kv_ids = out.sequences[0, : self._kv.get_seq_length()].tolist()
+        return out.sequences[:, full.shape[1] :], sequence_scores(model.language_model, out)
