@@ -14,6 +14,7 @@ import click
 # (module, command names): a module missing its command is a bug; these modules are part of the package.
 COMMANDS: list[tuple[str, list[str]]] = [
     ("generate", ["caption", "ask", "chat", "models"]),
+    ("serve", ["serve"]),
 ]
 
 

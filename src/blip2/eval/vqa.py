@@ -7,6 +7,9 @@ Differences from the official scripts (none changes a score on the official VQAv
 - the official script asserts that predictions cover every annotated question; here the predicted questions are
   scored, a prediction for an unknown question is an error, and `n_unanswered` reports the annotated questions
   without a prediction so a partial run is visible rather than silent.
+The later `vqaEval.py` in GT-Vision-Lab/VQA differs from this (earlier) version that LAVIS ships and that produced
+the BLIP-2 numbers: it strips "\n"/"\t" from gt answers and normalises gt *and* prediction only when the humans
+disagree. This module follows LAVIS.
 """
 
 from __future__ import annotations

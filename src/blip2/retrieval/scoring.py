@@ -123,7 +123,8 @@ def _scan_block_fp16(emb: Tensor, ids: np.ndarray, texts: Tensor, tops: list[_Ru
             approx = np.zeros(n, dtype=np.float32)
         else:
             # unit text in fp16 keeps the products far from fp16 overflow; scale back afterwards
-            approx = (flat @ (text / norm).half()).view(n, nq).amax(dim=1).float().numpy() * norm  # (n,)
+            # fp16 reductions are slow on CPU: widen the (n*Nq,) products before the max
+            approx = (flat @ (text / norm).half()).float().view(n, nq).amax(dim=1).numpy() * norm  # (n,)
         tol = _FP16_REL_ERR * norm * max_norm
         cut = top.threshold - tol
         if len(approx) > top.k:

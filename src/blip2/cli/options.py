@@ -1,0 +1,118 @@
+"""Click options shared by every command that loads a model or generates text, and the helpers that use them.
+
+    @click.command()
+    @model_options
+    @generation_options
+    def caption(model, device, dtype, **gen): ...
+        m = load_model(model, device, dtype)
+        m.caption(image, **generation_kwargs(gen))
+
+Generation options default to `None` ("not given"): only the ones the user gave reach the API, so each task keeps
+its own defaults (VQA answers stop after 10 new tokens, captions after 30). Bounds that need no context
+(`--num-beams 0`) are click usage errors (exit 2, naming the option); the rest is checked by `GenerationOptions`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+if TYPE_CHECKING:
+    from ..pipeline import Blip2
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
+MODEL_ENVVAR = "BLIP2_MODEL"
+DTYPES = ["auto", "fp32", "fp16", "bf16"]
+
+# (python name, click declaration, type, help): python names are `GenerationOptions` fields.
+GENERATION_OPTIONS: list[tuple[str, str, click.ParamType | None, str]] = [
+    ("max_new_tokens", "--max-new-tokens", click.IntRange(min=1), "Most tokens to generate [task default]."),
+    ("min_new_tokens", "--min-new-tokens", click.IntRange(min=0), "Fewest tokens to generate [0]."),
+    ("num_beams", "--num-beams", click.IntRange(min=1), "Beam search width; 1 is greedy [1]."),
+    ("do_sample", "--do-sample/--greedy", None, "Sample tokens instead of taking the most likely [greedy]."),
+    ("top_p", "--top-p", click.FloatRange(min=0.0, max=1.0, min_open=True), "Nucleus sampling mass, in (0, 1] [1]."),
+    ("temperature", "--temperature", click.FloatRange(min=0.0, min_open=True), "Sampling temperature, > 0 [1]."),
+    ("repetition_penalty", "--repetition-penalty", click.FloatRange(min=0.0, min_open=True),
+     "Penalty > 1 discourages repeated tokens [1]."),
+    ("length_penalty", "--length-penalty", click.FLOAT, "Beam search: > 1 favours longer outputs [1]."),
+    ("no_repeat_ngram_size", "--no-repeat-ngram-size", click.IntRange(min=0),
+     "Never repeat an n-gram of this size; 0 is off [0]."),
+    ("seed", "--seed", click.INT, "Random seed, for reproducible sampling."),
+]
+GENERATION_NAMES = [name for name, *_ in GENERATION_OPTIONS]
+
+
+def model_options(f: F) -> F:
+    """`--model/-m` (hub id or folder; env BLIP2_MODEL), `--device`, `--dtype`."""
+    f = click.option(
+        "--dtype",
+        type=click.Choice(DTYPES),
+        default="auto",
+        show_default=True,
+        help="Weights dtype; auto is fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.",
+    )(f)
+    f = click.option(
+        "--device", default="auto", show_default=True, help="torch device (cpu, cuda, cuda:1, mps) or auto."
+    )(f)
+    f = click.option(
+        "--model",
+        "-m",
+        default=DEFAULT_MODEL,
+        show_default=True,
+        envvar=MODEL_ENVVAR,
+        show_envvar=True,
+        help="Hugging Face Hub id or local checkpoint folder.",
+    )(f)
+    return f
+
+
+def generation_options(f: F) -> F:
+    """Every generation option of `GenerationOptions`, each defaulting to "not given" (None)."""
+    for name, decl, type_, help_ in reversed(GENERATION_OPTIONS):
+        f = click.option(decl, name, type=type_, default=None, help=help_)(f)
+    return f
+
+
+def generation_kwargs(values: dict[str, Any]) -> dict[str, Any]:
+    """The generation options the user gave, as keyword arguments for `Blip2.caption/ask/generate`, `Chat.ask`.
+
+    Other keys in `values` (a command's own parameters) are ignored, so a command can pass its whole `**kwargs`.
+    """
+    kwargs = {name: values[name] for name in GENERATION_NAMES if values.get(name) is not None}
+    check_generation(kwargs)
+    return kwargs
+
+
+def check_generation(kwargs: dict[str, Any]) -> None:
+    """Validate the given options over the base defaults now, so a bad combination fails before the model loads.
+
+    Only checks that hold for every task's defaults are raised here (e.g. `--min-new-tokens 40` alone is fine for a
+    caption but not for VQA's 10-token default; the API reports that one when the task runs).
+    """
+    from ..errors import GenerationError
+    from ..pipeline import GenerationOptions
+
+    known = {f.name for f in fields(GenerationOptions)}
+    unknown = set(kwargs) - known
+    if unknown:  # a bug in this module, not a user error
+        raise TypeError(f"not GenerationOptions fields: {sorted(unknown)}")
+    base = {"max_new_tokens": max(kwargs.get("min_new_tokens", 1), 1)}  # min vs max only when both are given
+    try:
+        GenerationOptions(**{**base, **kwargs})
+    except GenerationError as e:
+        message = str(e).split(";")[0]
+        for name, decl, *_ in GENERATION_OPTIONS:
+            message = message.replace(name, decl.split("/")[0])
+        raise click.UsageError(f"invalid generation options: {message}") from e
+
+
+def load_model(model: str, device: str = "auto", dtype: str = "auto") -> Blip2:
+    """`blip2.load` with the CLI's values; a missing or offline model raises `CheckpointError` (one line, exit 2)."""
+    from ..pipeline import load
+
+    return load(model, device=device, dtype=dtype)

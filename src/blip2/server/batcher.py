@@ -1,0 +1,170 @@
+"""Micro-batching across requests: concurrent generation requests with the same options become one model call.
+
+Requests wait in arrival order. The oldest one opens a batch and waits at most `max_wait_ms` for more requests with
+the same generation options (up to `max_batch_size`); then the batch runs in a single worker thread, so the event loop
+keeps accepting requests meanwhile. While a batch runs, new requests pile up and form the next batch at once: under
+load batches fill themselves, and an idle server adds at most `max_wait_ms` of latency.
+
+Batching never changes an answer (`Blip2.generate` is batch-invariant), with one exception handled here: a seeded
+sampling request runs alone, because the random stream of a batch depends on its other members.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..pipeline import Generation, GenerationOptions
+
+log = logging.getLogger("blip2.server")
+
+GenerateFn = Callable[[Sequence[Any], Sequence[str], GenerationOptions], list[Generation]]
+
+
+class QueueFull(Exception):
+    """The queue of waiting requests is at its bound; the caller should answer 503 with Retry-After."""
+
+
+@dataclass
+class Job:
+    image: Any
+    prompt: str
+    options: GenerationOptions
+    key: Any
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    requests: int = 0
+    largest: int = 0
+
+    def add(self, size: int) -> None:
+        self.batches += 1
+        self.requests += size
+        self.largest = max(self.largest, size)
+
+
+class MicroBatcher:
+    """`await submit(image, prompt, options)` -> that request's generations (`options.num_return_sequences` of them)."""
+
+    def __init__(self, generate: GenerateFn, max_batch_size: int = 8, max_wait_ms: float = 10.0,
+                 max_queue: int = 64) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
+            raise ValueError(f"bad batcher limits: batch {max_batch_size}, queue {max_queue}, wait {max_wait_ms} ms")
+        self.generate = generate
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.stats = BatchStats()
+        self._pending: list[Job] = []
+        self._wakeup = asyncio.Event()
+        self._alone = itertools.count()  # unique keys for requests that must not share a batch
+        # One thread: the model is not re-entrant, and torch already spreads one call over the CPU cores.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blip2-generate")
+        self._task: asyncio.Task | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="blip2-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for job in self._pending:
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("server shutting down"))
+        self._pending.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    # ---- requests --------------------------------------------------------------------------------------------------
+    def batch_key(self, options: GenerationOptions) -> Any:
+        if options.do_sample and options.seed is not None:
+            return ("alone", next(self._alone))
+        # The seed only matters when sampling; dropping it lets greedy requests that carry a seed share a batch.
+        return replace(options, seed=None) if not options.do_sample else options
+
+    async def submit(self, image: Any, prompt: str, options: GenerationOptions) -> list[Generation]:
+        if len(self._pending) >= self.max_queue:
+            raise QueueFull(f"{len(self._pending)} requests are already waiting (--max-queue {self.max_queue})")
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(Job(image, prompt, options, self.batch_key(options), future))
+        self._wakeup.set()
+        return await future
+
+    # ---- the loop --------------------------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                batch = await self._next_batch()
+                if not batch:
+                    continue
+                self.stats.add(len(batch))
+                try:
+                    results = await loop.run_in_executor(self._executor, self._generate_batch, batch)
+                except Exception as e:  # noqa: BLE001 - _generate_batch already isolates per-request failures
+                    results = [e] * len(batch)
+                for job, result in zip(batch, results):
+                    if job.future.done():  # the client went away meanwhile
+                        continue
+                    if isinstance(result, BaseException):
+                        job.future.set_exception(result)
+                    else:
+                        job.future.set_result(result)
+
+    async def _next_batch(self) -> list[Job]:
+        """Wait until the oldest request's batch is full or its wait is over, then take that batch."""
+        self._pending = [j for j in self._pending if not j.future.done()]  # drop cancelled requests
+        if not self._pending:
+            return []
+        first = self._pending[0]
+        deadline = first.arrived + self.max_wait
+        while self._count(first.key) < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        batch = [j for j in self._pending if j.key == first.key and not j.future.done()][: self.max_batch_size]
+        taken = {id(j) for j in batch}
+        self._pending = [j for j in self._pending if id(j) not in taken]
+        return batch
+
+    def _count(self, key: Any) -> int:
+        return sum(1 for j in self._pending if j.key == key)
+
+    def _generate_batch(self, batch: list[Job]) -> list[list[Generation] | BaseException]:
+        """Runs in the worker thread. One model call for the batch; if it fails, each request alone, so one bad
+        request cannot fail the others."""
+        options = batch[0].options
+        n = options.num_return_sequences
+        try:
+            gens = self.generate([j.image for j in batch], [j.prompt for j in batch], options)
+            return [gens[i * n : (i + 1) * n] for i in range(len(batch))]
+        except Exception as e:  # noqa: BLE001 - reported to the request(s) it belongs to
+            if len(batch) == 1:
+                return [e]
+            log.warning("a batch of %d failed (%s); retrying one by one", len(batch), e)
+            return [self._generate_batch([j])[0] for j in batch]
