@@ -52,6 +52,7 @@ def _copy_with_state(src, dst, edit):
 
 def test_missing_and_unexpected_keys_are_listed(opt_ckpt, tmp_path):
     """If this fails, a wrong checkpoint loads silently with random weights (LAVIS' strict=False bug)."""
+
     def edit(state):
         state.pop("qformer.layernorm.weight")
         state["qformer.extra.weight"] = torch.zeros(2)
@@ -189,8 +190,9 @@ def test_lavis_state_dict_loads_through_one_map(opt_ckpt, tmp_path):
 def test_unfused_vision_biases_are_fused():
     """If this fails, HF checkpoints converted with separate q/v biases load with a wrong k-bias."""
     q, v = torch.ones(4), torch.full((4,), 2.0)
-    state = hf_keys({"vision_model.encoder.layers.0.self_attn.q_bias": q,
-                     "vision_model.encoder.layers.0.self_attn.v_bias": v})
+    state = hf_keys(
+        {"vision_model.encoder.layers.0.self_attn.q_bias": q, "vision_model.encoder.layers.0.self_attn.v_bias": v}
+    )
     assert torch.equal(state["vision_model.encoder.layers.0.self_attn.qkv.bias"], torch.cat([q, torch.zeros(4), v]))
 
 

@@ -50,7 +50,9 @@ def _from_hub(repo_id: str) -> Path:
         folder = Path(snapshot_download(repo_id, allow_patterns=WEIGHT_PATTERNS, local_files_only=offline))
     except Exception as e:  # noqa: BLE001 - hub errors come in many classes; all mean "not available"
         if offline or "offline" in str(e).lower() or isinstance(e, (OSError, HfHubHTTPError)):
-            raise CheckpointError(f"model {repo_id!r} is not on disk and cannot be fetched ({type(e).__name__}); {how}")
+            raise CheckpointError(
+                f"model {repo_id!r} is not on disk and cannot be fetched ({type(e).__name__}); {how}"
+            ) from e
         raise
     if not any(folder.glob("*.safetensors")):  # old repos ship only .bin
         folder = Path(snapshot_download(repo_id, allow_patterns=["*.bin", "*.json"], local_files_only=offline))
@@ -126,7 +128,10 @@ _LAVIS_SWAPS = [
     (r"^ln_vision\.", "vision_model.post_layernorm."),
     (r"^Qformer\.bert\.embeddings\.LayerNorm\.", "qformer.layernorm."),
     (r"^Qformer\.bert\.embeddings\.(word|position)_embeddings\.", r"embeddings.\1_embeddings."),
-    (r"^Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.", r"qformer.encoder.layer.\1.\2.attention."),
+    (
+        r"^Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.",
+        r"qformer.encoder.layer.\1.\2.attention.",
+    ),
     (r"^Qformer\.bert\.", "qformer."),
     (r"^vision_proj\.", "vision_projection."),
     (r"^text_proj\.", "text_projection."),
@@ -162,7 +167,8 @@ def lavis_to_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 break
         out[new] = value
     for i, qv in biases.items():
-        out[f"vision_model.encoder.layers.{i}.self_attn.qkv.bias"] = torch.cat([qv["q"], torch.zeros_like(qv["q"]), qv["v"]])
+        fused = torch.cat([qv["q"], torch.zeros_like(qv["q"]), qv["v"]])  # LAVIS has no k-bias
+        out[f"vision_model.encoder.layers.{i}.self_attn.qkv.bias"] = fused
     return out
 
 
@@ -206,8 +212,9 @@ def build_empty(cfg: Blip2Config) -> Blip2Model:
         return Blip2Model(cfg)
 
 
-def load_state(model: Blip2Model, state: Iterator[tuple[str, torch.Tensor]] | Mapping, dtype: torch.dtype,
-               source: str) -> None:
+def load_state(
+    model: Blip2Model, state: Iterator[tuple[str, torch.Tensor]] | Mapping, dtype: torch.dtype, source: str
+) -> None:
     """Assign tensors to a model built by `build_empty`, strictly: any missing or unexpected key is an error."""
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers())
@@ -264,11 +271,17 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor, as_is: bool = Fals
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """"auto": fp16 on CUDA, bf16 on a CPU with native bf16 matmuls (AVX512-BF16 / AMX), else fp32."""
+    """ "auto": fp16 on CUDA, bf16 on a CPU with native bf16 matmuls (AVX512-BF16 / AMX), else fp32."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    names = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+    }
     if dtype in names:
         return names[dtype]
     if dtype != "auto":

@@ -162,22 +162,21 @@ class Blip2Config:
         (Path(folder) / "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
 
-# The official checkpoints, for `blip2 models` and for sizes shown to users. Parameter counts from the paper
-# (Table 2) and the reference notes; disk sizes are of the fp32 safetensors on the Hub, rounded.
+# The official checkpoints, for `blip2 models`. Parameter counts from the paper (Table 2, total parameters) and,
+# for the retrieval checkpoints, ViT-g + the full Q-Former; the size is what those parameters take in fp32.
+_OFFICIAL = [
+    # (hub id, language model, parameters in billions, what it is for)
+    ("Salesforce/blip2-opt-2.7b", "OPT-2.7B", 3.8, "caption, VQA, chat"),
+    ("Salesforce/blip2-opt-6.7b", "OPT-6.7B", 7.8, "caption, VQA, chat"),
+    ("Salesforce/blip2-opt-2.7b-coco", "OPT-2.7B", 3.8, "COCO captions (364 px)"),
+    ("Salesforce/blip2-opt-6.7b-coco", "OPT-6.7B", 7.8, "COCO captions (364 px)"),
+    ("Salesforce/blip2-flan-t5-xl", "Flan-T5-XL", 4.1, "caption, VQA, chat"),
+    ("Salesforce/blip2-flan-t5-xl-coco", "Flan-T5-XL", 4.1, "COCO captions (364 px)"),
+    ("Salesforce/blip2-flan-t5-xxl", "Flan-T5-XXL", 12.1, "caption, VQA, chat"),
+    ("Salesforce/blip2-itm-vit-g", "-", 1.2, "retrieval (ITC, ITM)"),
+    ("Salesforce/blip2-itm-vit-g-coco", "-", 1.2, "retrieval, COCO fine-tuned (364 px)"),
+]
 KNOWN_MODELS: dict[str, dict[str, str]] = {
-    "Salesforce/blip2-opt-2.7b": {"lm": "OPT-2.7B", "params": "3.8B", "task": "caption, VQA, chat", "size": "15 GB"},
-    "Salesforce/blip2-opt-6.7b": {"lm": "OPT-6.7B", "params": "7.8B", "task": "caption, VQA, chat", "size": "31 GB"},
-    "Salesforce/blip2-opt-2.7b-coco": {"lm": "OPT-2.7B", "params": "3.8B", "task": "COCO captions (364 px)",
-                                       "size": "15 GB"},
-    "Salesforce/blip2-opt-6.7b-coco": {"lm": "OPT-6.7B", "params": "7.8B", "task": "COCO captions (364 px)",
-                                       "size": "31 GB"},
-    "Salesforce/blip2-flan-t5-xl": {"lm": "Flan-T5-XL", "params": "4.1B", "task": "caption, VQA, chat",
-                                    "size": "16 GB"},
-    "Salesforce/blip2-flan-t5-xl-coco": {"lm": "Flan-T5-XL", "params": "4.1B", "task": "COCO captions (364 px)",
-                                         "size": "16 GB"},
-    "Salesforce/blip2-flan-t5-xxl": {"lm": "Flan-T5-XXL", "params": "12.1B", "task": "caption, VQA, chat",
-                                     "size": "46 GB"},
-    "Salesforce/blip2-itm-vit-g": {"lm": "-", "params": "1.2B", "task": "retrieval (ITC, ITM)", "size": "4.6 GB"},
-    "Salesforce/blip2-itm-vit-g-coco": {"lm": "-", "params": "1.2B", "task": "retrieval, COCO (364 px)",
-                                        "size": "4.6 GB"},
+    hub_id: {"lm": lm, "params": f"{b:g}B", "task": task, "size": f"{b * 4:.0f} GB (fp32)"}
+    for hub_id, lm, b, task in _OFFICIAL
 }

@@ -154,8 +154,9 @@ class Blip2Model(nn.Module):
             new = out.sequences
         else:
             full_ids = self.placeholder_ids(input_ids)
-            out = self.language_model.generate(input_ids=full_ids, inputs_embeds=inputs_embeds, attention_mask=mask,
-                                               **gen)
+            out = self.language_model.generate(
+                input_ids=full_ids, inputs_embeds=inputs_embeds, attention_mask=mask, **gen
+            )
             new = out.sequences[:, full_ids.shape[1] :]
         return new, sequence_scores(self.language_model, out)
 

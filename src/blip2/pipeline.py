@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from PIL import Image
@@ -27,7 +27,7 @@ from .errors import ConfigError, GenerationError
 from .model import Blip2Model, sequence_scores
 from .processing import ImageTransform, chat_prompt, load_image, vqa_prompt
 
-ImageInput = Union[str, os.PathLike, bytes, Image.Image]
+ImageInput = str | os.PathLike | bytes | Image.Image
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,10 @@ class GenerationOptions:
             (self.repetition_penalty > 0.0, "repetition_penalty must be > 0"),
             (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be >= 0"),
             (1 <= self.num_return_sequences, "num_return_sequences must be >= 1"),
-            (self.do_sample or self.num_return_sequences <= self.num_beams,
-             "num_return_sequences must be <= num_beams unless do_sample"),
+            (
+                self.do_sample or self.num_return_sequences <= self.num_beams,
+                "num_return_sequences must be <= num_beams unless do_sample",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -114,8 +116,16 @@ def _image_key(image: ImageInput) -> str:
 class Blip2:
     """A loaded BLIP-2 checkpoint with its tokenizer and image transform."""
 
-    def __init__(self, model: Blip2Model, tokenizer, transform: ImageTransform, device: torch.device,
-                 name: str = "", image_cache_size: int = 64, qformer_tokenizer=None) -> None:
+    def __init__(
+        self,
+        model: Blip2Model,
+        tokenizer,
+        transform: ImageTransform,
+        device: torch.device,
+        name: str = "",
+        image_cache_size: int = 64,
+        qformer_tokenizer=None,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.transform = transform
@@ -158,8 +168,13 @@ class Blip2:
         return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
 
     @torch.no_grad()
-    def generate(self, images: Sequence[ImageInput], prompts: Sequence[str] | None = None,
-                 options: GenerationOptions | None = None, **gen: Any) -> list[Generation]:
+    def generate(
+        self,
+        images: Sequence[ImageInput],
+        prompts: Sequence[str] | None = None,
+        options: GenerationOptions | None = None,
+        **gen: Any,
+    ) -> list[Generation]:
         """One generation per (image, prompt) pair (x num_return_sequences), batched.
 
         A batch gives what each pair gives alone: prompts are padded on the side the LM expects and masked.
@@ -247,8 +262,12 @@ class Blip2:
         return logits.float().softmax(dim=-1)[:, 1].reshape(ni, nt)
 
 
-def load(model: str | os.PathLike, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-         image_cache_size: int = 64) -> Blip2:
+def load(
+    model: str | os.PathLike,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    image_cache_size: int = 64,
+) -> Blip2:
     """Load a checkpoint (Hub id or local folder) with its tokenizer and image preprocessing."""
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -262,8 +281,9 @@ def load(model: str | os.PathLike, device: str | torch.device = "auto", dtype: s
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{folder}: no usable tokenizer ({e})") from e
-    return Blip2(m, tokenizer, ImageTransform.from_pretrained(folder), dev, name=str(model),
-                 image_cache_size=image_cache_size)
+    return Blip2(
+        m, tokenizer, ImageTransform.from_pretrained(folder), dev, name=str(model), image_cache_size=image_cache_size
+    )
 
 
 class Chat:
