@@ -72,6 +72,52 @@ def time_queries(index: Index, texts: list[np.ndarray], k: int, warmup: int = 2)
     }
 
 
+def build_phase(db: Path, args: argparse.Namespace, text: np.ndarray) -> dict[str, object]:
+    """Write the index and time the first search, which builds the memory-mapped cache."""
+    with Index(db, dim=args.dim, num_query=args.num_query, model="bench-random") as index:
+        write = build(index, args.images, args.batch, seed=0)
+        print(f"write: {write['rows_per_s']:.0f} rows/s ({write['seconds']:.1f} s)", flush=True)
+        t0 = time.perf_counter()
+        index.search(text, k=args.k)
+        rebuild = time.perf_counter() - t0
+    print(f"first query incl. cache rebuild: {rebuild:.2f} s", flush=True)
+    return {"write": write, "first_query_with_cache_rebuild_s": rebuild}
+
+
+def search_phase(db: Path, args: argparse.Namespace, texts: list[np.ndarray]) -> dict[str, object]:
+    with Index(db) as index:  # what a new process sees: the cache file exists, nothing is mapped yet
+        t0 = time.perf_counter()
+        index.search(texts[1], k=args.k)
+        cold_open = time.perf_counter() - t0
+        warm = time_queries(index, texts, args.k)
+        t0 = time.perf_counter()
+        index.search(np.stack(texts[:8]), k=args.k)
+        batch8 = time.perf_counter() - t0
+        images = len(index)
+    print(f"first query, fresh Index: {1e3 * cold_open:.0f} ms; warm median {warm['median_ms']:.0f} ms", flush=True)
+    return {
+        "images": images,
+        "db_bytes": db.stat().st_size,
+        "cache_bytes": Path(str(db) + ".emb").stat().st_size,
+        "first_query_fresh_open_ms": 1e3 * cold_open,
+        "warm_query": warm,
+        "batch_of_8_texts_ms": 1e3 * batch8,
+    }
+
+
+def machine() -> dict[str, object]:
+    return {
+        "cpu_count": os.cpu_count(),
+        "load_average_1_5_15": os.getloadavg(),  # other work on the machine skews the timings
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=100_000)
@@ -80,55 +126,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1000, help="rows per add_many transaction")
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--queries", type=int, default=20)
-    parser.add_argument("--dir", type=Path, default=None, help="where to build the index (default: a temp dir)")
+    parser.add_argument(
+        "--index", type=Path, default=None, help="keep the index here; reuse it (no write timing) if it exists"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    rng = np.random.default_rng(1)
-    texts = _texts(rng, args.queries + 2, args.dim)
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        db = Path(tmp) / "images.sqlite"
-        with Index(db, dim=args.dim, num_query=args.num_query, model="bench-random") as index:
-            write = build(index, args.images, args.batch, seed=0)
-            print(f"write: {write['rows_per_s']:.0f} rows/s ({write['seconds']:.1f} s)", flush=True)
-            t0 = time.perf_counter()
-            index.search(texts[0], k=args.k)
-            cold_rebuild = time.perf_counter() - t0
-        print(f"first query incl. cache rebuild: {cold_rebuild:.2f} s", flush=True)
-        db_bytes = db.stat().st_size
-        cache_bytes = Path(str(db) + ".emb").stat().st_size
-        with Index(db) as index:  # what a new process sees: the cache file exists, nothing is mapped yet
-            t0 = time.perf_counter()
-            index.search(texts[1], k=args.k)
-            cold_open = time.perf_counter() - t0
-            warm = time_queries(index, texts, args.k)
-            t0 = time.perf_counter()
-            index.search(np.stack(texts[:8]), k=args.k)
-            batch8 = time.perf_counter() - t0
-    print(f"first query, fresh Index: {1e3 * cold_open:.0f} ms; warm median {warm['median_ms']:.0f} ms", flush=True)
-    result = {
-        "bench": "retrieval index search",
-        "images": args.images,
-        "num_query": args.num_query,
-        "dim": args.dim,
-        "k": args.k,
-        "write": write,
-        "db_bytes": db_bytes,
-        "cache_bytes": cache_bytes,
-        "first_query_with_cache_rebuild_s": cold_rebuild,
-        "first_query_fresh_open_ms": 1e3 * cold_open,
-        "warm_query": warm,
-        "batch_of_8_texts_ms": 1e3 * batch8,
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-        },
-    }
+    texts = _texts(np.random.default_rng(1), args.queries + 2, args.dim)
+    result: dict[str, object] = {"bench": "retrieval index search", "num_query": args.num_query, "dim": args.dim}
+    result["k"] = args.k
+    with tempfile.TemporaryDirectory() as tmp:
+        db = args.index or Path(tmp) / "images.sqlite"
+        db.parent.mkdir(parents=True, exist_ok=True)
+        if db.exists():
+            result["write"] = None  # reused index: writes not timed this run
+        else:
+            result.update(build_phase(db, args, texts[0]))
+        result.update(search_phase(db, args, texts))
+    result["machine"] = machine()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
