@@ -15,6 +15,7 @@ import click
 COMMANDS: list[tuple[str, list[str]]] = [
     ("generate", ["caption", "ask", "chat", "models"]),
     ("serve", ["serve"]),
+    ("eval", ["eval"]),
 ]
 
 

@@ -16,38 +16,112 @@ from .options import model_options
 
 @click.command()
 @model_options
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to bind; 0.0.0.0 exposes the server to the network (use --api-key then).")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind; 0.0.0.0 exposes the server to the network (use --api-key then).",
+)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--served-model-name", default=None, help="Model name reported by the API [the model folder's name].")
-@click.option("--max-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Most requests per model call; 1 runs them one by one.")
-@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=10.0, show_default=True,
-              help="How long the first request of a batch waits for more.")
-@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Requests allowed to wait; beyond it the server answers 503 with Retry-After.")
-@click.option("--api-key", envvar="BLIP2_API_KEY", show_envvar=True, default=None,
-              help="Require 'Authorization: Bearer KEY' on every route except /healthz and the web page.")
-@click.option("--allow-remote-images", is_flag=True,
-              help="Fetch http(s) image URLs (public addresses only); otherwise only data: URIs are accepted.")
-@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
-              help="Largest request body (413 above).")
-@click.option("--max-image-mb", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
-              help="Largest remote image download.")
-@click.option("--remote-timeout-s", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
-              help="Total time allowed for a remote image download.")
-@click.option("--max-image-pixels", type=click.IntRange(min=1), default=50_000_000, show_default=True,
-              help="Largest decoded image (width x height); larger ones are refused as decompression bombs.")
-@click.option("--max-tokens-limit", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Largest max_tokens a request may ask for (400 above).")
-@click.option("--max-history-turns", type=click.IntRange(min=0), default=20, show_default=True,
-              help="Most question/answer turns in a chat request (400 above).")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              show_default=True)
-def serve(model: str, device: str, dtype: str, host: str, port: int, served_model_name: str | None,
-          max_batch_size: int, max_wait_ms: float, max_queue: int, api_key: str | None, allow_remote_images: bool,
-          max_body_mb: float, max_image_mb: float, remote_timeout_s: float, max_image_pixels: int,
-          max_tokens_limit: int, max_history_turns: int, log_level: str) -> None:
+@click.option(
+    "--max-batch-size",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Most requests per model call; 1 runs them one by one.",
+)
+@click.option(
+    "--max-wait-ms",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="How long the first request of a batch waits for more.",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Requests allowed to wait; beyond it the server answers 503 with Retry-After.",
+)
+@click.option(
+    "--api-key",
+    envvar="BLIP2_API_KEY",
+    show_envvar=True,
+    default=None,
+    help="Require 'Authorization: Bearer KEY' on every route except /healthz and the web page.",
+)
+@click.option(
+    "--allow-remote-images",
+    is_flag=True,
+    help="Fetch http(s) image URLs (public addresses only); otherwise only data: URIs are accepted.",
+)
+@click.option(
+    "--max-body-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=20.0,
+    show_default=True,
+    help="Largest request body (413 above).",
+)
+@click.option(
+    "--max-image-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=20.0,
+    show_default=True,
+    help="Largest remote image download.",
+)
+@click.option(
+    "--remote-timeout-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Total time allowed for a remote image download.",
+)
+@click.option(
+    "--max-image-pixels",
+    type=click.IntRange(min=1),
+    default=50_000_000,
+    show_default=True,
+    help="Largest decoded image (width x height); larger ones are refused as decompression bombs.",
+)
+@click.option(
+    "--max-tokens-limit",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Largest max_tokens a request may ask for (400 above).",
+)
+@click.option(
+    "--max-history-turns",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="Most question/answer turns in a chat request (400 above).",
+)
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
+)
+def serve(
+    model: str,
+    device: str,
+    dtype: str,
+    host: str,
+    port: int,
+    served_model_name: str | None,
+    max_batch_size: int,
+    max_wait_ms: float,
+    max_queue: int,
+    api_key: str | None,
+    allow_remote_images: bool,
+    max_body_mb: float,
+    max_image_mb: float,
+    remote_timeout_s: float,
+    max_image_pixels: int,
+    max_tokens_limit: int,
+    max_history_turns: int,
+    log_level: str,
+) -> None:
     """Serve a model over HTTP: OpenAI-compatible chat completions, caption/VQA routes and a web page at /."""
     try:
         import uvicorn
@@ -57,10 +131,21 @@ def serve(model: str, device: str, dtype: str, host: str, port: int, served_mode
         raise click.ClickException(f"the server needs the 'serve' extra: pip install 'blip2[serve]' ({e})") from e
 
     settings = ServerSettings(
-        model=model, device=device, dtype=dtype, served_name=served_model_name, max_batch_size=max_batch_size,
-        max_wait_ms=max_wait_ms, max_queue=max_queue, api_key=api_key, allow_remote_images=allow_remote_images,
-        max_body_mb=max_body_mb, max_image_mb=max_image_mb, remote_timeout_s=remote_timeout_s,
-        max_image_pixels=max_image_pixels, max_tokens_limit=max_tokens_limit, max_history_turns=max_history_turns,
+        model=model,
+        device=device,
+        dtype=dtype,
+        served_name=served_model_name,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        api_key=api_key,
+        allow_remote_images=allow_remote_images,
+        max_body_mb=max_body_mb,
+        max_image_mb=max_image_mb,
+        remote_timeout_s=remote_timeout_s,
+        max_image_pixels=max_image_pixels,
+        max_tokens_limit=max_tokens_limit,
+        max_history_turns=max_history_turns,
     )
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     failed: list[BaseException] = []

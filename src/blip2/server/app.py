@@ -19,10 +19,11 @@ import hmac
 import logging
 import threading
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -112,10 +113,14 @@ def load_in_background(state: State, loader: Callable[[], Any], on_error: Callab
     threading.Thread(target=work, name="blip2-load", daemon=True).start()
 
 
-def create_app(settings: ServerSettings, loader: Callable[[], Any] | None = None,
-               on_load_error: Callable[[BaseException], None] | None = None) -> Any:
+def create_app(
+    settings: ServerSettings,
+    loader: Callable[[], Any] | None = None,
+    on_load_error: Callable[[BaseException], None] | None = None,
+) -> Any:
     """The ASGI app (FastAPI inside a body-size guard). `loader` defaults to `blip2.load(settings.model, ...)`."""
     if loader is None:
+
         def loader() -> Any:
             from ..pipeline import load
 
@@ -153,8 +158,12 @@ def api_key_checker(key: str | None) -> Callable[[Request], None]:
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key",
-                           {"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                "invalid_api_key",
+                {"WWW-Authenticate": "Bearer"},
+            )
 
     return check
 
@@ -178,7 +187,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
         code = "invalid_json" if any(e.get("type") == "json_invalid" for e in errors) else "invalid_request"
-        return JSONResponse(error_body(400, validation_message(errors), code), status_code=400)
+        message = validation_message(errors)
+        if any(tuple(e.get("loc", ())) == ("body",) for e in errors):  # FastAPI saw no JSON object at all
+            message = "the request body must be a JSON object (send Content-Type: application/json)"
+        return JSONResponse(error_body(400, message, code), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -188,8 +200,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)
-        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error"),
-                            status_code=500)
+        return JSONResponse(
+            error_body(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error"), status_code=500
+        )
 
 
 # ---- shared request steps -------------------------------------------------------------------------------------------
@@ -207,8 +220,12 @@ async def image_from_url(state: State, url: str) -> Any:
     if url.startswith("data:"):
         data = img.decode_data_uri(url)
     elif not s.allow_remote_images:
-        raise ApiError(400, "image_url: only data: URIs are accepted (send the image base64-encoded); this server "
-                            "was not started with --allow-remote-images", "remote_images_disabled")
+        raise ApiError(
+            400,
+            "image_url: only data: URIs are accepted (send the image base64-encoded); this server "
+            "was not started with --allow-remote-images",
+            "remote_images_disabled",
+        )
     else:
         data = await run_in_threadpool(img.fetch, url, int(s.max_image_mb * 1024 * 1024), s.remote_timeout_s)
     return await run_in_threadpool(img.open_image, data, "image_url", s.max_image_pixels)
@@ -241,7 +258,9 @@ def add_routes(app: FastAPI, state: State, auth: list[Any]) -> None:
         if state.status == "failed":
             body["error"] = state.error
         if state.batcher is not None:
+            stats = state.batcher.stats
             body["queued"] = state.batcher.queued
+            body["batches"] = {"batches": stats.batches, "requests": stats.requests, "largest": stats.largest}
         return JSONResponse(body, status_code=200 if state.status == "ok" else 503)
 
     @app.get("/", include_in_schema=False)
@@ -269,8 +288,11 @@ def add_routes(app: FastAPI, state: State, auth: list[Any]) -> None:
         prompt_tokens = m.config.num_query_tokens + count_tokens(state, prompt)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(chat_chunks(s.name, gens, reasons, prompt_tokens, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                chat_chunks(s.name, gens, reasons, prompt_tokens, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         return chat_response(s.name, gens, reasons, prompt_tokens)
 
     @app.post("/v1/caption", dependencies=auth)
@@ -308,8 +330,11 @@ async def read_simple(request: Request) -> tuple[SimpleRequest, bytes | None, st
         if not isinstance(fields, dict):
             raise ApiError(400, "JSON body must be an object", "invalid_request")
     else:
-        raise ApiError(415, f"unsupported content type {content_type!r}; send multipart/form-data or JSON",
-                       "unsupported_media_type")
+        raise ApiError(
+            415,
+            f"unsupported content type {content_type!r}; send multipart/form-data or JSON",
+            "unsupported_media_type",
+        )
     try:
         body = SimpleRequest.model_validate(fields)
     except ValidationError as e:

@@ -56,8 +56,9 @@ class BatchStats:
 class MicroBatcher:
     """`await submit(image, prompt, options)` -> that request's generations (`options.num_return_sequences` of them)."""
 
-    def __init__(self, generate: GenerateFn, max_batch_size: int = 8, max_wait_ms: float = 10.0,
-                 max_queue: int = 64) -> None:
+    def __init__(
+        self, generate: GenerateFn, max_batch_size: int = 8, max_wait_ms: float = 10.0, max_queue: int = 64
+    ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError(f"bad batcher limits: batch {max_batch_size}, queue {max_queue}, wait {max_wait_ms} ms")
         self.generate = generate

@@ -80,8 +80,9 @@ def is_public(address: str) -> bool:
         return False
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback
-    blocked = (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
-               or ip.is_unspecified)
+    blocked = (
+        ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved or ip.is_unspecified
+    )
     return ip.is_global and not blocked
 
 
@@ -100,19 +101,21 @@ def check_url(url: str, resolver: Callable[[str, int], list[str]] = resolve) -> 
     except (httpx.InvalidURL, TypeError) as e:
         raise bad_image(f"image_url: invalid URL ({e})", "invalid_image_url") from e
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise bad_image(f"image_url: only data:, http: and https: URLs are accepted, got {url[:60]!r}",
-                        "invalid_image_url")
+        raise bad_image(
+            f"image_url: only data:, http: and https: URLs are accepted, got {url[:60]!r}", "invalid_image_url"
+        )
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     addresses = resolver(parsed.host, port)
     unsafe = [a for a in addresses if not is_public(a)]
     if not addresses or unsafe:
-        raise bad_image(f"image_url: host {parsed.host!r} resolves to a non-public address {unsafe or addresses}; "
-                        "refused", "unsafe_image_url")
+        raise bad_image(
+            f"image_url: host {parsed.host!r} resolves to a non-public address {unsafe or addresses}; refused",
+            "unsafe_image_url",
+        )
     return parsed
 
 
-def fetch(url: str, max_bytes: int, timeout_s: float,
-          resolver: Callable[[str, int], list[str]] = resolve) -> bytes:
+def fetch(url: str, max_bytes: int, timeout_s: float, resolver: Callable[[str, int], list[str]] = resolve) -> bytes:
     """GET an image over http(s) with every safety check of this module. Blocking: run it in a worker thread."""
     deadline = time.monotonic() + timeout_s
     with httpx.Client(timeout=timeout_s, follow_redirects=False, trust_env=False) as client:
@@ -126,8 +129,9 @@ def fetch(url: str, max_bytes: int, timeout_s: float,
                         continue
                     return _read_body(response, str(target), max_bytes, deadline)
             except httpx.HTTPError as e:
-                raise bad_image(f"image_url: cannot fetch {str(target)[:80]} ({type(e).__name__}: {e})",
-                                "image_fetch_failed") from e
+                raise bad_image(
+                    f"image_url: cannot fetch {str(target)[:80]} ({type(e).__name__}: {e})", "image_fetch_failed"
+                ) from e
     raise bad_image(f"image_url: more than {MAX_REDIRECTS} redirects", "image_fetch_failed")
 
 
@@ -135,8 +139,9 @@ def _check_peer(response: httpx.Response, host: str) -> None:
     stream = response.extensions.get("network_stream")
     peer = stream.get_extra_info("server_addr") if stream is not None else None
     if not peer or not is_public(str(peer[0])):
-        raise bad_image(f"image_url: host {host!r} connected to non-public address {peer and peer[0]}; refused",
-                        "unsafe_image_url")
+        raise bad_image(
+            f"image_url: host {host!r} connected to non-public address {peer and peer[0]}; refused", "unsafe_image_url"
+        )
 
 
 def _read_body(response: httpx.Response, url: str, max_bytes: int, deadline: float) -> bytes:
@@ -151,6 +156,6 @@ def _read_body(response: httpx.Response, url: str, max_bytes: int, deadline: flo
         if total > max_bytes:
             raise bad_image(f"image_url: image is more than the limit {max_bytes} bytes", "image_too_large")
         if time.monotonic() > deadline:  # per-read timeouts alone let a slow trickle go on forever
-            raise bad_image(f"image_url: download took longer than the time limit", "image_fetch_failed")
+            raise bad_image("image_url: download took longer than the time limit", "image_fetch_failed")
         chunks.append(chunk)
     return b"".join(chunks)

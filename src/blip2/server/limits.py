@@ -60,10 +60,14 @@ class BodyLimit:
 
     async def _too_large(self, send: Any) -> None:
         limit_mb = self.max_bytes / (1024 * 1024)
-        body = error_body(413, f"request body larger than the limit of {limit_mb:g} MB (--max-body-mb)",
-                          "body_too_large")
+        body = error_body(
+            413, f"request body larger than the limit of {limit_mb:.3g} MB (--max-body-mb)", "body_too_large"
+        )
         raw = json.dumps(body).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
-                   (b"connection", b"close")]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(raw)).encode()),
+            (b"connection", b"close"),
+        ]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": raw})

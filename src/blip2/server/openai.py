@@ -69,23 +69,31 @@ def parse_conversation(request: ChatRequest, max_turns: int) -> Conversation:
         else:
             turns.append((message.role, text))
     if len(urls) != 1:
-        raise ApiError(400, f"the conversation must contain exactly one image (BLIP-2 sees one image); "
-                            f"found {len(urls)}", "image_count")
+        raise ApiError(
+            400,
+            f"the conversation must contain exactly one image (BLIP-2 sees one image); found {len(urls)}",
+            "image_count",
+        )
     if not turns or turns[-1][0] != "user":
         raise ApiError(400, "the last non-system message must be from the user", "invalid_message")
     if turns[0][0] != "user":
-        raise ApiError(400, "the conversation must start with a user message (after any system messages)",
-                       "invalid_message")
+        raise ApiError(
+            400, "the conversation must start with a user message (after any system messages)", "invalid_message"
+        )
     history = [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns) - 1, 2)]
     if len(history) > max_turns:
-        raise ApiError(400, f"history has {len(history)} turns, more than the limit of {max_turns} "
-                            "(--max-history-turns)", "history_too_long")
+        raise ApiError(
+            400,
+            f"history has {len(history)} turns, more than the limit of {max_turns} (--max-history-turns)",
+            "history_too_long",
+        )
     return Conversation(urls[0], history, turns[-1][1])
 
 
 def generation_options(body: SamplingFields, max_tokens: int | None, default_max: int, limit: int) -> GenerationOptions:
     """OpenAI-style fields -> `GenerationOptions`; a bad value is a 400 naming it."""
-    max_new = max_tokens if max_tokens is not None else default_max
+    # An explicit value above the limit is refused; the default just shrinks to fit a server with a low limit.
+    max_new = max_tokens if max_tokens is not None else min(default_max, limit)
     if max_new > limit:
         raise ApiError(400, f"max_tokens={max_new} is more than this server's limit of {limit}", "max_tokens_too_large")
     temperature = getattr(body, "temperature", None)
@@ -103,9 +111,13 @@ def generation_options(body: SamplingFields, max_tokens: int | None, default_max
         kwargs["temperature"] = temperature
     if sample and top_p is not None:
         kwargs["top_p"] = top_p
-    for name, value in (("num_beams", body.num_beams), ("repetition_penalty", body.repetition_penalty),
-                        ("length_penalty", body.length_penalty), ("no_repeat_ngram_size", body.no_repeat_ngram_size),
-                        ("min_new_tokens", body.min_tokens or getattr(body, "min_new_tokens", None))):
+    for name, value in (
+        ("num_beams", body.num_beams),
+        ("repetition_penalty", body.repetition_penalty),
+        ("length_penalty", body.length_penalty),
+        ("no_repeat_ngram_size", body.no_repeat_ngram_size),
+        ("min_new_tokens", body.min_tokens or getattr(body, "min_new_tokens", None)),
+    ):
         if value is not None:
             kwargs[name] = value
     try:
@@ -153,8 +165,9 @@ def chat_response(model: str, gens: list[Generation], reasons: list[str], prompt
     }
 
 
-def chat_chunks(model: str, gens: list[Generation], reasons: list[str], prompt_tokens: int,
-                include_usage: bool) -> Iterator[str]:
+def chat_chunks(
+    model: str, gens: list[Generation], reasons: list[str], prompt_tokens: int, include_usage: bool
+) -> Iterator[str]:
     """Server-sent events as OpenAI streams them: role, content, finish_reason per choice, (usage), [DONE].
 
     BLIP-2 answers are a few tokens and come out of a batched call whole, so each answer is one content delta.
@@ -165,8 +178,9 @@ def chat_chunks(model: str, gens: list[Generation], reasons: list[str], prompt_t
         return f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n"
 
     for i, (g, reason) in enumerate(zip(gens, reasons)):
-        yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None}])
+        yield event(
+            [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+        )
         if g.text:
             yield event([{"index": i, "delta": {"content": g.text}, "logprobs": None, "finish_reason": None}])
         yield event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
@@ -175,16 +189,19 @@ def chat_chunks(model: str, gens: list[Generation], reasons: list[str], prompt_t
     yield "data: [DONE]\n\n"
 
 
-def simple_response(kind: str, model: str, gens: list[Generation], reasons: list[str], prompt_tokens: int,
-                    seconds: float) -> dict[str, Any]:
+def simple_response(
+    kind: str, model: str, gens: list[Generation], reasons: list[str], prompt_tokens: int, seconds: float
+) -> dict[str, Any]:
     return {
         "id": new_id(kind),
         "object": f"blip2.{kind}",
         "created": int(time.time()),
         "model": model,
         "text": gens[0].text,
-        "choices": [{"index": i, "text": g.text, "score": g.score, "finish_reason": r}
-                    for i, (g, r) in enumerate(zip(gens, reasons))],
+        "choices": [
+            {"index": i, "text": g.text, "score": g.score, "finish_reason": r}
+            for i, (g, r) in enumerate(zip(gens, reasons))
+        ],
         "usage": usage(prompt_tokens, gens),
         "time_s": round(seconds, 4),
     }

@@ -6,7 +6,7 @@ Unknown top-level fields are allowed and ignored: OpenAI clients send fields thi
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -58,16 +58,16 @@ class ImageURL(BaseModel):
 
 class ImagePart(BaseModel):
     type: Literal["image_url"]
-    image_url: Union[ImageURL, str]  # some clients send the URL string directly
+    image_url: ImageURL | str  # some clients send the URL string directly
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[ContentPart], None] = None
+    content: str | list[ContentPart] | None = None
 
 
 class StreamOptions(BaseModel):

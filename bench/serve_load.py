@@ -1,0 +1,232 @@
+"""Load test of `blip2 serve`: N concurrent clients for a fixed time, batching on versus off, in one run.
+
+    python bench/serve_load.py                         # tiny random checkpoint (built here), 8 clients, 20 s per mode
+    python bench/serve_load.py --model PATH            # any local checkpoint
+    python bench/serve_load.py --full                  # full-size random-weight checkpoint (bench/common.py)
+
+Each mode starts its own server on a free loopback port (`--max-batch-size 8` vs `--max-batch-size 1`), sends
+OpenAI chat completions (one image, one question, greedy, fixed length so every request costs the same) from
+`--clients` asyncio clients for `--duration` seconds after a short warm-up, and records requests/s, p50/p99 latency
+and errors. Results go to bench/results/serve_load.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTIONS = ["what is it?", "where is the cat?", "what color is the car?", "how many dogs are there?"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_checkpoint(folder: Path) -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import fixtures  # the tests' tiny random checkpoint builder
+
+    return fixtures.make_opt_checkpoint(folder / "tiny-opt")
+
+
+def full_checkpoint(folder: Path, lm: str) -> Path:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from common import make_full_checkpoint
+    except ImportError as e:
+        raise SystemExit(f"--full needs bench/common.py: make_full_checkpoint ({e}); use --model PATH") from e
+    return make_full_checkpoint(folder / f"full-{lm}", lm=lm)
+
+
+def image_uris(count: int) -> list[str]:
+    """Distinct small JPEGs, so requests are not all the same image."""
+    rng = np.random.default_rng(0)
+    uris = []
+    for _ in range(count):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(buf, format="JPEG")
+        uris.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode())
+    return uris
+
+
+def start_server(model: Path, batch: int, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "blip2",
+        "serve",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+        "--max-batch-size",
+        str(batch),
+        "--max-wait-ms",
+        str(args.max_wait_ms),
+        "--max-queue",
+        "256",
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + args.load_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited ({proc.returncode}); log: {log}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.terminate()
+    raise SystemExit(f"server not ready after {args.load_timeout} s; log: {log}")
+
+
+async def client_loop(
+    client: httpx.AsyncClient,
+    worker: int,
+    uris: list[str],
+    stop_at: float,
+    measure_from: float,
+    args: argparse.Namespace,
+    out: dict,
+) -> None:
+    i = worker
+    while time.monotonic() < stop_at:
+        payload = {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": uris[i % len(uris)]}},
+                        {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]},
+                    ],
+                }
+            ],
+            "max_tokens": args.max_tokens,
+            "min_tokens": args.max_tokens,
+        }
+        i += args.clients
+        started = time.monotonic()
+        try:
+            r = await client.post("/v1/chat/completions", json=payload)
+            ok = r.status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        ended = time.monotonic()
+        if measure_from <= ended <= stop_at:  # requests completed inside the measured window
+            out["latencies" if ok else "errors"].append(ended - started)
+
+
+async def load(url: str, uris: list[str], args: argparse.Namespace) -> dict:
+    out: dict = {"latencies": [], "errors": []}
+    now = time.monotonic()
+    measure_from, stop_at = now + args.warmup, now + args.warmup + args.duration
+    limits = httpx.Limits(max_connections=args.clients)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        await asyncio.gather(
+            *[client_loop(client, w, uris, stop_at, measure_from, args, out) for w in range(args.clients)]
+        )
+    lat = np.array(out["latencies"]) * 1000
+    return {
+        "requests": len(lat),
+        "errors": len(out["errors"]),
+        "requests_per_s": round(len(lat) / args.duration, 3),
+        "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
+        "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None,
+    }
+
+
+def run_mode(model: Path, batch: int, uris: list[str], args: argparse.Namespace, logdir: Path) -> dict:
+    proc, url = start_server(model, batch, args, logdir / f"server-batch{batch}.log")
+    try:
+        result = asyncio.run(load(url, uris, args))
+        stats = httpx.get(f"{url}/healthz").json().get("batches", {})
+        if stats.get("batches"):
+            result["mean_batch_size"] = round(stats["requests"] / stats["batches"], 2)
+            result["largest_batch"] = stats["largest"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    result["max_batch_size"] = batch
+    print(f"max-batch-size {batch}: {json.dumps(result)}", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="checkpoint folder [a tiny random one built here]")
+    parser.add_argument("--full", action="store_true", help="full-size random-weight checkpoint (bench/common.py)")
+    parser.add_argument("--lm", default="opt-2.7b", help="LM of the --full checkpoint")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per mode")
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--load-timeout", type=float, default=600.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve_load.json")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
+        tmp_path = Path(tmp)
+        if args.model is not None:
+            model, kind = args.model, "given"
+        elif args.full:
+            model, kind = full_checkpoint(tmp_path, args.lm), f"full-size random {args.lm}"
+        else:
+            model, kind = tiny_checkpoint(tmp_path), "tiny random opt"
+        uris = image_uris(32)
+        batched = run_mode(model, 8, uris, args, tmp_path)
+        one_by_one = run_mode(model, 1, uris, args, tmp_path)
+
+    speedup = batched["requests_per_s"] / one_by_one["requests_per_s"] if one_by_one["requests_per_s"] else None
+    report = {
+        "benchmark": "serve_load",
+        "model": str(args.model) if args.model else kind,
+        "clients": args.clients,
+        "duration_s": args.duration,
+        "max_tokens": args.max_tokens,
+        "dtype": args.dtype,
+        "device": args.device,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "batched": batched,
+        "one_by_one": one_by_one,
+        "throughput_speedup": round(speedup, 2) if speedup else None,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"throughput batched / one-by-one: {report['throughput_speedup']}x -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""In-process units: the micro-batcher with a fake model, the loading phase of /healthz, remote-URL safety."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from blip2.pipeline import Generation, GenerationOptions
+from blip2.server import ServerSettings, create_app
+from blip2.server import images as img
+from blip2.server.batcher import MicroBatcher, QueueFull
+from blip2.server.schema import ApiError
+
+
+class FakeModel:
+    """Answers `prompt@image`; records each call's batch size; optionally slow or failing on one prompt."""
+
+    def __init__(self, delay: float = 0.0, fail_on: str | None = None) -> None:
+        self.calls: list[int] = []
+        self.delay = delay
+        self.fail_on = fail_on
+
+    def __call__(self, images, prompts, options: GenerationOptions) -> list[Generation]:
+        self.calls.append(len(prompts))
+        time.sleep(self.delay)
+        if self.fail_on in prompts:
+            raise ValueError(f"bad prompt {self.fail_on}")
+        n = options.num_return_sequences
+        return [Generation(f"{p}@{i}#{k}", [1], 0.0) for i, p in zip(images, prompts) for k in range(n)]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def with_batcher(fake: FakeModel, body, **limits):
+    batcher = MicroBatcher(fake, **limits)
+    batcher.start()
+    try:
+        return await body(batcher)
+    finally:
+        await batcher.stop()
+
+
+def test_batcher_groups_by_options_and_respects_size() -> None:
+    fake = FakeModel(delay=0.05)
+    greedy, beams = GenerationOptions(max_new_tokens=5), GenerationOptions(max_new_tokens=5, num_beams=2)
+
+    async def body(b: MicroBatcher):
+        jobs = [b.submit(f"img{i}", f"p{i}", greedy if i % 2 == 0 else beams) for i in range(10)]
+        return await asyncio.gather(*jobs)
+
+    results = run(with_batcher(fake, body, max_batch_size=3, max_wait_ms=50))
+    assert [r[0].text for r in results] == [f"p{i}@img{i}#0" for i in range(10)]
+    assert max(fake.calls) == 3 and sum(fake.calls) == 10 and len(fake.calls) == 4  # 5 greedy: 3+2, 5 beams: 3+2
+
+
+def test_batcher_n_and_seeded_sampling_alone() -> None:
+    fake = FakeModel()
+    sampled = GenerationOptions(do_sample=True, seed=1, num_return_sequences=2)
+
+    async def body(b: MicroBatcher):
+        return await asyncio.gather(*[b.submit(f"i{k}", f"p{k}", sampled) for k in range(3)])
+
+    results = run(with_batcher(fake, body, max_batch_size=8, max_wait_ms=20))
+    assert [[g.text for g in r] for r in results] == [[f"p{k}@i{k}#0", f"p{k}@i{k}#1"] for k in range(3)]
+    assert fake.calls == [1, 1, 1]  # a seeded sample depends on its batch, so it runs alone
+
+
+def test_batcher_isolates_a_failing_request() -> None:
+    fake = FakeModel(fail_on="bad")
+
+    async def body(b: MicroBatcher):
+        return await asyncio.gather(
+            *[b.submit("i", p, GenerationOptions()) for p in ("ok1", "bad", "ok2")], return_exceptions=True
+        )
+
+    results = run(with_batcher(fake, body, max_batch_size=8, max_wait_ms=20))
+    assert results[0][0].text == "ok1@i#0" and results[2][0].text == "ok2@i#0"
+    assert isinstance(results[1], ValueError)
+
+
+def test_batcher_bounded_queue() -> None:
+    fake = FakeModel(delay=0.2)
+
+    async def body(b: MicroBatcher):
+        return await asyncio.gather(
+            *[b.submit("i", f"p{k}", GenerationOptions()) for k in range(6)], return_exceptions=True
+        )
+
+    results = run(with_batcher(fake, body, max_batch_size=1, max_wait_ms=0, max_queue=2))
+    assert any(isinstance(r, QueueFull) for r in results)
+    assert any(isinstance(r, list) for r in results)
+
+
+def test_healthz_loading_then_ok(tmp_path: Path) -> None:
+    release = threading.Event()
+
+    class Loaded:
+        tokenizer = staticmethod(lambda text: None)
+        model = type("M", (), {"language_model": None})()
+
+    def loader():
+        release.wait(10)
+        return Loaded()
+
+    app = create_app(ServerSettings(model="fake"), loader=loader)
+    with TestClient(app) as client:
+        r = client.get("/healthz")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        busy = client.post("/v1/caption", json={"image": "aGk="})
+        assert busy.status_code == 503 and busy.headers["retry-after"] and "loading" in busy.json()["error"]["message"]
+        release.set()
+        for _ in range(100):
+            if client.get("/healthz").status_code == 200:
+                break
+            time.sleep(0.02)
+        assert client.get("/healthz").json()["status"] == "ok"
+
+
+def test_healthz_reports_failed_load() -> None:
+    seen: list[BaseException] = []
+
+    def loader():
+        raise RuntimeError("no such checkpoint")
+
+    app = create_app(ServerSettings(model="fake"), loader=loader, on_load_error=seen.append)
+    with TestClient(app) as client:
+        for _ in range(100):
+            if seen:
+                break
+            time.sleep(0.02)
+        r = client.get("/healthz")
+        assert r.status_code == 503 and "no such checkpoint" in r.json()["error"]
+    assert isinstance(seen[0], RuntimeError)
+
+
+# ---- remote URLs ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address, public",
+    [
+        ("93.184.216.34", True),
+        ("2606:2800:220:1:248:1893:25c8:1946", True),
+        ("127.0.0.1", False),
+        ("::1", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),
+        ("fe80::1", False),
+        ("224.0.0.1", False),
+        ("239.1.1.1", False),
+        ("0.0.0.0", False),
+        ("100.64.0.1", False),
+        ("240.0.0.1", False),
+        ("::ffff:127.0.0.1", False),
+        ("fc00::1", False),
+        ("not-an-ip", False),
+    ],
+)
+def test_is_public(address: str, public: bool) -> None:
+    assert img.is_public(address) is public
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///etc/passwd",
+        "ftp://example.com/a.jpg",
+        "gopher://x",
+        "http://",
+        "http://127.0.0.1/a.jpg",
+        "http://localhost:8000/a.jpg",
+        "http://[::1]/a.jpg",
+        "http://169.254.169.254/latest/meta-data",
+        "http://10.0.0.5/a.jpg",
+    ],
+)
+def test_check_url_refuses(url: str) -> None:
+    with pytest.raises(ApiError) as e:
+        img.check_url(url)
+    assert e.value.status == 400
+
+
+def test_check_url_refuses_a_name_with_any_private_address() -> None:
+    with pytest.raises(ApiError, match="non-public"):
+        img.check_url("http://mixed.example/a.jpg", resolver=lambda h, p: ["93.184.216.34", "10.0.0.1"])
+    assert img.check_url("http://ok.example/a.jpg", resolver=lambda h, p: ["93.184.216.34"]).host == "ok.example"
+
+
+@pytest.fixture
+def local_http(images: dict[str, Path]):
+    body = images["rgb"].read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://rebind.example:{httpd.server_address[1]}/cat.jpg", httpd.server_address[1]
+    httpd.shutdown()
+
+
+def test_fetch_checks_the_connected_address(local_http, monkeypatch) -> None:
+    """DNS rebinding: the check sees a public address, the connection goes to loopback; refused."""
+    url, port = local_http
+    real = img.socket.getaddrinfo
+    monkeypatch.setattr(
+        img.socket,
+        "getaddrinfo",
+        lambda host, *a, **k: real("127.0.0.1", *a, **k) if host == "rebind.example" else real(host, *a, **k),
+    )
+    with pytest.raises(ApiError, match="connected to non-public address 127.0.0.1"):
+        img.fetch(url, 1_000_000, 5.0, resolver=lambda h, p: ["93.184.216.34"])
+
+
+def test_fetch_size_limit(local_http, monkeypatch) -> None:
+    url, port = local_http
+    monkeypatch.setattr(img, "is_public", lambda address: True)  # let loopback through to reach the size check
+    real = img.socket.getaddrinfo
+    monkeypatch.setattr(img.socket, "getaddrinfo", lambda host, *a, **k: real("127.0.0.1", *a, **k))
+    assert img.fetch(url, 1_000_000, 5.0)[:2] == b"\xff\xd8"
+    with pytest.raises(ApiError, match="more than the limit 100"):
+        img.fetch(url, 100, 5.0)
