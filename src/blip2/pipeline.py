@@ -173,9 +173,10 @@ class Blip2:
         images: Sequence[ImageInput],
         prompts: Sequence[str] | None = None,
         options: GenerationOptions | None = None,
+        batch_size: int = 8,
         **gen: Any,
     ) -> list[Generation]:
-        """One generation per (image, prompt) pair (x num_return_sequences), batched.
+        """One generation per (image, prompt) pair (x num_return_sequences), in batches of `batch_size` pairs.
 
         A batch gives what each pair gives alone: prompts are padded on the side the LM expects and masked.
         """
@@ -186,15 +187,18 @@ class Blip2:
         prompts = [""] * len(images) if prompts is None else list(prompts)
         if len(prompts) != len(images):
             raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
-        if not images:
-            return []
-        prefix = self.image_prefix(images)
-        ids, mask = self._tokenize(prompts)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        out: list[Generation] = []
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             if opts.seed is not None:
                 torch.manual_seed(opts.seed)
-            tokens, scores = self.model.generate(prefix, ids, mask, **opts.hf_kwargs())
-        return self._decode(tokens, scores)
+            for i in range(0, len(images), batch_size):
+                prefix = self.image_prefix(images[i : i + batch_size])
+                ids, mask = self._tokenize(prompts[i : i + batch_size])
+                tokens, scores = self.model.generate(prefix, ids, mask, **opts.hf_kwargs())
+                out.extend(self._decode(tokens, scores))
+        return out
 
     def _decode(self, tokens: torch.Tensor, scores: torch.Tensor) -> list[Generation]:
         out = []
