@@ -52,7 +52,7 @@ def test_caption_prints_same_captions_as_api_in_input_order(opt_ckpt, images, ap
     paths = [images[k] for k in ("rgb", "rgba", "l", "exif_rot", "large", "tiny")]
     result = run("caption", *model_args(opt_ckpt), "--batch-size", 4, *paths)
     assert result.exit_code == 0, result.output
-    expected = [(str(p), one_line(t)) for p, t in zip(paths, api.caption(list(paths)))]
+    expected = [(str(p), one_line(t)) for p, t in zip(paths, api.caption(list(paths)), strict=True)]
     assert tsv(result) == expected
     assert result.stderr == ""
 
@@ -71,7 +71,7 @@ def test_caption_json_lines_parse_and_keep_exact_text(opt_ckpt, images, api):
     result = run("caption", *model_args(opt_ckpt), "--json", *paths)
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert rows == [{"image": str(p), "caption": t} for p, t in zip(paths, api.caption(paths))]
+    assert rows == [{"image": str(p), "caption": t} for p, t in zip(paths, api.caption(paths), strict=True)]
 
 
 @pytest.mark.parametrize("bad", ["missing", "empty", "truncated", "not_image"])
@@ -81,7 +81,7 @@ def test_caption_bad_file_is_one_stderr_line_and_good_images_still_captioned(opt
     good = [images["rgb"], images["l"]]
     result = run("caption", *model_args(opt_ckpt), "--batch-size", 2, good[0], bad_path, good[1])
     assert_clean_failure(result, str(bad_path))
-    assert tsv(result) == [(str(p), one_line(t)) for p, t in zip(good, api.caption(good))]
+    assert tsv(result) == [(str(p), one_line(t)) for p, t in zip(good, api.caption(good), strict=True)]
     errors = [line for line in result.stderr.splitlines() if str(bad_path) in line]
     assert errors[0].startswith("error: ")
 
@@ -99,7 +99,7 @@ def test_caption_on_t5_checkpoint_equals_api(t5_ckpt, images):
     result = run("caption", *model_args(t5_ckpt), *paths)
     assert result.exit_code == 0, result.output
     expected = blip2.load(t5_ckpt, dtype="fp32").caption(paths)
-    assert tsv(result) == [(str(p), one_line(t)) for p, t in zip(paths, expected)]
+    assert tsv(result) == [(str(p), one_line(t)) for p, t in zip(paths, expected, strict=True)]
 
 
 # ---- generation options ----------------------------------------------------------------------------------------------

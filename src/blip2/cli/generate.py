@@ -49,12 +49,21 @@ def _batches(items: Sequence[str], size: int) -> Iterator[list[str]]:
 @click.argument("images", nargs=-1, required=True, metavar="IMG...")
 @click.option("--prompt", "-p", default=None, help="Caption that starts with this text; prints the continuation.")
 @click.option("--json", "as_json", is_flag=True, help='JSON lines {"image": ..., "caption": ...} instead of TSV.')
-@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Images per forward pass.")
+@click.option(
+    "--batch-size", "-b", type=click.IntRange(min=1), default=8, show_default=True, help="Images per forward pass."
+)
 @model_options
 @generation_options
-def caption(images: tuple[str, ...], prompt: str | None, as_json: bool, batch_size: int, model: str, device: str,
-            dtype: str, **gen: Any) -> None:
+def caption(
+    images: tuple[str, ...],
+    prompt: str | None,
+    as_json: bool,
+    batch_size: int,
+    model: str,
+    device: str,
+    dtype: str,
+    **gen: Any,
+) -> None:
     """Caption each image: prints `path<TAB>caption` lines (or JSON lines with --json).
 
     A missing or unreadable image is reported on stderr and skipped; the exit code is then 2.
@@ -70,8 +79,9 @@ def caption(images: tuple[str, ...], prompt: str | None, as_json: bool, batch_si
         sys.exit(2)
 
 
-def _caption_files(m: Any, paths: list[str], prompt: str | None, batch_size: int, as_json: bool,
-                   gen_kwargs: dict[str, Any]) -> int:
+def _caption_files(
+    m: Any, paths: list[str], prompt: str | None, batch_size: int, as_json: bool, gen_kwargs: dict[str, Any]
+) -> int:
     """Caption `paths` in batches, printing in input order; returns how many could not be read."""
     from ..errors import ImageError
     from ..processing import load_image
@@ -88,7 +98,7 @@ def _caption_files(m: Any, paths: list[str], prompt: str | None, batch_size: int
         if not good:
             continue
         texts = m.caption([img for _, img in good], prompt=prompt, **gen_kwargs)
-        for (path, _), text in zip(good, texts):
+        for (path, _), text in zip(good, texts, strict=True):
             if as_json:
                 click.echo(json_line({"image": path, "caption": text}))
             else:
@@ -138,7 +148,7 @@ def chat(image: str, model: str, device: str, dtype: str, **gen: Any) -> None:
     gen_kwargs = generation_kwargs(gen)
     img = load_image(image)
     session = load_model(model, device, dtype).chat(img)
-    stdin = click.get_text_stream("stdin")
+    stdin = sys.stdin  # click.testing.CliRunner swaps it for its input
     interactive = _isatty(stdin)
     if interactive:
         click.echo(f"chatting about {image}; {CHAT_HELP}", err=True)
@@ -220,7 +230,7 @@ def models() -> None:
         rows.append((repo_id, info["lm"], info["params"], info["task"], info["size"], on_disk))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     if cached is None:
         click.echo("(the Hugging Face cache could not be read; CACHED is unknown)", err=True)
 

@@ -37,11 +37,19 @@ GENERATION_OPTIONS: list[tuple[str, str, click.ParamType | None, str]] = [
     ("do_sample", "--do-sample/--greedy", None, "Sample tokens instead of taking the most likely [greedy]."),
     ("top_p", "--top-p", click.FloatRange(min=0.0, max=1.0, min_open=True), "Nucleus sampling mass, in (0, 1] [1]."),
     ("temperature", "--temperature", click.FloatRange(min=0.0, min_open=True), "Sampling temperature, > 0 [1]."),
-    ("repetition_penalty", "--repetition-penalty", click.FloatRange(min=0.0, min_open=True),
-     "Penalty > 1 discourages repeated tokens [1]."),
+    (
+        "repetition_penalty",
+        "--repetition-penalty",
+        click.FloatRange(min=0.0, min_open=True),
+        "Penalty > 1 discourages repeated tokens [1].",
+    ),
     ("length_penalty", "--length-penalty", click.FLOAT, "Beam search: > 1 favours longer outputs [1]."),
-    ("no_repeat_ngram_size", "--no-repeat-ngram-size", click.IntRange(min=0),
-     "Never repeat an n-gram of this size; 0 is off [0]."),
+    (
+        "no_repeat_ngram_size",
+        "--no-repeat-ngram-size",
+        click.IntRange(min=0),
+        "Never repeat an n-gram of this size; 0 is off [0].",
+    ),
     ("seed", "--seed", click.INT, "Random seed, for reproducible sampling."),
 ]
 GENERATION_NAMES = [name for name, *_ in GENERATION_OPTIONS]
