@@ -1,7 +1,8 @@
 """Decoding and preprocessing in worker processes, running ahead of the model with a bounded window.
 
-Workers are started with "spawn": forking a process that already holds torch's thread pools (and tqdm's monitor
-thread) can deadlock the child. Each worker ignores SIGINT (Ctrl-C is the parent's to handle, once) and on Linux asks
+On Linux workers are forked, as torch's DataLoader does: a spawned worker would first import torch and transformers
+(seconds per run, which is most of a small run); the workers only run PIL and numpy, not torch's thread pools.
+Elsewhere they are spawned. Each worker ignores SIGINT (Ctrl-C is the parent's to handle, once) and on Linux asks
 the kernel to kill it when the parent dies, so a `kill -9` of the run leaves no orphans behind.
 """
 
@@ -48,7 +49,7 @@ def decoded(
         for item in items:
             yield item, prepare(item, transform, max_pixels)
         return
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     with ctx.Pool(workers, initializer=_worker_init) as pool:
         pending: deque = deque()
         for item in items:

@@ -12,23 +12,18 @@ killed at any moment resumes where it stopped, and every image is in the outputs
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import ConfigError
 from ..pipeline import VQA_OPTIONS, Blip2, Generation, GenerationOptions
-from ..processing import DEFAULT_MAX_PIXELS, vqa_prompt
-from . import ledger as L
-from .decode import decoded, default_workers
-from .inputs import Item, iter_items
-from .sidecar import EXISTING, compose, read_text, sidecar_path, write_atomic
+from ..processing import DEFAULT_MAX_PIXELS
+from .sidecar import EXISTING
 
 MANIFEST_SUFFIXES = (".jsonl", ".parquet")
 
@@ -135,19 +130,22 @@ class Summary:
     done: int = 0
     failed: int = 0
     skipped: int = 0  # a sidecar existed and --existing skip
-    resumed: int = 0  # finished by an earlier, interrupted run
-    seconds: float = 0.0
+    resumed: int = 0  # captioned by an earlier run of the same command (its failures are in `failed`)
+    seconds: float = 0.0  # the whole run, model loading included
+    caption_seconds: float = 0.0  # from the first image decoded to the last caption recorded
     outputs: list[str] = field(default_factory=list)
     errors_file: str | None = None
 
     @property
     def images_per_s(self) -> float:
-        return self.done / self.seconds if self.seconds > 0 else 0.0
+        """Captioning throughput: model loading is a one-off cost, not a rate."""
+        spent = self.caption_seconds or self.seconds
+        return self.done / spent if spent > 0 else 0.0
 
     def line(self) -> str:
         return (
-            f"{self.done} captioned, {self.resumed} already done, {self.skipped} skipped, {self.failed} failed "
-            f"of {self.total} in {self.seconds:.1f}s ({self.images_per_s:.2f} images/s)"
+            f"{self.done} captioned, {self.resumed} captioned before, {self.skipped} skipped, {self.failed} failed "
+            f"of {self.total} in {self.seconds:.1f}s ({self.images_per_s:.2f} images/s while captioning)"
         )
 
 

@@ -84,14 +84,25 @@ class Ledger:
     def close(self) -> None:
         self.db.close()
 
-    def done_keys(self) -> set[str]:
-        return {k for (k,) in self.db.execute("SELECT key FROM items")}
+    def finished(self) -> dict[str, str]:
+        """Every finished key with its status ("done" or "failed")."""
+        return dict(self.db.execute("SELECT key, status FROM items"))
 
     def commit(self, records: Sequence[Record]) -> None:
         """Record a batch in one transaction: all of it is finished, or none of it."""
         rows = [
-            (r.key, r.status, r.caption, r.score, r.prompt, r.error, r.time, r.sidecar, r.sidecar_text,
-             int(r.sidecar is None))
+            (
+                r.key,
+                r.status,
+                r.caption,
+                r.score,
+                r.prompt,
+                r.error,
+                r.time,
+                r.sidecar,
+                r.sidecar_text,
+                int(r.sidecar is None),
+            )
             for r in records
         ]
         with self.db:

@@ -30,8 +30,12 @@ class BatchRun:
     interrupted run had finished (`resumed`).
     """
 
-    def __init__(self, inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
-                 model: str | os.PathLike[str] | Blip2, options: BatchOptions) -> None:
+    def __init__(
+        self,
+        inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+        model: str | os.PathLike[str] | Blip2,
+        options: BatchOptions,
+    ) -> None:
         single = isinstance(inputs, (str, os.PathLike))
         self.inputs = [os.fspath(inputs)] if single else [os.fspath(i) for i in inputs]
         if not self.inputs:
@@ -100,7 +104,7 @@ class BatchRun:
     def _plan(self, items: list[Item], ledger: L.Ledger | None):
         """Split the items into done before, skipped (sidecar exists), clashing sidecars and to do. A generator:
         it yields the skipped and clashing results and returns (to do, sidecar of each key)."""
-        done = ledger.done_keys() if ledger is not None else set()
+        done = ledger.finished() if ledger is not None else {}
         seen: set[str] = set()
         claimed: dict[Path, str] = {}
         sidecars: dict[str, Path | None] = {}
@@ -110,8 +114,11 @@ class BatchRun:
             if item.key in seen:  # listed twice: captioned once
                 continue
             seen.add(item.key)
-            if item.key in done:
-                self.summary.resumed += 1
+            if item.key in done:  # finished by an earlier run: its failures still count as failures
+                if done[item.key] == "done":
+                    self.summary.resumed += 1
+                else:
+                    self.summary.failed += 1
                 continue
             sc = sidecar_path(item, self.opts.ext, self.opts.sidecar_dir) if self.opts.sidecar else None
             if sc is not None and sc in claimed:
@@ -139,6 +146,7 @@ class BatchRun:
         from tqdm.auto import tqdm
 
         m = self._load()
+        start = time.perf_counter()
         bs = self.opts.batch_size or default_batch_size(m.device)
         workers = default_workers() if self.opts.workers is None else self.opts.workers
         window = max(2 * bs, 2 * workers * bs)  # enough decoded images for the next batch or two, per worker
@@ -155,6 +163,7 @@ class BatchRun:
                     yield from self._flush(m, good, bad, sidecars, ledger, bar)
             if good or bad:
                 yield from self._flush(m, good, bad, sidecars, ledger, bar)
+        self.summary.caption_seconds = time.perf_counter() - start
 
     def _prompt(self, item: Item) -> str:
         question = item.question or self.opts.question
@@ -176,8 +185,9 @@ class BatchRun:
                 if sc is not None:
                     old = read_text(sc) if o.existing in ("append", "prepend") else None
                     text = compose(old, caption, o.existing, o.separator)
-                records.append(L.Record(item.key, "done", t, caption, g.score, prompt, None,
-                                        None if sc is None else str(sc), text))
+                records.append(
+                    L.Record(item.key, "done", t, caption, g.score, prompt, None, None if sc is None else str(sc), text)
+                )
         records += bad
         good.clear()
         bad.clear()
@@ -219,8 +229,11 @@ class BatchRun:
         self.summary.outputs = [str(p) for p in self.opts.out]
 
 
-def caption_images(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
-                   model: str | os.PathLike[str] | Blip2 = "Salesforce/blip2-opt-2.7b", **options: Any) -> Iterator[Result]:
+def caption_images(
+    inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    model: str | os.PathLike[str] | Blip2 = "Salesforce/blip2-opt-2.7b",
+    **options: Any,
+) -> Iterator[Result]:
     """Caption (or, with `question=`, ask about) every image of `inputs`; yield one `Result` per image.
 
     `options` are `BatchOptions` fields (out, sidecar, sidecar_dir, ext, existing, prefix, suffix, prompt, question,

@@ -15,6 +15,7 @@ from typing import IO, Any
 
 import click
 
+from .batch import batch_options, batch_requested, run_batch
 from .options import generation_kwargs, generation_options, load_model, model_options
 
 CHAT_HELP = "commands: /reset (forget the conversation), /image PATH (talk about another image), /quit (or Ctrl-D)"
@@ -54,6 +55,7 @@ def _batches(items: Sequence[str], size: int) -> Iterator[list[str]]:
 )
 @model_options
 @generation_options
+@batch_options
 def caption(
     images: tuple[str, ...],
     prompt: str | None,
@@ -69,8 +71,10 @@ def caption(
     A missing or unreadable image is reported on stderr and skipped; the exit code is then 2.
     """
     gen_kwargs = generation_kwargs(gen)
-    # Directory and list inputs (with --out) belong to batch captioning; it will branch off here, before the model
-    # loads:  `if out is not None or any(Path(p).is_dir() for p in images): return batch_caption(...)`.
+    # Folders, list files, tar shards, --out or sidecars: batch captioning (cli/batch.py: resumable, exit 0 when it
+    # finished even with bad images), before the model loads.
+    if batch_requested(images, gen):
+        return run_batch(images, model, device, dtype, prompt, batch_size, gen_kwargs, gen, as_json)
     # Below is the direct path: a few files named on the command line, results on stdout.
     m = load_model(model, device, dtype)
     failed = _caption_files(m, list(images), prompt, batch_size, as_json, gen_kwargs)

@@ -1,0 +1,156 @@
+"""Batch captioning throughput: our batch engine vs the best plain `transformers` recipe, same images, same run.
+
+    python bench/throughput.py                       # tiny random checkpoint, 24 images, fp32
+    python bench/throughput.py --full --dtype bf16   # blip2-opt-2.7b-shaped random weights (bench/common.py)
+    python bench/throughput.py --model PATH --images 32 --workers 2
+
+Both sides caption the same JPEG files (640x480, decoded from disk: decoding is part of the job) with exactly
+`--tokens` new tokens, greedy (min_new_tokens = max_new_tokens, so an early end cannot favour either side), in
+batches of `--batch-size`, in the same dtype, with the models already loaded and warmed up:
+
+(a) ours: `blip2.batch.caption_images` — decoding and preprocessing in worker processes, overlapped with the model;
+(b) transformers: `Blip2ForConditionalGeneration.from_pretrained(folder)` + `Blip2Processor`, PIL open + convert,
+    processor on the batch, `generate` under `torch.inference_mode`, decode the new tokens.
+
+The captions of both sides are compared; the JSON result goes to bench/results/throughput.json. Each side runs
+`--repeat` times, interleaved; the best run is the headline (other load on a shared machine only ever adds time),
+the median and every run are kept too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import machine, write_result
+from PIL import Image
+
+
+def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """`n` distinct 640x480 JPEGs: smooth gradients plus noise, so they compress like photos, not like noise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:480, 0:640]
+    paths = []
+    for i in range(n):
+        base = np.stack([xx * (i + 1) % 256, yy * (i + 2) % 256, (xx + yy + 9 * i) % 256], axis=-1)
+        arr = np.clip(base + rng.integers(-20, 20, base.shape), 0, 255).astype(np.uint8)
+        path = folder / f"img{i:04d}.jpg"
+        Image.fromarray(arr, "RGB").save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def run_ours(m, paths: list[Path], batch_size: int, workers: int, gen: dict) -> tuple[float, list[str]]:
+    from blip2.batch import caption_images
+
+    t0 = time.perf_counter()
+    caps = [r.caption for r in caption_images(paths, model=m, batch_size=batch_size, workers=workers, **gen)]
+    return time.perf_counter() - t0, caps
+
+
+def run_transformers(
+    model, proc, paths: list[Path], batch_size: int, dtype: torch.dtype, gen: dict
+) -> tuple[float, list[str]]:
+    t0 = time.perf_counter()
+    caps: list[str] = []
+    for start in range(0, len(paths), batch_size):
+        images = [Image.open(p).convert("RGB") for p in paths[start : start + batch_size]]
+        inputs = proc(images=images, text=[""] * len(images), return_tensors="pt")  # image tokens + BOS
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        with torch.inference_mode():
+            out = model.generate(**inputs, **gen)
+        new = out[:, inputs["input_ids"].shape[1] :]
+        caps += [t.strip() for t in proc.tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return time.perf_counter() - t0, caps
+
+
+def checkpoint(args: argparse.Namespace, tmp: Path) -> Path:
+    if args.model:
+        return Path(args.model)
+    if args.full:
+        from common import make_full_checkpoint
+
+        return make_full_checkpoint(args.folder)
+    from fixtures import make_opt_checkpoint  # common.py put tests/ on sys.path
+
+    return make_opt_checkpoint(tmp / "tiny")
+
+
+def main() -> None:
+    from blip2.batch.decode import default_workers
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="checkpoint folder [a tiny random one]")
+    ap.add_argument("--full", action="store_true", help="blip2-opt-2.7b-shaped random weights (slow on a CPU)")
+    ap.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "blip2-bench" / "opt-2.7b"))
+    ap.add_argument("--dtype", default="fp32", choices=["bf16", "fp32"])
+    ap.add_argument("--images", type=int, default=24)
+    ap.add_argument("--tokens", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=None, help="our decoding workers [cores - 1]")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs of each side, interleaved; medians reported")
+    args = ap.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    workers = default_workers() if args.workers is None else args.workers
+    gen = {"max_new_tokens": args.tokens, "min_new_tokens": args.tokens}
+
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    import blip2
+
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        folder = checkpoint(args, tmp)
+        paths = make_images(tmp / "images", args.images)
+        warm = make_images(tmp / "warm", 2, seed=1)
+        ours = blip2.load(folder, device="cpu", dtype=dtype)
+        ref = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
+        proc = Blip2Processor.from_pretrained(folder)
+        run_ours(ours, warm, args.batch_size, 0, gen)  # warm-up: first-call allocations, kernel selection
+        run_transformers(ref, proc, warm, args.batch_size, dtype, gen)
+        runs: dict[str, list[float]] = {"transformers": [], "ours": [], "ours_workers_0": []}
+        load_before = os.getloadavg()[0]
+        for _ in range(args.repeat):  # interleaved, so a busy moment of the machine hits all three alike
+            t, caps_ref = run_transformers(ref, proc, paths, args.batch_size, dtype, gen)
+            runs["transformers"].append(t)
+            t, caps_ours = run_ours(ours, paths, args.batch_size, workers, gen)
+            runs["ours"].append(t)
+            t, caps_ours0 = run_ours(ours, paths, args.batch_size, 0, gen)
+            runs["ours_workers_0"].append(t)
+
+    same = sum(a == b for a, b in zip(caps_ours, caps_ref))
+    n = args.images
+    median = {k: statistics.median(v) for k, v in runs.items()}
+    best = {k: min(v) for k, v in runs.items()}  # least disturbed by other load on a shared machine, as timeit
+    result = {
+        "model": "full opt-2.7b shape" if args.full else (args.model or "tiny random opt"),
+        "dtype": args.dtype,
+        "images": n,
+        "new_tokens": args.tokens,
+        "batch_size": args.batch_size,
+        "repeat": args.repeat,
+        "ours_workers": workers,
+        "load_average_before_after": [load_before, os.getloadavg()[0]],
+        **{
+            k: {"best_s": best[k], "images_per_s": n / best[k], "median_s": median[k], "runs_s": v}
+            for k, v in runs.items()
+        },
+        "speedup_best": best["transformers"] / best["ours"],
+        "speedup_median": median["transformers"] / median["ours"],
+        "identical_captions": same,
+        "identical_all": same == n and caps_ours0 == caps_ours,
+    }
+    out = write_result("throughput", result)
+    print(json.dumps(result, indent=1), machine()["cpu_count"], "cores ->", out)
+
+
+if __name__ == "__main__":
+    main()

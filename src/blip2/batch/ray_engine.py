@@ -1,0 +1,301 @@
+"""The Ray engine: the same captions as the local engine, from an actor pool on a Ray cluster (`--engine ray`).
+
+    run = RayRun(["shards-{000..099}.tar"], "Salesforce/blip2-opt-2.7b", options, num_workers=8)
+    summary = run.run()
+
+The inputs are listed on the driver and cut into shards of `shard_size` images. Ray Data feeds them to an actor
+pool, one model per actor (and one GPU per actor when the cluster has GPUs); each actor decodes its batch with a
+few threads (PIL releases the GIL) and captions it with `generate_batch`, exactly as the local engine does.
+Captions are small, so they stream back to the driver, which writes each shard once all its images are back:
+`OUT/part-00012.parquet` (or `.jsonl`), to a temp file and `os.replace`d, so a shard file is either whole or absent.
+
+Resume is by shard: a rerun reads the keys of the finished shard files and skips those images; the rest are cut
+into new shards numbered after the last one. A run's settings are kept in `OUT/_run.json`; a rerun with other
+settings is refused. Shard rows carry `error` (null when captioned); `errors.jsonl` beside OUT lists the failures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..pipeline import GenerationOptions
+from .engine import BatchOptions, Summary, now
+from .inputs import Item, iter_items
+from .ledger import append_jsonl
+
+ITEM_FIELDS = ("key", "path", "root", "member", "offset", "size", "data", "question")
+
+
+class Captioner:
+    """A Ray Data actor: one loaded model; a batch of item rows in, caption rows out."""
+
+    def __init__(
+        self,
+        model: str,
+        device: str,
+        dtype: str,
+        generation: dict,
+        prompt: str | None,
+        question: str | None,
+        prefix: str,
+        suffix: str,
+        max_pixels: int,
+        threads: int = 4,
+    ) -> None:
+        from ..pipeline import load
+
+        self.m = load(model, device=device, dtype=dtype)
+        self.opts = GenerationOptions(**generation)
+        self.prompt, self.question, self.prefix, self.suffix = prompt, question, prefix, suffix
+        self.max_pixels = max_pixels
+        self.pool = ThreadPoolExecutor(max(1, threads))
+
+    def __call__(self, batch: Any) -> Any:
+        """A pyarrow batch of item rows in, a pyarrow table of caption rows out (fixed schema: no type guessing)."""
+        import pyarrow as pa
+        import torch
+
+        from ..processing import vqa_prompt
+        from .engine import generate_batch
+        from .inputs import prepare
+
+        rows = batch.to_pylist()
+        items = [Item(**{f: row[f] for f in ITEM_FIELDS}) for row in rows]
+        prepared = list(self.pool.map(lambda it: prepare(it, self.m.transform, self.max_pixels), items))
+        good = [i for i, px in enumerate(prepared) if not isinstance(px, str)]
+        prompts = []
+        for i in good:
+            q = items[i].question or self.question
+            prompts.append(vqa_prompt(q) if q else (self.prompt or ""))
+        out = [
+            {
+                "key": it.key,
+                "shard": row["shard"],
+                "caption": None,
+                "score": None,
+                "prompt": None,
+                "error": px if isinstance(px, str) else None,
+                "time": now(),
+            }
+            for it, row, px in zip(items, rows, prepared)
+        ]
+        if good:
+            pixels = torch.from_numpy(np.stack([prepared[i] for i in good]))  # (B, 3, S, S)
+            for i, prompt, g in zip(good, prompts, generate_batch(self.m, pixels, prompts, self.opts)):
+                out[i].update(caption=self.prefix + g.text + self.suffix, score=g.score, prompt=prompt)
+        return pa.Table.from_pylist(out, schema=OUT_SCHEMA())
+
+
+def OUT_SCHEMA() -> Any:  # noqa: N802 - a constant, built lazily so pyarrow is imported only when used
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("key", pa.string()),
+            ("shard", pa.int64()),
+            ("caption", pa.string()),
+            ("score", pa.float64()),
+            ("prompt", pa.string()),
+            ("error", pa.string()),
+            ("time", pa.string()),
+        ]
+    )
+
+
+class RayRun:
+    """One resumable run over `inputs` on a Ray cluster; `run()` returns the `Summary`."""
+
+    def __init__(
+        self,
+        inputs: Sequence[str],
+        model: str,
+        options: BatchOptions,
+        address: str | None = None,
+        num_workers: int = 1,
+        shard_size: int = 1000,
+    ) -> None:
+        if len(options.out) != 1:
+            raise ConfigError(
+                "--engine ray writes one output: --out DIR.parquet or --out DIR.jsonl (a folder of shards)"
+            )
+        if options.sidecar:
+            raise ConfigError("--engine ray writes manifest shards only; for sidecar files use the local engine")
+        if not isinstance(model, (str, os.PathLike)):
+            raise ConfigError("--engine ray loads the model in each actor: pass a model name or folder, not an object")
+        self.inputs = [os.fspath(i) for i in inputs]
+        self.model = os.path.abspath(model) if os.path.isdir(model) else os.fspath(model)
+        self.opts = options
+        self.address = address
+        self.num_workers = max(1, num_workers)
+        self.shard_size = max(1, shard_size)
+        self.out = Path(options.out[0])
+        self.fmt = self.out.suffix.lower().lstrip(".")
+        self.summary = Summary(outputs=[str(self.out)])
+
+    def fingerprint(self) -> dict[str, Any]:
+        o = self.opts
+        keys = ("prompt", "question", "prefix", "suffix", "max_pixels")
+        return {"model": self.model, "options": asdict(o.generation), **{k: getattr(o, k) for k in keys}}
+
+    def _check_run_file(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / "_run.json"
+        wanted = self.fingerprint()
+        if path.exists():
+            old = json.loads(path.read_text(encoding="utf-8"))
+            if old != json.loads(json.dumps(wanted)):
+                raise ConfigError(f"{path}: shards of a run with other settings; use another --out to start over")
+        else:
+            _write_atomic(path, json.dumps(wanted, indent=2).encode("utf-8"))
+
+    def _finished(self) -> tuple[dict[str, bool], int]:
+        """Keys in finished shard files (True where the image failed), and the next free shard number."""
+        keys: dict[str, bool] = {}
+        last = -1
+        for part in sorted(self.out.glob(f"part-*.{self.fmt}")):
+            last = max(last, int(part.stem.split("-")[1]))
+            keys.update((row["key"], row["error"] is not None) for row in _read_shard(part))
+        return keys, last + 1
+
+    def run(self) -> Summary:
+        start = time.perf_counter()
+        self._check_run_file()
+        finished, first_shard = self._finished()
+        items, seen = [], set()
+        for item in iter_items(self.inputs, self.opts.recursive):
+            if item.key not in seen:
+                seen.add(item.key)
+                items.append(item)
+        todo = [it for it in items if it.key not in finished]
+        self.summary.total = len(items)
+        before = [finished[it.key] for it in items if it.key in finished]
+        self.summary.resumed = before.count(False)
+        self.summary.failed = before.count(True)  # failures of earlier runs still count, as in errors.jsonl
+        if todo:
+            self._run_ray(todo, first_shard)
+        self._write_errors()
+        self.summary.seconds = time.perf_counter() - start
+        return self.summary
+
+    def _run_ray(self, todo: list[Item], first_shard: int) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False)
+        rows = [
+            {**{f: getattr(it, f) for f in ITEM_FIELDS}, "shard": first_shard + i // self.shard_size}
+            for i, it in enumerate(todo)
+        ]
+        sizes: dict[int, int] = {}
+        for r in rows:
+            sizes[r["shard"]] = sizes.get(r["shard"], 0) + 1
+        bs = self.opts.batch_size or 8
+        gpus = ray.cluster_resources().get("GPU", 0)
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // bs)))
+        ds = ds.map_batches(
+            Captioner,
+            fn_constructor_kwargs=self._actor_kwargs(gpus),
+            batch_size=bs,
+            compute=ray.data.ActorPoolStrategy(size=self.num_workers),
+            num_gpus=1 if gpus >= 1 else 0,
+            num_cpus=1,
+            batch_format="pyarrow",
+        )
+        pending: dict[int, list[dict]] = {}
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                shard = row.pop("shard")
+                pending.setdefault(shard, []).append(row)
+                if len(pending[shard]) == sizes[shard]:
+                    self._write_shard(shard, pending.pop(shard))
+
+    def _actor_kwargs(self, gpus: float) -> dict[str, Any]:
+        o = self.opts
+        device = o.device if o.device != "auto" else ("cuda" if gpus >= 1 else "cpu")
+        return {
+            "model": self.model,
+            "device": device,
+            "dtype": o.dtype,
+            "generation": asdict(o.generation),
+            "prompt": o.prompt,
+            "question": o.question,
+            "prefix": o.prefix,
+            "suffix": o.suffix,
+            "max_pixels": o.max_pixels,
+        }
+
+    def _write_shard(self, shard: int, rows: list[dict]) -> None:
+        meta = {"model": self.model, "options": asdict(self.opts.generation)}
+        rows = [
+            {
+                "path": r["key"],
+                "caption": r["caption"],
+                "score": r["score"],
+                "prompt": r["prompt"],
+                "error": r["error"],
+                **meta,
+                "time": r["time"],
+            }
+            for r in rows
+        ]
+        path = self.out / f"part-{shard:05d}.{self.fmt}"
+        if self.fmt == "jsonl":
+            data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+            _write_atomic(path, data)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            tmp = path.with_name(f".{path.name}.tmp")
+            pq.write_table(pa.Table.from_pylist(rows), tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        done = sum(r["error"] is None for r in rows)
+        self.summary.done += done
+        self.summary.failed += len(rows) - done
+
+    def _write_errors(self) -> None:
+        """`errors.jsonl` beside OUT, rebuilt from every shard, so it lists each failure once."""
+        errors = self.opts.errors_path(self.inputs)  # errors.jsonl beside OUT unless --errors
+        rows = [
+            {"path": r["path"], "error": r["error"], "time": r["time"]}
+            for part in sorted(self.out.glob(f"part-*.{self.fmt}"))
+            for r in _read_shard(part)
+            if r["error"]
+        ]
+        tmp = errors.with_name(f".{errors.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        append_jsonl(tmp, rows)
+        if rows:
+            os.replace(tmp, errors)
+            self.summary.errors_file = str(errors)
+
+
+def _read_shard(path: Path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        return [dict(r, key=r["path"]) for r in rows]
+    import pyarrow.parquet as pq
+
+    return [dict(r, key=r["path"]) for r in pq.read_table(path, columns=["path", "error", "time"]).to_pylist()]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
