@@ -9,6 +9,15 @@ released BLIP-2 retrieval models), then times:
 
     PYTHONPATH=src python bench/search.py                 # writes bench/results/search.json
     PYTHONPATH=src python bench/search.py --images 20000 --queries 10
+
+With `--rerank`, it instead times the two-stage search of `blip2 search --rerank 16` end to end on a real model:
+index a folder of synthetic images with `index_images` (images/s), then per text query the ITC stage alone (text
+embedding + exact index search) and ITC + ITM re-ranking of the top 16 (re-open, preprocess and encode 16 images,
+16 ITM passes). The model is the tests' tiny retrieval checkpoint (Nq=8, E=16), or with `--full` the full-size
+blip2-itm-vit-g architecture (ViT-g, Q-Former, E=256, Nq=32) with random weights. Results go to search_rerank.json.
+
+    PYTHONPATH=src python bench/search.py --rerank                # tiny model
+    PYTHONPATH=src python bench/search.py --rerank --full         # full-size architecture, random weights
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ import torch
 from blip2.retrieval import Index, IndexRow
 
 RESULTS = Path(__file__).resolve().parent / "results" / "search.json"
+RERANK_RESULTS = RESULTS.with_name("search_rerank.json")
+RERANK_QUERIES = ["a dog running on the beach", "a red car parked near a house", "two people riding horses", "a cake"]
 
 
 def _random_embeddings(rng: np.random.Generator, n: int, num_query: int, dim: int) -> np.ndarray:
@@ -118,6 +129,65 @@ def machine() -> dict[str, object]:
     }
 
 
+def _synthetic_images(folder: Path, n: int, size: int = 256) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB").save(folder / f"{i:05d}.png")
+
+
+def _median_ms(fn, repeat: int) -> dict[str, float]:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "runs": repeat}
+
+
+def rerank_phase(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
+    """Index synthetic images with a real (tiny or full-size) model, then time ITC search and ITC + ITM re-ranking."""
+    import blip2
+    from blip2.cli.retrieval import search_text
+    from blip2.retrieval.build import index_images
+
+    if args.full:
+        from itm_common import make_full_itm_checkpoint
+
+        ckpt = make_full_itm_checkpoint(args.checkpoint or tmp / "full_itm")
+    else:
+        import common  # noqa: F401 - puts tests/ on sys.path
+        from fixtures import make_itm_checkpoint
+
+        ckpt = make_itm_checkpoint(tmp / "tiny_itm")
+    m = blip2.load(ckpt, device="cpu", dtype="fp32")
+    _synthetic_images(tmp / "images", args.rerank_images)
+    summary = index_images(m, [tmp / "images"], tmp / "rerank.sqlite", batch_size=8)
+    print(summary.line(), flush=True)
+    out: dict[str, object] = {
+        "model": "blip2-itm-vit-g architecture, random weights" if args.full else "tests' tiny itm checkpoint",
+        "num_query": m.config.num_query_tokens,
+        "dim": m.config.image_text_hidden_size,
+        "images": summary.total,
+        "index_images_per_s": summary.embedded / summary.seconds,
+        "k": 10,
+        "rerank": args.rerank_k,
+    }
+    with Index(tmp / "rerank.sqlite") as index:
+        # warm-up (search cache, thread pools); the full model's ITM warm-up would cost as much as a timed run
+        search_text(m, index, RERANK_QUERIES[-1], k=10, rerank=0 if args.full else args.rerank_k)
+        queries = RERANK_QUERIES[: args.rerank_queries]
+        itc = [_median_ms(lambda q=q: search_text(m, index, q, k=10), 3) for q in queries]
+        both = [_median_ms(lambda q=q: search_text(m, index, q, k=10, rerank=args.rerank_k), 1) for q in queries]
+    out["itc_only_ms"] = statistics.median(r["median_ms"] for r in itc)
+    out["itc_plus_itm_rerank_ms"] = statistics.median(r["median_ms"] for r in both)
+    out["queries"] = len(queries)
+    print(f"ITC: {out['itc_only_ms']:.1f} ms; ITC + ITM top {args.rerank_k}: {out['itc_plus_itm_rerank_ms']:.1f} ms")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=100_000)
@@ -129,8 +199,19 @@ def main() -> None:
     parser.add_argument(
         "--index", type=Path, default=None, help="keep the index here; reuse it (no write timing) if it exists"
     )
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None, help=f"[{RESULTS.name}, or {RERANK_RESULTS.name}]")
+    parser.add_argument("--rerank", action="store_true", help="time ITC + ITM re-ranking on a model instead")
+    parser.add_argument("--full", action="store_true", help="--rerank: full-size architecture, random weights")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="--full: keep/reuse the checkpoint here")
+    parser.add_argument("--rerank-images", type=int, default=64)
+    parser.add_argument("--rerank-k", type=int, default=16)
+    parser.add_argument("--rerank-queries", type=int, default=4)
     args = parser.parse_args()
+    if args.rerank:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = {"bench": "text-to-image search with ITM re-ranking", **rerank_phase(args, Path(tmp))}
+        _write(result, args.out or RERANK_RESULTS)
+        return
 
     texts = _texts(np.random.default_rng(1), args.queries + 2, args.dim)
     result: dict[str, object] = {"bench": "retrieval index search", "num_query": args.num_query, "dim": args.dim}
@@ -143,10 +224,14 @@ def main() -> None:
         else:
             result.update(build_phase(db, args, texts[0]))
         result.update(search_phase(db, args, texts))
+    _write(result, args.out or RESULTS)
+
+
+def _write(result: dict[str, object], out: Path) -> None:
     result["machine"] = machine()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ decoder-only LM also keeps the LM's key/value cache of the conversation so far a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -189,16 +190,37 @@ class Blip2:
             raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        out: list[Generation] = []
+        chunks = range(0, len(images), batch_size)
+        with self._seeded(opts.seed):
+            return [
+                g
+                for i in chunks
+                for g in self._generate(
+                    self.image_prefix(images[i : i + batch_size]), prompts[i : i + batch_size], opts
+                )
+            ]
+
+    @torch.no_grad()
+    def generate_pixels(
+        self, pixel_values: torch.Tensor, prompts: Sequence[str], options: GenerationOptions | None = None, **gen: Any
+    ) -> list[Generation]:
+        """`generate` for images already preprocessed by `self.transform` (B, 3, S, S), e.g. in worker processes."""
+        opts = replace(options or GenerationOptions(), **gen)
+        with self._seeded(opts.seed):
+            prefix = self.model.image_prefix(pixel_values.to(self.device, self.dtype))
+            return self._generate(prefix, list(prompts), opts)
+
+    def _generate(self, prefix: torch.Tensor, prompts: list[str], opts: GenerationOptions) -> list[Generation]:
+        ids, mask = self._tokenize(prompts)
+        return self._decode(*self.model.generate(prefix, ids, mask, **opts.hf_kwargs()))
+
+    @contextlib.contextmanager
+    def _seeded(self, seed: int | None) -> Iterator[None]:
+        """A scope whose random state starts at `seed` (when given) and is restored afterwards."""
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            if opts.seed is not None:
-                torch.manual_seed(opts.seed)
-            for i in range(0, len(images), batch_size):
-                prefix = self.image_prefix(images[i : i + batch_size])
-                ids, mask = self._tokenize(prompts[i : i + batch_size])
-                tokens, scores = self.model.generate(prefix, ids, mask, **opts.hf_kwargs())
-                out.extend(self._decode(tokens, scores))
-        return out
+            if seed is not None:
+                torch.manual_seed(seed)
+            yield
 
     def _decode(self, tokens: torch.Tensor, scores: torch.Tensor) -> list[Generation]:
         out = []
@@ -323,9 +345,7 @@ class Chat:
         opts = replace(GenerationOptions(), **gen)
         prompt = self.prompt_for(question)
         ids, mask = self.m._tokenize([prompt])
-        with torch.random.fork_rng(devices=[self.m.device] if self.m.device.type == "cuda" else []):
-            if opts.seed is not None:
-                torch.manual_seed(opts.seed)
+        with self.m._seeded(opts.seed):
             if self.m.model.is_encoder_decoder or opts.num_beams > 1 or opts.num_return_sequences > 1:
                 tokens, scores = self.m.model.generate(self.prefix, ids, mask, **opts.hf_kwargs())
             else:

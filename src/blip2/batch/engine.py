@@ -158,13 +158,6 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-@torch.no_grad()
 def generate_batch(m: Blip2, pixels: torch.Tensor, prompts: Sequence[str], opts: GenerationOptions) -> list[Generation]:
     """`Blip2.generate` from preprocessed pixels (B, 3, S, S): same prefix, prompts, padding, seed and options."""
-    prefix = m.model.image_prefix(pixels.to(m.device, m.dtype))  # (B, Nq, d_lm)
-    ids, mask = m._tokenize(prompts)
-    with torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):
-        if opts.seed is not None:
-            torch.manual_seed(opts.seed)
-        tokens, scores = m.model.generate(prefix, ids, mask, **opts.hf_kwargs())
-    return m._decode(tokens, scores)
+    return m.generate_pixels(pixels, prompts, opts)

@@ -16,6 +16,8 @@ COMMANDS: list[tuple[str, list[str]]] = [
     ("generate", ["caption", "ask", "chat", "models"]),
     ("serve", ["serve"]),
     ("eval", ["eval"]),
+    ("train", ["train"]),
+    ("retrieval", ["index", "search"]),
 ]
 
 
