@@ -1,0 +1,324 @@
+"""The shapes world: one coloured shape of some size in one corner of a small noisy image, with captions,
+questions and chat turns from templates; and the two frozen towers of the miniature BLIP-2 trained on it.
+
+Some colour-shape pairs (`HELD_OUT`) never occur in any training image or text: a model that captions a red
+triangle correctly has composed "red" and "triangle" itself. The image encoder is a tiny EVA ViT trained to
+classify the attributes (then frozen); the language model is a tiny OPT trained on the texts alone (then frozen).
+Both are this package's / `transformers`' own classes, so the result loads anywhere BLIP-2 loads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import nn
+
+from ..config import VisionConfig
+from ..processing import ImageTransform, chat_prompt, vqa_prompt
+from ..vision import VisionTransformer
+
+COLOURS = {
+    "red": (215, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 215),
+    "yellow": (230, 200, 30),
+    "purple": (140, 60, 180),
+    "orange": (240, 130, 30),
+}
+SHAPES = ["circle", "square", "triangle", "cross"]
+SIZES = ["small", "large"]
+POSITIONS = ["top left", "top right", "bottom left", "bottom right"]
+ATTRIBUTES = {"colour": list(COLOURS), "shape": SHAPES, "size": SIZES, "position": POSITIONS}
+HELD_OUT = {("red", "triangle"), ("blue", "circle"), ("green", "cross"), ("yellow", "square")}
+IMAGE_SIZE = 32
+
+CAPTION_TEMPLATES = ["a {size} {colour} {shape} in the {position}", "there is a {size} {colour} {shape} in the {position}"]
+QUESTIONS = {
+    "colour": "what color is the shape?",
+    "shape": "what shape is it?",
+    "size": "is the shape small or large?",
+    "position": "where is the shape?",
+}
+
+
+@dataclass(frozen=True)
+class Scene:
+    colour: str
+    shape: str
+    size: str
+    position: str
+
+    @property
+    def held_out(self) -> bool:
+        return (self.colour, self.shape) in HELD_OUT
+
+    def caption(self, template: int = 0) -> str:
+        return CAPTION_TEMPLATES[template].format(**asdict(self))
+
+    def answer(self, attribute: str) -> str:
+        return getattr(self, attribute)
+
+
+def all_scenes(held_out: bool | None = None) -> list[Scene]:
+    """Every scene; `held_out` True / False keeps only the held-out / the trainable colour-shape pairs."""
+    scenes = [Scene(*a) for a in itertools.product(COLOURS, SHAPES, SIZES, POSITIONS)]
+    return scenes if held_out is None else [s for s in scenes if s.held_out == held_out]
+
+
+def render(scene: Scene, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
+    """The scene on a light, noisy background; the shape's place and extent jitter within its corner."""
+    half = size // 2
+    background = rng.randint(185, 245)
+    noise = np.random.default_rng(rng.getrandbits(32)).integers(-12, 13, (size, size, 3))
+    img = Image.fromarray(np.clip(background + noise, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    r = (rng.uniform(3.5, 4.5) if scene.size == "small" else rng.uniform(6.0, 7.0)) * size / 32
+    cx = (half // 2 if "left" in scene.position else half + half // 2) + rng.uniform(-1.5, 1.5) * size / 32
+    cy = (half // 2 if "top" in scene.position else half + half // 2) + rng.uniform(-1.5, 1.5) * size / 32
+    colour = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLOURS[scene.colour])
+    if scene.shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif scene.shape == "square":
+        s = r * 0.9
+        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=colour)
+    elif scene.shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=colour)
+    else:  # cross
+        w = r * 0.38
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=colour)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=colour)
+    return img
+
+
+# ---- texts --------------------------------------------------------------------------------------------------------
+def yes_no_question(scene: Scene, rng: random.Random, held_out_ok: bool) -> tuple[str, str]:
+    """'is there a {colour} {shape}?' about the true pair or another one (never a held-out pair in training)."""
+    while True:
+        colour = scene.colour if rng.random() < 0.5 else rng.choice(list(COLOURS))
+        shape = scene.shape if rng.random() < 0.5 else rng.choice(SHAPES)
+        if held_out_ok or (colour, shape) not in HELD_OUT:
+            answer = "yes" if (colour, shape) == (scene.colour, scene.shape) else "no"
+            return f"is there a {colour} {shape}?", answer
+
+
+def records(scene: Scene, image: str, rng: random.Random) -> list[dict]:
+    """The stage-2 records of one training image: a caption, two questions and a two-turn chat."""
+    attrs = rng.sample(list(QUESTIONS), 3)
+    yes_q, yes_a = yes_no_question(scene, rng, held_out_ok=False)
+    qa = [(QUESTIONS[a], scene.answer(a)) for a in attrs] + [(yes_q, yes_a)]
+    rng.shuffle(qa)
+    return [
+        {"image": image, "caption": scene.caption(rng.randrange(len(CAPTION_TEMPLATES)))},
+        {"image": image, "question": qa[0][0], "answer": qa[0][1]},
+        {"image": image, "question": qa[1][0], "answer": qa[1][1]},
+        {"image": image, "question": qa[3][0], "answer": qa[3][1], "history": [list(qa[2])]},
+    ]
+
+
+def text_corpus(rng: random.Random, n: int) -> list[str]:
+    """What the LM learns, text only, as stage 2 will show it: captions, and prompts followed by answers."""
+    scenes = all_scenes(held_out=False)
+    out = []
+    for _ in range(n):
+        scene = rng.choice(scenes)
+        recs = records(scene, "", rng)
+        for rec in recs:
+            if "caption" in rec:
+                out.append(rec["caption"])
+            else:
+                history = [tuple(h) for h in rec.get("history", [])]
+                prompt = chat_prompt(history, rec["question"], lambda s: 0, 1) if history else vqa_prompt(rec["question"])
+                out.append(f"{prompt} {rec['answer']}")
+    return out
+
+
+def tokenizer_corpus() -> list[str]:
+    """Every word of the world, held-out pairs included (a tokenizer knows words, not which pairs are seen)."""
+    words = [w for values in ATTRIBUTES.values() for v in values for w in v.split()]
+    lines = [s.caption(t) for s in all_scenes() for t in range(len(CAPTION_TEMPLATES))]
+    lines += [vqa_prompt(q) + " yes no" for q in QUESTIONS.values()] + ["is there a " + " ".join(words) + "?"]
+    lines += ["Question: what is it? Answer: a red circle. Question: and? Answer:", "\n"]
+    return lines
+
+
+def make_lm_tokenizer(folder: Path):
+    """Byte-level BPE with OPT's special ids (`<s>` 0, `<pad>` 1, `</s>` 2 as BOS, `<unk>` 3) and `<image>`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(tokenizer_corpus() * 3, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.add_tokens(["<image>"], special_tokens=True)
+    fast.save_pretrained(folder)
+    return fast
+
+
+def make_qformer_tokenizer(folder: Path):
+    """Lower-case WordPiece as bert-base-uncased, with `[DEC]` as bos_token as LAVIS adds it."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(tokenizer_corpus() * 3, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        mask_token="[MASK]",
+    )
+    fast.add_special_tokens({"bos_token": "[DEC]"})
+    fast.save_pretrained(folder)
+    return fast
+
+
+# ---- the frozen towers --------------------------------------------------------------------------------------------
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def scene_batches(scenes: list[Scene], batch: int, seed: int) -> Iterator[tuple[torch.Tensor, list[Scene]]]:
+    rng = random.Random(seed)
+    transform = ImageTransform(IMAGE_SIZE)
+    while True:
+        chosen = [rng.choice(scenes) for _ in range(batch)]
+        yield transform([render(s, rng) for s in chosen]), chosen
+
+
+def pretrain_vision(cfg: VisionConfig, steps: int, batch: int = 64, lr: float = 2e-3, seed: int = 0):
+    """A tiny EVA ViT trained to name the four attributes (linear heads on the mean token), then frozen.
+
+    It sees every colour-shape pair, as labels and never as text: like a web-scale image encoder, it has seen the
+    world; the held-out pairs are held out of everything BLIP-2 itself learns from (stage 1 and 2, and the LM).
+    """
+    torch.manual_seed(seed)
+    vit = VisionTransformer(cfg)
+    for m in vit.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+    with torch.no_grad():
+        vit.embeddings.position_embedding.normal_(0, 0.02)
+    heads = nn.ModuleDict({k: nn.Linear(cfg.hidden_size, len(v)) for k, v in ATTRIBUTES.items()})
+    params = list(vit.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    data = scene_batches(all_scenes(), batch, seed)
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        pixels, scenes = next(data)
+        feats = vit(pixels).mean(dim=1)  # (B, D)
+        loss = sum(
+            F.cross_entropy(heads[k](feats), torch.tensor([v.index(getattr(s, k)) for s in scenes]))
+            for k, v in ATTRIBUTES.items()
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 200 == 0 or step == steps:
+            _log(f"  vision step {step}/{steps} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)")
+    vit.eval().requires_grad_(False)
+    return vit, heads.eval()
+
+
+@torch.no_grad()
+def vision_accuracy(vit: VisionTransformer, heads: nn.ModuleDict, scenes: list[Scene], n: int, seed: int) -> dict:
+    pixels, chosen = next(scene_batches(scenes, n, seed))
+    feats = vit(pixels).mean(dim=1)
+    return {
+        k: float(np.mean([v[i] == getattr(s, k) for i, s in zip(heads[k](feats).argmax(-1).tolist(), chosen)]))
+        for k, v in ATTRIBUTES.items()
+    }
+
+
+def pretrain_lm(tokenizer, folder: Path, steps: int, batch: int = 64, lr: float = 3e-3, seed: int = 0):
+    """A tiny OPT trained on the world's texts (`text + "\\n"`, as stage 2 will present them), then saved."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    newline = tokenizer("\n", add_special_tokens=False).input_ids[0]
+    cfg = OPTConfig(
+        vocab_size=(len(tokenizer) + 7) // 8 * 8,
+        hidden_size=128,
+        word_embed_proj_dim=128,
+        ffn_dim=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=newline,
+        dropout=0.0,
+    )
+    lm = OPTForCausalLM(cfg)
+    opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    rng = random.Random(seed)
+    t0 = time.perf_counter()
+    lm.train()
+    for step in range(1, steps + 1):
+        texts = [t + "\n" for t in text_corpus(rng, batch // 4)]
+        enc = tokenizer(texts, padding=True, return_tensors="pt", padding_side="right")
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        loss = lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 200 == 0 or step == steps:
+            _log(f"  LM step {step}/{steps} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)")
+    lm.eval()
+    lm.generation_config.eos_token_id = newline
+    lm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return lm
+
+
+def write_split(folder: Path, name: str, scenes: list[Scene], n: int, seed: int) -> list[tuple[str, Scene]]:
+    """Render `n` images of random `scenes` into folder/name/ and return (relative path, scene) pairs."""
+    rng = random.Random(seed)
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        scene = rng.choice(scenes)
+        rel = f"{name}/{i:05d}.png"
+        render(scene, rng).save(folder / rel)
+        out.append((rel, scene))
+    (folder / f"{name}.json").write_text(json.dumps([{"image": p, **asdict(s)} for p, s in out]) + "\n")
+    return out
+
+
+def read_split(folder: Path, name: str) -> list[tuple[str, Scene]]:
+    rows = json.loads((folder / f"{name}.json").read_text())
+    return [(r.pop("image"), Scene(**r)) for r in rows]
