@@ -333,6 +333,7 @@ class Chat:
 
     def reset(self) -> None:
         self.history = []
+        self.last: Generation | None = None
         self._kv = None
         self._kv_ids: list[int] = []
 
@@ -350,9 +351,9 @@ class Chat:
                 tokens, scores = self.m.model.generate(self.prefix, ids, mask, **opts.hf_kwargs())
             else:
                 tokens, scores = self._generate_cached(ids, opts)
-        answer = self.m._decode(tokens, scores)[0].text
-        self.history.append((question.strip(), answer))
-        return answer
+        self.last = self.m._decode(tokens, scores)[0]  # the full Generation (tokens, score) of this answer
+        self.history.append((question.strip(), self.last.text))
+        return self.last.text
 
     def _generate_cached(self, ids: torch.Tensor, opts: GenerationOptions) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.m.model
