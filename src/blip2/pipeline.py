@@ -125,7 +125,6 @@ class Blip2:
         device: torch.device,
         name: str = "",
         image_cache_size: int = 64,
-        qformer_tokenizer=None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
