@@ -57,8 +57,13 @@ def main() -> None:
     result = {"command": f"python bench/memory.py --dtype {args.dtype}", "dtype": args.dtype, "weights_bytes": weights}
     src = str(Path(__file__).resolve().parent.parent / "src")
     for side in ("ours", "transformers"):
-        out = subprocess.run([sys.executable, "-c", CHILD, side, str(folder), args.dtype], capture_output=True,
-                             text=True, check=True, env={**os.environ, "PYTHONPATH": src})
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, side, str(folder), args.dtype],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONPATH": src},
+        )
         r = json.loads(out.stdout.strip().splitlines()[-1])
         r["load_peak_over_weights"] = r["load_peak_bytes"] / weights
         r["run_peak_over_weights"] = r["run_peak_bytes"] / weights
