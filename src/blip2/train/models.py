@@ -215,6 +215,8 @@ class Stage1Model(_FrozenTowers):
         super().__init__()
         if not blip.config.has_text_side or not hasattr(blip, "itm_head"):
             raise ConfigError("stage 1 needs the retrieval layout (Q-Former text side, projections, itm_head)")
+        if dec_token_id is None or pad_token_id is None:
+            raise ConfigError("the Q-Former tokenizer needs a pad token and `[DEC]` as bos_token (as LAVIS adds it)")
         self.blip = blip
         self.itg_head = head if head is not None else _new_head(blip.config.qformer_config)
         self.temp = nn.Parameter(torch.tensor(float(temp)))  # learnable ITC temperature, LAVIS' init 0.07
@@ -287,8 +289,6 @@ def new_stage1(
 
     `vision`: a `VisionTransformer` (exportable in the HF layout) or a `VisionAdapter` around any tower.
     """
-    if tokenizer.bos_token_id is None or tokenizer.pad_token_id is None:
-        raise ConfigError("the Q-Former tokenizer needs a pad token and `[DEC]` as bos_token (as LAVIS adds it)")
     width = vision_width(vision)
     qcfg = replace(
         qformer or QFormerConfig(),

@@ -1,4 +1,4 @@
-"""The shapes world: one coloured shape of some size in one corner of a small noisy image, with captions,
+"""The shapes world: one coloured shape of some size at one side of a small noisy image, with captions,
 questions and chat turns from templates; and the two frozen towers of the miniature BLIP-2 trained on it.
 
 Some colour-shape pairs (`HELD_OUT`) never occur in any training image or text: a model that captions a red
@@ -37,17 +37,20 @@ COLOURS = {
 }
 SHAPES = ["circle", "square", "triangle", "cross"]
 SIZES = ["small", "large"]
-POSITIONS = ["top left", "top right", "bottom left", "bottom right"]
+POSITIONS = ["left", "right", "top", "bottom"]  # one word each: the tiny LM copies single words reliably
 ATTRIBUTES = {"colour": list(COLOURS), "shape": SHAPES, "size": SIZES, "position": POSITIONS}
 HELD_OUT = {("red", "triangle"), ("blue", "circle"), ("green", "cross"), ("yellow", "square")}
 IMAGE_SIZE = 32
 
-CAPTION_TEMPLATES = ["a {size} {colour} {shape} in the {position}", "there is a {size} {colour} {shape} in the {position}"]
+CAPTION_TEMPLATES = [
+    "a {size} {colour} {shape} on the {position} side",
+    "there is a {size} {colour} {shape} on the {position} side",
+]
 QUESTIONS = {
     "colour": "what color is the shape?",
     "shape": "what shape is it?",
     "size": "is the shape small or large?",
-    "position": "where is the shape?",
+    "position": "which side is the shape on?",
 }
 
 
@@ -76,15 +79,15 @@ def all_scenes(held_out: bool | None = None) -> list[Scene]:
 
 
 def render(scene: Scene, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
-    """The scene on a light, noisy background; the shape's place and extent jitter within its corner."""
-    half = size // 2
+    """The scene on a light, noisy background; the shape's place and extent jitter around the middle of its side."""
     background = rng.randint(185, 245)
     noise = np.random.default_rng(rng.getrandbits(32)).integers(-12, 13, (size, size, 3))
     img = Image.fromarray(np.clip(background + noise, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
     r = (rng.uniform(3.5, 4.5) if scene.size == "small" else rng.uniform(6.0, 7.0)) * size / 32
-    cx = (half // 2 if "left" in scene.position else half + half // 2) + rng.uniform(-1.5, 1.5) * size / 32
-    cy = (half // 2 if "top" in scene.position else half + half // 2) + rng.uniform(-1.5, 1.5) * size / 32
+    x, y = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75)}[scene.position]
+    cx = x * size + rng.uniform(-1.5, 1.5) * size / 32
+    cy = y * size + rng.uniform(-1.5, 1.5) * size / 32
     colour = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLOURS[scene.colour])
     if scene.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
@@ -125,21 +128,22 @@ def records(scene: Scene, image: str, rng: random.Random) -> list[dict]:
     ]
 
 
-def text_corpus(rng: random.Random, n: int) -> list[str]:
-    """What the LM learns, text only, as stage 2 will show it: captions, and prompts followed by answers."""
-    scenes = all_scenes(held_out=False)
-    out = []
-    for _ in range(n):
-        scene = rng.choice(scenes)
-        recs = records(scene, "", rng)
-        for rec in recs:
-            if "caption" in rec:
-                out.append(rec["caption"])
-            else:
-                history = [tuple(h) for h in rec.get("history", [])]
-                prompt = chat_prompt(history, rec["question"], lambda s: 0, 1) if history else vqa_prompt(rec["question"])
-                out.append(f"{prompt} {rec['answer']}")
-    return out
+def document(scene: Scene, rng: random.Random) -> list[str]:
+    """Texts about one scene, as stage 2 shows them (captions; prompts followed by answers), in random order.
+
+    The LM is pretrained on such documents packed into one sequence, so it learns that what a text says about the
+    shape agrees with what came before: the in-context reading that lets it read BLIP-2's soft visual prompt later.
+    """
+    texts = []
+    for rec in records(scene, "", rng) + records(scene, "", rng):
+        if "caption" in rec:
+            texts.append(rec["caption"])
+        else:
+            history = [tuple(h) for h in rec.get("history", [])]
+            prompt = chat_prompt(history, rec["question"], lambda s: 0, 1) if history else vqa_prompt(rec["question"])
+            texts.append(f"{prompt} {rec['answer']}")
+    rng.shuffle(texts)
+    return texts
 
 
 def tokenizer_corpus() -> list[str]:
@@ -151,21 +155,28 @@ def tokenizer_corpus() -> list[str]:
     return lines
 
 
+def _pieces(pre_tokenizer, lines: list[str]) -> list[str]:
+    """The sorted set of pre-tokenised pieces of `lines`: a fixed vocabulary (trained BPE / WordPiece vocabularies
+    break frequency ties in no fixed order, and a miniature must rebuild identically)."""
+    return sorted({piece for line in lines for piece, _ in pre_tokenizer.pre_tokenize_str(line)})
+
+
+def _vocabulary_lines() -> list[str]:
+    rng = random.Random(0)
+    return tokenizer_corpus() + [t for s in all_scenes() for t in document(s, rng)]
+
+
 def make_lm_tokenizer(folder: Path):
-    """Byte-level BPE with OPT's special ids (`<s>` 0, `<pad>` 1, `</s>` 2 as BOS, `<unk>` 3) and `<image>`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """Byte-level words with OPT's special ids (`<s>` 0, `<pad>` 1, `</s>` 2 as BOS, `<unk>` 3) and `<image>`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + _pieces(byte_level, _vocabulary_lines()))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(tokenizer_corpus() * 3, trainer)
     tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
@@ -176,19 +187,23 @@ def make_lm_tokenizer(folder: Path):
 
 
 def make_qformer_tokenizer(folder: Path):
-    """Lower-case WordPiece as bert-base-uncased, with `[DEC]` as bos_token as LAVIS adds it."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """Lower-case WordPiece as bert-base-uncased (the world's words, letters to spell others), `[DEC]` as bos."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
+    bert = pre_tokenizers.BertPreTokenizer()
+    letters = list(string.ascii_lowercase) + ["##" + c for c in string.ascii_lowercase]
+    words = _pieces(bert, [line.lower() for line in _vocabulary_lines()])
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(tokenizer_corpus() * 3, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    vocab = {t: i for i, t in enumerate(specials + sorted(set(words + letters)))}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = bert
+    tok.decoder = decoders.WordPiece()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -262,8 +277,24 @@ def vision_accuracy(vit: VisionTransformer, heads: nn.ModuleDict, scenes: list[S
     }
 
 
-def pretrain_lm(tokenizer, folder: Path, steps: int, batch: int = 64, lr: float = 3e-3, seed: int = 0):
-    """A tiny OPT trained on the world's texts (`text + "\\n"`, as stage 2 will present them), then saved."""
+def packed_batch(tokenizer, rng: random.Random, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, length) ids and labels: each row a document about one scene, its texts `</s> text \n` packed end to end.
+
+    Texts then start at every position and after other context, as they will after BLIP-2's soft prompt.
+    """
+    scenes = all_scenes(held_out=False)
+    ids = torch.full((batch, length), tokenizer.pad_token_id)
+    for row in range(batch):
+        seq: list[int] = []
+        for text in document(rng.choice(scenes), rng):
+            seq += tokenizer(text + "\n").input_ids
+        ids[row, : min(length, len(seq))] = torch.tensor(seq[:length])
+    labels = ids.masked_fill(ids == tokenizer.pad_token_id, -100)
+    return ids, labels
+
+
+def pretrain_lm(tokenizer, folder: Path, steps: int, batch: int = 32, lr: float = 3e-3, seed: int = 0):
+    """A tiny OPT trained on the world's texts (`text + "\n"`, as stage 2 will present them), then saved."""
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(seed)
@@ -273,7 +304,7 @@ def pretrain_lm(tokenizer, folder: Path, steps: int, batch: int = 64, lr: float 
         hidden_size=128,
         word_embed_proj_dim=128,
         ffn_dim=256,
-        num_hidden_layers=2,
+        num_hidden_layers=3,
         num_attention_heads=4,
         max_position_embeddings=128,
         bos_token_id=tokenizer.bos_token_id,
@@ -288,10 +319,8 @@ def pretrain_lm(tokenizer, folder: Path, steps: int, batch: int = 64, lr: float 
     t0 = time.perf_counter()
     lm.train()
     for step in range(1, steps + 1):
-        texts = [t + "\n" for t in text_corpus(rng, batch // 4)]
-        enc = tokenizer(texts, padding=True, return_tensors="pt", padding_side="right")
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        loss = lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels).loss
+        ids, labels = packed_batch(tokenizer, rng, batch, 96)
+        loss = lm(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,0 +1,381 @@
+"""The miniature BLIP-2: built end to end on the shapes world in minutes on a laptop CPU, then evaluated.
+
+    python -m blip2.train.miniature build --work build/miniature --export examples/miniature   (make miniature)
+    python -m blip2.train.miniature demo examples/miniature                                     (make demo)
+
+`build` renders the data, pretrains the two frozen towers (a tiny EVA ViT on attribute labels, a tiny OPT on the
+texts), then runs the library's own `train()` for stage 1 (ITC + ITM + ITG) and stage 2 (twice: from the stage-1
+Q-Former, and from a fresh one, the "without stage 1" baseline), and evaluates on held-out images: caption
+attribute accuracy, VQA accuracy, and retrieval R@1 (ITC, then ITM re-ranking) against chance. Each phase leaves
+its result in `--work` and is skipped when run again. `--export` copies the models (HF layout), sample images and
+`results.json` to a folder small enough to commit.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from ..config import VisionConfig
+from .shapes import (
+    ATTRIBUTES,
+    HELD_OUT,
+    QUESTIONS,
+    Scene,
+    all_scenes,
+    read_split,
+    records,
+    write_split,
+    yes_no_question,
+)
+
+VISION = VisionConfig(
+    hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+)
+QFORMER = {
+    "hidden_size": 96,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 192,
+    "max_position_embeddings": 32,
+}
+
+
+@dataclass
+class Recipe:
+    train_images: int = 4000
+    test_images: int = 300  # new renders of the colour-shape pairs seen in training
+    novel_images: int = 300  # renders of the held-out pairs, never in any training text
+    vision_steps: int = 1000
+    lm_steps: int = 800
+    stage1_steps: int = 1200
+    stage2_steps: int = 1200
+    batch_size: int = 32
+    lr: float = 1e-3  # tiny models from scratch take a larger step than BLIP-2's 1e-4
+    threads: int = 1
+    seed: int = 0
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---- phases -------------------------------------------------------------------------------------------------------
+def make_data(work: Path, r: Recipe) -> None:
+    data = work / "data"
+    if (data / "stage2.jsonl").is_file():
+        return
+    train = write_split(data, "train", all_scenes(held_out=False), r.train_images, r.seed)
+    write_split(data, "test", all_scenes(held_out=False), r.test_images, r.seed + 1)
+    write_split(data, "novel", all_scenes(held_out=True), r.novel_images, r.seed + 2)
+    rng = random.Random(r.seed)
+    captions = [{"image": p, "caption": s.caption(t)} for p, s in train for t in (0, 1)]
+    stage2 = [rec for p, s in train for rec in records(s, p, rng)]
+    (data / "stage1.jsonl").write_text("".join(json.dumps(x) + "\n" for x in captions))
+    (data / "stage2.jsonl").write_text("".join(json.dumps(x) + "\n" for x in stage2))
+
+
+def make_towers(work: Path, r: Recipe) -> dict:
+    from transformers import AutoTokenizer
+
+    from .models import save_vision
+    from .shapes import make_lm_tokenizer, make_qformer_tokenizer, pretrain_lm, pretrain_vision, vision_accuracy
+
+    info_path = work / "towers.json"
+    if info_path.is_file():
+        return json.loads(info_path.read_text())
+    make_qformer_tokenizer(work / "qformer_tokenizer")
+    t0 = time.perf_counter()
+    _log(f"pretraining the image encoder ({r.vision_steps} steps)")
+    vit, heads = pretrain_vision(VISION, r.vision_steps, seed=r.seed)
+    save_vision(vit, work / "vision")
+    info = {
+        "vision_seconds": round(time.perf_counter() - t0),
+        "vision_accuracy_seen_pairs": vision_accuracy(vit, heads, all_scenes(held_out=False), 512, r.seed + 10),
+        "vision_accuracy_held_out_pairs": vision_accuracy(vit, heads, all_scenes(held_out=True), 512, r.seed + 11),
+    }
+    t0 = time.perf_counter()
+    _log(f"pretraining the language model on text ({r.lm_steps} steps)")
+    make_lm_tokenizer(work / "lm")
+    pretrain_lm(AutoTokenizer.from_pretrained(work / "lm"), work / "lm", r.lm_steps, seed=r.seed)
+    info["lm_seconds"] = round(time.perf_counter() - t0)
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def _common(r: Recipe, out: Path, data: Path, steps: int, max_text_length: int) -> dict:
+    return {
+        "out": str(out),
+        "data": [{"kind": "jsonl", "path": str(data)}],
+        "steps": steps,
+        "batch_size": r.batch_size,
+        "lr": r.lr,
+        "min_lr": r.lr / 10,
+        "warmup_steps": min(100, steps // 10),
+        "warmup_lr": r.lr / 100,
+        "augment": False,  # a crop or a flip would change "top left" into something else
+        "max_text_length": max_text_length,
+        "threads": r.threads,
+        "seed": r.seed,
+        "save_every": 400,
+        "log_every": 50,
+    }
+
+
+def run_stages(work: Path, r: Recipe) -> dict[str, float]:
+    from .trainer import train
+
+    seconds = {}
+    phases = [
+        (
+            "stage1",
+            {
+                "stage": 1,
+                "vision": str(work / "vision"),
+                "tokenizer": str(work / "qformer_tokenizer"),
+                "qformer": QFORMER,
+                "num_query_tokens": 8,
+                "embed_dim": 64,
+                **_common(r, work / "stage1", work / "data" / "stage1.jsonl", r.stage1_steps, 16),
+            },
+        ),
+        ("stage2", {"stage": 2, **_common(r, work / "stage2", work / "data" / "stage2.jsonl", r.stage2_steps, 40)}),
+        (
+            "stage2_without_stage1",
+            {
+                "stage": 2,
+                "fresh_qformer": True,
+                **_common(r, work / "stage2_without_stage1", work / "data" / "stage2.jsonl", r.stage2_steps, 40),
+            },
+        ),
+    ]
+    for name, cfg in phases:
+        if (work / name / "model" / "config.json").is_file():
+            continue
+        if cfg["stage"] == 2:
+            cfg.update(stage1=str(work / "stage1" / "model"), language_model=str(work / "lm"))
+        _log(f"{name} ({cfg['steps']} steps)")
+        t0 = time.perf_counter()
+        train(cfg)
+        seconds[name] = round(time.perf_counter() - t0)
+    return seconds
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------------------
+def parse_caption(text: str) -> dict[str, str | None]:
+    """The attributes a generated caption names (the first of each kind), None where it names none."""
+    words = text.lower().replace(",", " ").split()
+    return {attr: next((w for w in words if w in values), None) for attr, values in ATTRIBUTES.items()}
+
+
+def eval_captions(m, items: Sequence[tuple[str, Scene]]) -> dict:
+    gens = m.generate([p for p, _ in items], [""] * len(items), batch_size=64, max_new_tokens=16)
+    right = [{a: parse_caption(g.text)[a] == getattr(s, a) for a in ATTRIBUTES} for g, (_, s) in zip(gens, items)]
+    out = {f"{a}_accuracy": float(np.mean([r[a] for r in right])) for a in ATTRIBUTES}
+    out["all_four_correct"] = float(np.mean([all(r.values()) for r in right]))
+    out["examples"] = [{"truth": s.caption(), "generated": g.text} for g, (_, s) in list(zip(gens, items))[:4]]
+    return out
+
+
+def vqa_set(items: Sequence[tuple[str, Scene]], seed: int) -> list[tuple[str, str, str, str]]:
+    """(image, kind, question, answer): the four attribute questions and one yes/no question per image."""
+    rng = random.Random(seed)
+    out = []
+    for path, s in items:
+        out += [(path, a, q, s.answer(a)) for a, q in QUESTIONS.items()]
+        out.append((path, "yes/no", *yes_no_question(s, rng, held_out_ok=True)))
+    return out
+
+
+def eval_vqa(m, items: Sequence[tuple[str, Scene]], seed: int) -> dict:
+    from ..processing import vqa_prompt
+
+    qs = vqa_set(items, seed)
+    gens = m.generate([p for p, *_ in qs], [vqa_prompt(q) for _, _, q, _ in qs], batch_size=64, max_new_tokens=6)
+    right = [g.text.strip().lower() == a for g, (_, _, _, a) in zip(gens, qs)]
+    out = {"accuracy": float(np.mean(right))}
+    for kind in [*QUESTIONS, "yes/no"]:
+        out[kind] = float(np.mean([ok for ok, q in zip(right, qs) if q[1] == kind]))
+    return out
+
+
+@torch.no_grad()
+def eval_retrieval(m, items: Sequence[tuple[str, Scene]], k: int = 8) -> dict:
+    """R@1 both ways over all 192 canonical captions, by ITC similarity and after ITM re-ranking of the top k."""
+    gallery = all_scenes()
+    texts = [s.caption() for s in gallery]
+    truth = torch.tensor([gallery.index(s) for _, s in items])  # (N,) caption index of each image
+    pixels = m.pixel_values([p for p, _ in items])
+    image_embeds = m.model.encode_image(pixels)  # (N, Ntok, Dv)
+    img = m.model.image_embeddings(image_embeds)  # (N, Nq, E)
+    ids, mask = m._text_ids(texts)
+    txt = m.model.text_embeddings(ids, mask)  # (T, E)
+    sim = torch.einsum("iqe,te->itq", img, txt).amax(-1)  # (N, T)
+
+    def itm(i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return m.model.itm_logits(image_embeds[i], ids[t], mask[t])[:, 1]
+
+    def rerank(scores: torch.Tensor, row_ids: torch.Tensor, rows_are_images: bool) -> torch.Tensor:
+        """The best of each row's top k by ITM logit + ITC similarity (LAVIS' re-ranking score)."""
+        top = scores.topk(k, dim=1).indices  # (R, k)
+        rows = row_ids[:, None].expand_as(top)  # image or caption index of each row
+        i, t = (rows, top) if rows_are_images else (top, rows)
+        itm_scores = itm(i.reshape(-1), t.reshape(-1)).reshape(top.shape)
+        return top.gather(1, (itm_scores + scores.gather(1, top)).argmax(1, keepdim=True)).squeeze(1)
+
+    i2t_itc = (sim.argmax(1) == truth).float().mean().item()
+    i2t_itm = (rerank(sim, torch.arange(len(items)), True) == truth).float().mean().item()
+    present = sorted(set(truth.tolist()))  # captions with at least one image in this split
+    t2i = sim.T[present]  # (T', N)
+    same = truth[None, :] == torch.tensor(present)[:, None]  # (T', N): image matches the caption
+    t2i_itc = same.gather(1, t2i.argmax(1, keepdim=True)).float().mean().item()
+    t2i_itm = same.gather(1, rerank(t2i, torch.tensor(present), False)[:, None]).float().mean().item()
+    return {
+        "image_to_text_R@1_itc": i2t_itc,
+        "image_to_text_R@1_itm_rerank": i2t_itm,
+        "image_to_text_chance": 1 / len(texts),
+        "text_to_image_R@1_itc": t2i_itc,
+        "text_to_image_R@1_itm_rerank": t2i_itm,
+        "text_to_image_chance": same.float().mean(dim=1).mean().item(),
+    }
+
+
+def evaluate(work: Path, r: Recipe) -> dict:
+    import blip2
+
+    data = work / "data"
+    splits = {name: [(str(data / p), s) for p, s in read_split(data, name)] for name in ("test", "novel")}
+    out: dict = {}
+    retrieval = blip2.load(work / "stage1" / "model", device="cpu", dtype="fp32")
+    out["retrieval"] = {name: eval_retrieval(retrieval, items) for name, items in splits.items()}
+    for model_name in ("stage2", "stage2_without_stage1"):
+        m = blip2.load(work / model_name / "model", device="cpu", dtype="fp32")
+        out[model_name] = {
+            name: {"caption": eval_captions(m, items), "vqa": eval_vqa(m, items, r.seed)}
+            for name, items in splits.items()
+        }
+    return out
+
+
+# ---- export and demo ----------------------------------------------------------------------------------------------
+SAMPLES = 4  # images per split in the exported sample set: the first ones, not chosen by result
+
+
+def export_to(work: Path, dest: Path, results: dict) -> None:
+    from PIL import Image
+
+    for name in ("model", "stage1"):
+        shutil.rmtree(dest / name, ignore_errors=True)
+    shutil.copytree(work / "stage2" / "model", dest / "model")
+    shutil.copytree(work / "stage1" / "model", dest / "stage1")
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    truth = []
+    for split in ("test", "novel"):
+        for i, (path, scene) in enumerate(read_split(work / "data", split)[:SAMPLES]):
+            name = f"{split}_{i}.png"
+            Image.open(work / "data" / path).save(dest / "images" / name)
+            truth.append({"image": name, "split": split, **asdict(scene)})
+    (dest / "images" / "truth.json").write_text(json.dumps(truth, indent=2) + "\n")
+    (dest / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def demo(folder: Path, echo=print) -> list[dict]:
+    """Caption the sample images, ask about them and chat, printing each answer against the truth."""
+    import blip2
+
+    m = blip2.load(folder / "model", device="cpu", dtype="fp32")
+    truth = json.loads((folder / "images" / "truth.json").read_text())
+    rows = []
+    for t in truth:
+        scene = Scene(t["colour"], t["shape"], t["size"], t["position"])
+        image = str(folder / "images" / t["image"])
+        kind = "held-out pair" if t["split"] == "novel" else "seen pair"
+        echo(f"{t['image']} ({kind}; truth: {scene.caption()})")
+        caption = m.caption(image)
+        echo(f"  caption: {caption}")
+        answers = {a: m.ask(image, q) for a, q in QUESTIONS.items()}
+        for a, q in QUESTIONS.items():
+            echo(f"  {q} {answers[a]} {'ok' if answers[a] == scene.answer(a) else 'WRONG, ' + scene.answer(a)}")
+        chat = m.chat(image)
+        turns = [(q, chat.ask(q)) for q in (QUESTIONS["shape"], QUESTIONS["colour"])]
+        echo("  chat: " + " / ".join(f"{q} {a}" for q, a in turns))
+        rows.append(
+            {
+                "image": t["image"],
+                "split": t["split"],
+                "truth": asdict(scene),
+                "caption": caption,
+                "answers": answers,
+                "chat": turns,
+            }
+        )
+    return rows
+
+
+@click.group()
+def cli() -> None:
+    """The miniature BLIP-2 on the shapes world."""
+
+
+@cli.command()
+@click.option("--work", default="build/miniature", show_default=True, type=click.Path(file_okay=False))
+@click.option("--export", "export_dir", default=None, type=click.Path(file_okay=False))
+@click.option("--quick", is_flag=True, help="A few steps of everything: checks the pipeline, learns nothing.")
+def build(work: str, export_dir: str | None, quick: bool) -> None:
+    """Render the data, train all parts, evaluate; optionally export the result."""
+    r = Recipe()
+    if quick:
+        r = Recipe(
+            train_images=64,
+            test_images=16,
+            novel_images=16,
+            vision_steps=5,
+            lm_steps=5,
+            stage1_steps=4,
+            stage2_steps=4,
+            batch_size=8,
+        )
+    torch.set_num_threads(r.threads)
+    work_dir = Path(work)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    recipe_file = work_dir / "recipe.json"
+    if recipe_file.is_file() and json.loads(recipe_file.read_text()) != asdict(r):
+        raise click.ClickException(f"{work_dir} holds a build with another recipe; remove it or use another --work")
+    recipe_file.write_text(json.dumps(asdict(r), indent=2) + "\n")  # finished phases are reused when run again
+    t0 = time.perf_counter()
+    make_data(work_dir, r)
+    towers = make_towers(work_dir, r)
+    seconds = run_stages(work_dir, r)
+    _log("evaluating on held-out images")
+    results = {
+        "recipe": asdict(r),
+        "held_out_pairs": sorted(" ".join(p) for p in HELD_OUT),
+        "towers": towers,
+        **evaluate(work_dir, r),
+        "seconds_this_run": {**seconds, "total": round(time.perf_counter() - t0)},
+    }
+    (work_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    _log(json.dumps({k: results[k] for k in ("retrieval", "stage2", "stage2_without_stage1")}, indent=1))
+    if export_dir:
+        export_to(work_dir, Path(export_dir), results)
+        _log(f"exported to {export_dir}")
+
+
+@cli.command("demo")
+@click.argument("folder", default="examples/miniature", type=click.Path(exists=True, file_okay=False))
+def demo_command(folder: str) -> None:
+    """Caption, question and chat with the exported miniature model, offline."""
+    demo(Path(folder), echo=click.echo)
+
+
+if __name__ == "__main__":
+    cli()
