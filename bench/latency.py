@@ -1,6 +1,6 @@
 """Latency of one caption and of a follow-up chat turn: ours vs transformers, same weights, same machine.
 
-    python bench/latency.py [--dtype fp32|bf16] [--tokens 20] [--repeat 3]
+    python bench/latency.py [--dtype fp32|bf16|int8] [--ref-dtype bf16] [--tokens 20] [--repeat 3] [--in-process]
 
 Full-size blip2-opt-2.7b architecture with random weights (see common.py). By default each side runs in its own
 process, one after the other (two fp32 copies of a 3.8B model do not fit in 24 GB together); `--in-process` loads
@@ -29,14 +29,14 @@ Q1, Q2 = "what is in the picture?", "what colour is it?"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def build_side(side: str, folder: str, dtype: torch.dtype, tokens: int) -> dict:
+def build_side(side: str, folder: str, dtype_name: str, tokens: int) -> dict:
     """Load one side and return its timed callables: vision, caption, followup (plus the first chat answer)."""
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8))
     gen = dict(max_new_tokens=tokens, min_new_tokens=tokens)
     if side == "ours":
         import blip2
 
-        m = blip2.load(folder, device="cpu", dtype=dtype)
+        m = blip2.load(folder, device="cpu", dtype=dtype_name)
         pixels = m.pixel_values([image])
         vision = lambda: m.model.vision_model(pixels)  # noqa: E731
 
@@ -55,6 +55,7 @@ def build_side(side: str, folder: str, dtype: torch.dtype, tokens: int) -> dict:
     else:
         from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
+        dtype = DTYPES[dtype_name]
         ref = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
         proc = Blip2Processor.from_pretrained(folder)
 
@@ -95,21 +96,22 @@ def measure(sides: dict[str, dict], repeat: int) -> dict[str, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "blip2-bench" / "opt-2.7b"))
-    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument("--dtype", default="fp32", choices=[*sorted(DTYPES), "int8"], help="ours")
+    ap.add_argument("--ref-dtype", choices=sorted(DTYPES), help="transformers' [--dtype; bf16 for int8]")
     ap.add_argument("--tokens", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--in-process", action="store_true", help="load both sides in one process, interleave runs")
     ap.add_argument("--side", choices=["ours", "transformers"], help=argparse.SUPPRESS)  # child process mode
     args = ap.parse_args()
-    dtype = DTYPES[args.dtype]
+    dtypes = {"ours": args.dtype, "transformers": args.ref_dtype or ("bf16" if args.dtype == "int8" else args.dtype)}
     if args.side:  # child process: one side only
-        side = build_side(args.side, args.folder, dtype, args.tokens)
+        side = build_side(args.side, args.folder, dtypes[args.side], args.tokens)
         print(json.dumps(measure({args.side: side}, args.repeat)[args.side]))
         return
 
     make_full_checkpoint(args.folder)
     if args.in_process:  # both models in one process, runs interleaved (bf16: 2 x 7.7 GB fits in memory)
-        both = {name: build_side(name, args.folder, dtype, args.tokens) for name in ("transformers", "ours")}
+        both = {name: build_side(name, args.folder, dtypes[name], args.tokens) for name in ("transformers", "ours")}
         sides = measure(both, args.repeat)
     else:
         sides = {}
@@ -123,6 +125,8 @@ def main() -> None:
                 args.folder,
                 "--dtype",
                 args.dtype,
+                "--ref-dtype",
+                dtypes["transformers"],
                 "--tokens",
                 str(args.tokens),
                 "--repeat",
@@ -140,6 +144,7 @@ def main() -> None:
         "mode": "one process, interleaved" if args.in_process else "one process per side, sequential",
         "model": "blip2-opt-2.7b architecture, random weights",
         "dtype": args.dtype,
+        "transformers_dtype": dtypes["transformers"],
         "new_tokens": args.tokens,
         "load_average": os.getloadavg(),
         "ours": ours,
@@ -149,7 +154,8 @@ def main() -> None:
         "same_caption_tokens": ours["caption_tokens"] == ref["caption_tokens"],
         "same_followup_tokens": ours["followup_tokens"] == ref["followup_tokens"],
     }
-    print(write_result(f"latency_{args.dtype}{'_inprocess' if args.in_process else ''}", result))
+    name = f"latency_{args.dtype}" + (f"_vs_{dtypes['transformers']}" if args.ref_dtype else "")
+    print(write_result(name + ("_inprocess" if args.in_process else ""), result))
     print({k: v for k, v in result.items() if "speedup" in k or k.startswith("same")})
     # The stand-in tokenizer knows 401 of the 50304 ids, so texts are mostly empty: compare token ids instead.
 

@@ -1,6 +1,6 @@
 """Peak memory while loading (and after a first caption): ours vs transformers, each in a fresh process.
 
-    python bench/memory.py [--dtype bf16]
+    python bench/memory.py [--dtype bf16|fp32|int8]     (int8: ours int8 against transformers bf16)
 
 The checkpoint is the full-size blip2-opt-2.7b architecture with random weights (common.py), stored in bf16
 with the Q-Former in fp32 (7.7 GB). Peak is the process's maximum resident set size (`ru_maxrss`), which counts
@@ -23,12 +23,13 @@ CHILD = r"""
 import json, resource, sys, time
 import numpy as np, torch
 from PIL import Image
-side, folder, dtype = sys.argv[1], sys.argv[2], {"bf16": torch.bfloat16, "fp32": torch.float32}[sys.argv[3]]
+side, folder, name = sys.argv[1], sys.argv[2], sys.argv[3]
+dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(name)
 image = Image.fromarray(np.zeros((224, 224, 3), dtype=np.uint8))
 t0 = time.perf_counter()
 if side == "ours":
     import blip2
-    m = blip2.load(folder, device="cpu", dtype=dtype)
+    m = blip2.load(folder, device="cpu", dtype=name)
     load_s = time.perf_counter() - t0
     load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     m.caption(image, max_new_tokens=2)
@@ -50,15 +51,21 @@ print(json.dumps({"load_s": load_s, "load_peak_bytes": load_peak, "run_peak_byte
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "blip2-bench" / "opt-2.7b"))
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "int8"])
     args = ap.parse_args()
     folder = make_full_checkpoint(args.folder)
     weights = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
-    result = {"command": f"python bench/memory.py --dtype {args.dtype}", "dtype": args.dtype, "weights_bytes": weights}
+    dtypes = {"ours": args.dtype, "transformers": "bf16" if args.dtype == "int8" else args.dtype}
+    result = {
+        "command": f"python bench/memory.py --dtype {args.dtype}",
+        "dtype": args.dtype,
+        "transformers_dtype": dtypes["transformers"],
+        "weights_bytes": weights,
+    }
     src = str(Path(__file__).resolve().parent.parent / "src")
     for side in ("ours", "transformers"):
         out = subprocess.run(
-            [sys.executable, "-c", CHILD, side, str(folder), args.dtype],
+            [sys.executable, "-c", CHILD, side, str(folder), dtypes[side]],
             capture_output=True,
             text=True,
             check=True,

@@ -2,11 +2,13 @@
 
     python bench/throughput.py                       # tiny random checkpoint, 24 images, fp32
     python bench/throughput.py --full --dtype bf16   # blip2-opt-2.7b-shaped random weights (bench/common.py)
+    python bench/throughput.py --full --dtype int8 --images 8 --repeat 1   # ours int8 vs transformers bf16
     python bench/throughput.py --model PATH --images 32 --workers 2
 
 Both sides caption the same JPEG files (640x480, decoded from disk: decoding is part of the job) with exactly
 `--tokens` new tokens, greedy (min_new_tokens = max_new_tokens, so an early end cannot favour either side), in
-batches of `--batch-size`, in the same dtype, with the models already loaded and warmed up:
+batches of `--batch-size`, in the same dtype (or ours `--dtype int8` against transformers `--ref-dtype`, bf16 by
+default: transformers has no CPU int8 path), with the models already loaded and warmed up:
 
 (a) ours: `blip2.batch.caption_images` — decoding and preprocessing in worker processes, overlapped with the model;
 (b) transformers: `Blip2ForConditionalGeneration.from_pretrained(folder)` + `Blip2Processor`, PIL open + convert,
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -91,14 +94,16 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="checkpoint folder [a tiny random one]")
     ap.add_argument("--full", action="store_true", help="blip2-opt-2.7b-shaped random weights (slow on a CPU)")
     ap.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "blip2-bench" / "opt-2.7b"))
-    ap.add_argument("--dtype", default="fp32", choices=["bf16", "fp32"])
+    ap.add_argument("--dtype", default="fp32", choices=["bf16", "fp32", "int8"])
+    ap.add_argument("--ref-dtype", default=None, choices=["bf16", "fp32"], help="transformers' dtype [--dtype; bf16]")
     ap.add_argument("--images", type=int, default=24)
     ap.add_argument("--tokens", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--workers", type=int, default=None, help="our decoding workers [cores - 1]")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of each side, interleaved; medians reported")
     args = ap.parse_args()
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    ref_name = args.ref_dtype or ("bf16" if args.dtype == "int8" else args.dtype)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[ref_name]
     workers = default_workers() if args.workers is None else args.workers
     gen = {"max_new_tokens": args.tokens, "min_new_tokens": args.tokens}
 
@@ -111,20 +116,24 @@ def main() -> None:
         folder = checkpoint(args, tmp)
         paths = make_images(tmp / "images", args.images)
         warm = make_images(tmp / "warm", 2, seed=1)
-        ours = blip2.load(folder, device="cpu", dtype=dtype)
+        ours = blip2.load(folder, device="cpu", dtype=args.dtype)
         ref = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
         proc = Blip2Processor.from_pretrained(folder)
         run_ours(ours, warm, args.batch_size, 0, gen)  # warm-up: first-call allocations, kernel selection
         run_transformers(ref, proc, warm, args.batch_size, dtype, gen)
-        runs: dict[str, list[float]] = {"transformers": [], "ours": [], "ours_workers_0": []}
+        runs: dict[str, list[float]] = {"transformers": [], "ours": []}
+        caps_ours0 = None
+        if not args.full:  # the in-process variant: what the workers add (too slow to repeat at full size)
+            runs["ours_workers_0"] = []
         load_before = os.getloadavg()[0]
         for _ in range(args.repeat):  # interleaved, so a busy moment of the machine hits all three alike
             t, caps_ref = run_transformers(ref, proc, paths, args.batch_size, dtype, gen)
             runs["transformers"].append(t)
             t, caps_ours = run_ours(ours, paths, args.batch_size, workers, gen)
             runs["ours"].append(t)
-            t, caps_ours0 = run_ours(ours, paths, args.batch_size, 0, gen)
-            runs["ours_workers_0"].append(t)
+            if "ours_workers_0" in runs:
+                t, caps_ours0 = run_ours(ours, paths, args.batch_size, 0, gen)
+                runs["ours_workers_0"].append(t)
 
     same = sum(a == b for a, b in zip(caps_ours, caps_ref))
     n = args.images
@@ -133,6 +142,8 @@ def main() -> None:
     result = {
         "model": "full opt-2.7b shape" if args.full else (args.model or "tiny random opt"),
         "dtype": args.dtype,
+        "transformers_dtype": ref_name,
+        "command": " ".join(["python bench/throughput.py", *sys.argv[1:]]),
         "images": n,
         "new_tokens": args.tokens,
         "batch_size": args.batch_size,
@@ -146,9 +157,10 @@ def main() -> None:
         "speedup_best": best["transformers"] / best["ours"],
         "speedup_median": median["transformers"] / median["ours"],
         "identical_captions": same,
-        "identical_all": same == n and caps_ours0 == caps_ours,
+        "identical_all": same == n and caps_ours0 in (None, caps_ours),
     }
-    out = write_result("throughput", result)
+    name = "throughput" + (f"_full_{args.dtype}" if args.full else "")
+    out = write_result(name, result)
     print(json.dumps(result, indent=1), machine()["cpu_count"], "cores ->", out)
 
 

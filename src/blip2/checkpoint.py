@@ -8,6 +8,7 @@ Key mapping is one pure function per source format (`hf_keys`, `lavis_to_hf`); l
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -85,20 +86,57 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no weights found (*.safetensors, *.bin, *.pth)")
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) pairs; safetensors are memory-mapped, .bin/.pth loaded with mmap when possible."""
+def iter_tensors(files: list[Path], mmap: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) pairs; safetensors are memory-mapped, .bin/.pth loaded with mmap when possible.
+
+    `mmap=False` reads each safetensors tensor into its own buffer instead, for a caller that converts and drops
+    it (quantized loading): touched pages of a mapping stay in the resident set until the whole file is closed.
+    """
     from safetensors import SafetensorError, safe_open
 
     for f in files:
         if f.suffix == ".safetensors":
             try:
+                if not mmap:
+                    yield from _read_safetensors(f)
+                    continue
                 with safe_open(f, framework="pt") as st:
                     for key in st.keys():
                         yield key, st.get_tensor(key)
-            except (SafetensorError, OSError) as e:
+            except (SafetensorError, OSError, ValueError) as e:
                 raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from e
         else:
             yield from _load_pickle(f).items()
+
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_safetensors(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The safetensors format read with plain reads: 8-byte little-endian header size, JSON header, data."""
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        base = 8 + n
+        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, end = info["data_offsets"]
+            buf = torch.empty(end - start, dtype=torch.uint8)
+            fh.seek(base + start)
+            if fh.readinto(buf.numpy()) != end - start:
+                raise ValueError(f"tensor {key} is cut short (file truncated?)")
+            yield key, buf.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 def _load_pickle(f: Path) -> Mapping[str, torch.Tensor]:
@@ -219,6 +257,7 @@ def load_state(
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers())
     ties = _tie_groups(model)  # before assigning: assignment breaks the sharing
+    group_of = {k: g for g in ties for k in g}
     seen: set[str] = set()
     unexpected: list[str] = []
     shape_errors: list[str] = []
@@ -232,15 +271,14 @@ def load_state(
         if tuple(tensor.shape) != tuple(params[key].shape):
             shape_errors.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(params[key].shape)}")
             continue
-        _assign(model, key, tensor.to(target_dtype(key, dtype)))
-        seen.add(key)
-    # tied parameters (e.g. lm_head and embed_tokens) are stored once: point every member at the loaded one
-    for group in ties:
-        loaded = [k for k in group if k in seen]
-        if loaded:
-            for k in group:
-                _assign(model, k, model.get_parameter(loaded[0]), as_is=True)
-            seen.update(group)
+        if not _converts_itself(model, key):
+            tensor = tensor.to(target_dtype(key, dtype))
+        # tied parameters (e.g. lm_head and embed_tokens) are stored once: every member gets the loaded one
+        group = group_of.get(key, [key])
+        shared = nn.Parameter(tensor, requires_grad=False)
+        for k in group:
+            _assign(model, k, shared)
+        seen.update(group)
     missing = sorted(set(params) - seen)
     problems = []
     if missing:
@@ -264,10 +302,23 @@ def _tie_groups(model: nn.Module) -> list[list[str]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def _assign(model: nn.Module, key: str, tensor: torch.Tensor, as_is: bool = False) -> None:
+def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
     module_name, _, attr = key.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
-    module._parameters[attr] = tensor if as_is else nn.Parameter(tensor, requires_grad=False)
+    return (model.get_submodule(module_name) if module_name else model), attr
+
+
+def _converts_itself(model: nn.Module, key: str) -> bool:
+    """A quantized layer (quant.py) takes its weight in the checkpoint's dtype and converts it at once."""
+    module, attr = _owner(model, key)
+    return attr == "weight" and hasattr(module, "set_weight")
+
+
+def _assign(model: nn.Module, key: str, param: nn.Parameter) -> None:
+    module, attr = _owner(model, key)
+    if _converts_itself(model, key):
+        module.set_weight(param.data)
+    else:
+        module._parameters[attr] = param
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -301,13 +352,26 @@ def _cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def load_model(model: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[Blip2Model, Path]:
-    """Build and load a checkpoint (HF or LAVIS layout) on the CPU; returns the model in eval mode and its folder."""
+def load_model(
+    model: str | os.PathLike, dtype: torch.dtype = torch.float32, quantize: str | None = None
+) -> tuple[Blip2Model, Path]:
+    """Build and load a checkpoint (HF or LAVIS layout) on the CPU; returns the model in eval mode and its folder.
+    `quantize` ("int8", see quant.py) converts the layers it names while loading; `dtype` is then the dtype of
+    the arithmetic and of the layers it leaves alone."""
+    with _freed_memory_returned():
+        return _load_model(model, dtype, quantize)
+
+
+def _load_model(model: str | os.PathLike, dtype: torch.dtype, quantize: str | None) -> tuple[Blip2Model, Path]:
     folder = resolve(model)
     cfg = Blip2Config.from_json_file(folder / "config.json")
     files = weight_files(folder)
     m = build_empty(cfg)
-    tensors = iter_tensors(files)
+    if quantize:
+        from .quant import prepare
+
+        prepare(m, quantize, compute=dtype)
+    tensors = iter_tensors(files, mmap=not quantize)
     first = list(_peek_keys(files))
     if is_lavis(first):
         tensors = iter(lavis_to_hf(dict(tensors)).items())
@@ -316,6 +380,25 @@ def load_model(model: str | os.PathLike, dtype: torch.dtype = torch.float32) -> 
     load_state(m, tensors, dtype, str(folder))
     m.requires_grad_(False)
     return m.eval(), folder
+
+
+@contextlib.contextmanager
+def _freed_memory_returned() -> Iterator[None]:
+    """Building on meta and quantizing leave transient buffers of a few MB among long-lived ones. glibc serves
+    blocks under its adaptive mmap threshold (which climbs to 32 MB) from the heap, where such a mix fragments:
+    the int8 2.7B model peaked at 8.5 GiB instead of 5.4. A fixed 1 MB threshold returns freed transients to
+    the system at once; afterwards the threshold is set to 32 MB, where the adaptive one would settle."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        yield
+        return
+    m_mmap_threshold = -3
+    mallopt(m_mmap_threshold, 1 << 20)
+    try:
+        yield
+    finally:
+        mallopt(m_mmap_threshold, 32 << 20)
 
 
 def _peek_keys(files: list[Path]) -> list[str]:

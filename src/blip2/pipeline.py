@@ -27,6 +27,7 @@ from .checkpoint import load_model, resolve_dtype
 from .errors import ConfigError, GenerationError
 from .model import Blip2Model, sequence_scores
 from .processing import ImageTransform, chat_prompt, load_image, vqa_prompt
+from .quant import SCHEMES
 
 ImageInput = str | os.PathLike | bytes | Image.Image
 
@@ -297,8 +298,11 @@ def load(
     from transformers import AutoTokenizer, GenerationConfig
 
     dev = pick_device(device)
+    quantize = None
+    if dtype in SCHEMES:  # quantized weights (quant.py); the arithmetic stays fp32 on a CPU, fp16 on a GPU
+        quantize, dtype = dtype, ("fp32" if dev.type == "cpu" else "fp16")
     dt = resolve_dtype(dtype, dev)
-    m, folder = load_model(model, dt)
+    m, folder = load_model(model, dt, quantize)
     if m.language_model is not None and (folder / "generation_config.json").is_file():
         m.language_model.generation_config = GenerationConfig.from_pretrained(folder)
     m.to(dev)

@@ -27,7 +27,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
 MODEL_ENVVAR = "BLIP2_MODEL"
-DTYPES = ["auto", "fp32", "fp16", "bf16"]
+DTYPES = ["auto", "fp32", "fp16", "bf16", "int8"]
 
 # (python name, click declaration, type, help): python names are `GenerationOptions` fields.
 GENERATION_OPTIONS: list[tuple[str, str, click.ParamType | None, str]] = [
@@ -62,7 +62,8 @@ def model_options(f: F) -> F:
         type=click.Choice(DTYPES),
         default="auto",
         show_default=True,
-        help="Weights dtype; auto is fp16 on CUDA, bf16 on CPUs with native bf16, else fp32.",
+        help="Weights dtype; auto is fp16 on CUDA, bf16 on CPUs with native bf16, else fp32; int8 quantizes the "
+        "language model (and stores the vision encoder in bf16): about 2x less memory than bf16, faster decoding.",
     )(f)
     f = click.option(
         "--device", default="auto", show_default=True, help="torch device (cpu, cuda, cuda:1, mps) or auto."

@@ -1,0 +1,130 @@
+"""What `--dtype int8` costs in quality: int8 against fp32 on the same weights, same images, same prompts.
+
+    python bench/quality.py            # tiny random OPT and T5 (tests/fixtures.py) and the full-size opt-2.7b shape
+    python bench/quality.py --tiny     # the tiny ones only (seconds)
+
+bf16 against fp32 is measured beside int8 as the yardstick: it is what the reference runs, and on random weights
+mere bf16 rounding already moves logits a lot (on the tiny random T5, rounding only its token embeddings to bf16
+moves the logits by 11% of their range: such networks amplify any perturbation). At full size bf16 runs only
+with `--full-bf16` (emulated bf16 takes minutes on a CPU without native bf16).
+
+Figures per model: the largest logit deviation (absolute, and relative to the largest fp32 logit) over every
+position of a batch of image+prompt inputs; how often the fp32 model's next-token choice is also int8's (top-1)
+or among int8's top 3, teacher-forced, at every position; and, for greedy generation of 20 new tokens, the share
+of captions that are token-identical and the share of tokens equal before the first divergence. Each dtype runs
+in its own process (the full-size fp32 model alone needs 15 GB). Random weights give flat, near-tied logits,
+which is the hard case for agreement: real checkpoints have peaked distributions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import make_full_checkpoint, write_result
+
+PROMPTS = ["", "a photo of", "Question: what is in the picture? Answer:", "Question: what colour is it? Answer:"]
+
+
+def images(n: int = 4) -> list:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:240, 0:320]
+    out = []
+    for i in range(n):
+        base = np.stack([xx * (i + 1) % 256, yy * (i + 2) % 256, (xx + yy + 40 * i) % 256], axis=-1)
+        out.append(Image.fromarray(np.clip(base + rng.integers(-30, 30, base.shape), 0, 255).astype(np.uint8)))
+    return out
+
+
+def run_side(folder: str, dtype: str, out: str, tokens: int) -> None:
+    """Child process: logits of the batch and greedy tokens, saved to `out`."""
+    import blip2
+
+    torch.manual_seed(0)
+    m = blip2.load(folder, device="cpu", dtype=dtype)
+    ims = images(len(PROMPTS))
+    ids, mask = m._tokenize(PROMPTS)
+    extra = {}
+    if m.model.is_encoder_decoder:
+        start = torch.full((len(PROMPTS), 1), m.model.language_model.config.decoder_start_token_id)
+        extra["decoder_input_ids"] = torch.cat([start, ids], dim=1)
+    with torch.no_grad():
+        logits = m.model(ids, mask, pixel_values=m.pixel_values(ims), **extra).logits.float()
+    gens = m.generate(ims, PROMPTS, max_new_tokens=tokens, min_new_tokens=tokens, batch_size=len(PROMPTS))
+    valid = mask if not m.model.is_encoder_decoder else torch.ones_like(extra["decoder_input_ids"])
+    if not m.model.is_encoder_decoder:  # the query positions are always valid
+        valid = torch.cat([torch.ones(len(PROMPTS), logits.shape[1] - mask.shape[1], dtype=mask.dtype), mask], 1)
+    torch.save({"logits": logits, "valid": valid.bool(), "tokens": [g.tokens for g in gens]}, out)
+
+
+def compare(a: dict, b: dict) -> dict:
+    """a: fp32, b: the narrower dtype."""
+    la, lb = a["logits"][a["valid"]], b["logits"][a["valid"]]  # (positions, V)
+    top3 = lb.topk(3, dim=-1).indices
+    ref = la.argmax(-1)
+    identical = [x == y for x, y in zip(a["tokens"], b["tokens"])]
+    prefix = []
+    for x, y in zip(a["tokens"], b["tokens"]):
+        n = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+        prefix.append(n / max(len(x), 1))
+    return {
+        "positions": int(la.shape[0]),
+        "max_abs_logit_deviation": float((la - lb).abs().max()),
+        "max_abs_logit_fp32": float(la.abs().max()),
+        "max_relative_deviation": float((la - lb).abs().max() / la.abs().max()),
+        "top1_agreement": float((lb.argmax(-1) == ref).float().mean()),
+        "fp32_top1_in_its_top3": float((top3 == ref[:, None]).any(-1).float().mean()),
+        "greedy_identical_share": sum(identical) / len(identical),
+        "greedy_tokens_before_divergence_share": float(np.mean(prefix)),
+    }
+
+
+def measure(folder: Path, tokens: int, tmp: Path, dtypes=("fp32", "bf16", "int8")) -> dict:
+    sides = {}
+    for dtype in dtypes:
+        out = tmp / f"{folder.name}_{dtype}.pt"
+        cmd = [sys.executable, __file__, "--side", dtype, "--folder", str(folder), "--out", str(out)]
+        r = subprocess.run([*cmd, "--tokens", str(tokens)], capture_output=True, text=True, env=os.environ.copy())
+        if r.returncode != 0:
+            sys.exit(f"{folder} {dtype} failed:\n{r.stderr[-3000:]}")
+        sides[dtype] = torch.load(out)
+    return {dtype: compare(sides["fp32"], sides[dtype]) for dtype in dtypes[1:]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="only the tiny random checkpoints")
+    ap.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "blip2-bench" / "opt-2.7b"))
+    ap.add_argument("--tokens", type=int, default=20)
+    ap.add_argument("--full-bf16", action="store_true", help="also bf16 at full size (slow without native bf16)")
+    ap.add_argument("--side", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        run_side(args.folder, args.side, args.out, args.tokens)
+        return
+    from fixtures import make_opt_checkpoint, make_t5_checkpoint
+
+    result: dict = {"command": " ".join(["python bench/quality.py", *sys.argv[1:]]), "prompts": PROMPTS}
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        result["tiny_opt"] = measure(make_opt_checkpoint(tmp / "tiny_opt"), args.tokens, tmp)
+        result["tiny_t5"] = measure(make_t5_checkpoint(tmp / "tiny_t5"), args.tokens, tmp)
+        if not args.tiny:
+            dtypes = ("fp32", "bf16", "int8") if args.full_bf16 else ("fp32", "int8")
+            result["full_opt_2.7b"] = measure(make_full_checkpoint(args.folder), args.tokens, tmp, dtypes)
+    print(json.dumps(result, indent=1))
+    print(write_result("quality_int8" + ("_tiny" if args.tiny else ""), result))
+
+
+if __name__ == "__main__":
+    main()

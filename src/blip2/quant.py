@@ -1,0 +1,146 @@
+"""Weight-only quantization for inference: `dtype="int8"`.
+
+A frozen BLIP-2 spends its time in linear layers of two kinds, and they want different kernels (measured on a
+2-core AVX2 CPU, one thread, `bench/kernels.py`; the figures are in README "Speed"):
+
+* the LLM while decoding multiplies a few rows (one per sequence) by each weight matrix: memory-bound, so reading
+  1 byte per weight instead of 4 pays. PyTorch's own `_weight_int8pack_mm` (int8 weights, one scale per output
+  channel, bf16 activations) takes 4.6 ms for OPT-2.7B's 2560x10240 `fc1` at one row against 8.1 ms in fp32, and
+  12.7 vs 37.3 ms at 8 rows;
+* the vision encoder multiplies 257 rows per image: compute-bound. There the same int8 kernel is 1.9x slower than
+  the fp32 GEMM, and `torch._int_mm` (int8 activations too) has no fast CPU path at all. So the vision encoder keeps
+  fp32 arithmetic on weights *stored* in bf16 (half the memory; the upcast costs ~5% of the matmul).
+
+So `int8` means: language-model linears (with the output head) int8 per output channel; vision linears bf16
+storage, fp32 arithmetic; the Q-Former, norms, biases and embeddings as the reference keeps them (the Q-Former in
+fp32, the token embeddings stored bf16). Quality is measured, not assumed: `tests/test_quant.py` bounds the logit
+deviation from fp32 on the tiny models and `bench/quality.py` reports it on the full-size architecture.
+
+The swapped modules are created before loading, with their `weight` still on the meta device; the loader hands
+each weight to `set_weight`, which converts it at once, so the full-precision copy of a layer never outlives
+its conversion (peak memory stays near the quantized size).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCHEMES = ("int8",)
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W stored as int8 (symmetric, one fp32 scale per output channel)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight  # the meta parameter until `set_weight`, then an int8 buffer of the same name
+        self.bias = linear.bias
+        self.register_buffer("scale", None)
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor, rows: int = 1024) -> None:
+        """Quantize a (out, in) weight of any float dtype, a block of rows at a time (no full fp32 copy)."""
+        q = torch.empty(weight.shape, dtype=torch.int8)
+        scale = torch.empty(weight.shape[0], dtype=torch.float32)
+        for i in range(0, weight.shape[0], rows):
+            w = weight[i : i + rows].float()
+            # the kernel takes bf16 scales: use one that bf16 holds exactly, rounded up so |w / s| stays <= 127
+            s = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0 * (1 + 2**-7)).bfloat16().float()
+            q[i : i + rows] = torch.round(w / s[:, None]).clamp_(-127, 127)
+            scale[i : i + rows] = s
+        self._parameters.pop("weight", None)
+        self.register_buffer("weight", q.to(weight.device))
+        self.scale = scale.to(weight.device)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float() * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # torch 2.13's CPU kernel reads out of bounds (segfault) when in_features is not a multiple of 8 and
+        # there is more than one row; such layers (only in toy models) take the dequantizing path
+        if x.device.type == "cpu" and self.in_features % 8 == 0:
+            rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+            y = torch._weight_int8pack_mm(rows, self.weight, self.scale.to(torch.bfloat16))
+            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        else:  # no int8-weight kernel (CUDA, odd widths): dequantize per call; memory as int8, not faster
+            y = F.linear(x, self.weight.to(x.dtype) * self.scale[:, None].to(x.dtype))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+class StoredLinear(nn.Linear):
+    """A linear layer whose weight is stored in a narrower dtype and computed in the input's dtype."""
+
+    def __init__(self, linear: nn.Linear, storage: torch.dtype) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.storage = storage
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        self.weight = nn.Parameter(weight.to(self.storage), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+class StoredEmbedding(nn.Embedding):
+    """Token embeddings stored narrow, returned in `compute` dtype."""
+
+    def __init__(self, emb: nn.Embedding, storage: torch.dtype, compute: torch.dtype) -> None:
+        nn.Module.__init__(self)
+        for k in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq"):
+            setattr(self, k, getattr(emb, k))
+        self.sparse = emb.sparse
+        self.weight = emb.weight
+        self.storage, self.compute = storage, compute
+        if hasattr(emb, "embed_scale"):  # some LMs scale their embeddings in a subclass
+            self.embed_scale = emb.embed_scale
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        self.weight = nn.Parameter(weight.to(self.storage), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight, self.padding_idx).to(self.compute)
+
+
+def _swap(root: nn.Module, make) -> None:
+    """Replace each submodule m of `root` for which make(m) returns a module. A module reachable under several
+    names (T5's shared embeddings) is replaced by one new module everywhere; tied parameters stay tied."""
+    made: dict[int, nn.Module | None] = {}
+    for name, module in list(root.named_modules(remove_duplicate=False)):
+        if id(module) not in made:
+            made[id(module)] = make(module)
+        if made[id(module)] is not None:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(root.get_submodule(parent_name) if parent_name else root, attr, made[id(module)])
+
+
+def prepare(model: nn.Module, scheme: str, compute: torch.dtype = torch.float32) -> None:
+    """Swap the layers of a model built on the meta device (`checkpoint.build_empty`) for their quantized forms."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantization {scheme!r} is not one of {', '.join(SCHEMES)}")
+    lm = model.language_model
+    if lm is not None:
+        table = lm.get_input_embeddings().weight  # T5's encoder and decoder embeddings share it
+        _swap(lm, lambda m: Int8Linear(m) if type(m) is nn.Linear else None)
+        shares_table = lambda m: type(m) is nn.Embedding and m.weight is table  # noqa: E731
+        _swap(lm, lambda m: StoredEmbedding(m, torch.bfloat16, compute) if shares_table(m) else None)
+    _swap(model.vision_model, lambda m: StoredLinear(m, torch.bfloat16) if type(m) is nn.Linear else None)
+
+
+def quantized_bytes(model: nn.Module | torch.Tensor) -> int:
+    """Bytes held by a tensor, or by a module's parameters and buffers (each shared tensor once)."""
+    tensors = [model] if isinstance(model, torch.Tensor) else [*model.parameters(), *model.buffers()]
+    seen, total = set(), 0
+    for t in tensors:
+        if t.device.type != "meta" and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
