@@ -47,13 +47,11 @@ def tiny_checkpoint(folder: Path) -> Path:
     return fixtures.make_opt_checkpoint(folder / "tiny-opt")
 
 
-def full_checkpoint(folder: Path, lm: str) -> Path:
+def full_checkpoint() -> Path:
     sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        from common import make_full_checkpoint
-    except ImportError as e:
-        raise SystemExit(f"--full needs bench/common.py: make_full_checkpoint ({e}); use --model PATH") from e
-    return make_full_checkpoint(folder / f"full-{lm}", lm=lm)
+    from common import make_full_checkpoint  # the blip2-opt-2.7b shape, reused from the other benchmarks
+
+    return make_full_checkpoint(Path(tempfile.gettempdir()) / "blip2-bench" / "opt-2.7b")
 
 
 def image_uris(count: int) -> list[str]:
@@ -184,7 +182,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="checkpoint folder [a tiny random one built here]")
     parser.add_argument("--full", action="store_true", help="full-size random-weight checkpoint (bench/common.py)")
-    parser.add_argument("--lm", default="opt-2.7b", help="LM of the --full checkpoint")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per mode")
     parser.add_argument("--warmup", type=float, default=3.0)
@@ -201,7 +198,7 @@ def main() -> None:
         if args.model is not None:
             model, kind = args.model, "given"
         elif args.full:
-            model, kind = full_checkpoint(tmp_path, args.lm), f"full-size random {args.lm}"
+            model, kind = full_checkpoint(), "full-size random blip2-opt-2.7b"
         else:
             model, kind = tiny_checkpoint(tmp_path), "tiny random opt"
         uris = image_uris(32)

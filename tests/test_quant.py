@@ -139,3 +139,13 @@ def test_cli_caption_with_int8(opt_ckpt, images, opt_pair):
     )
     assert r.exit_code == 0, r.output
     assert r.stdout.split("\t", 1)[1].strip() == q.caption(images["rgb"], max_new_tokens=6)
+
+
+def test_saving_an_int8_model_is_refused(opt_pair, tmp_path):
+    """If this fails, saving an int8 model writes int8 tensors under fp32 names: a checkpoint nobody can load."""
+    from blip2.checkpoint import save_model
+    from blip2.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="int8"):
+        save_model(opt_pair[1].model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

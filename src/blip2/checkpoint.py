@@ -419,6 +419,9 @@ def save_model(model: Blip2Model, folder: str | os.PathLike, max_shard_bytes: in
     """Write config.json and (sharded) model.safetensors in the HF layout; tied copies are written once."""
     from safetensors.torch import save_file
 
+    if any(hasattr(m, "set_weight") for m in model.modules()):
+        raise ConfigError("a model loaded with dtype='int8' cannot be saved in the HF layout; load it in fp32")
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save(folder)

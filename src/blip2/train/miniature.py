@@ -274,13 +274,14 @@ def evaluate(work: Path, r: Recipe) -> dict:
 
 
 # ---- export and demo ----------------------------------------------------------------------------------------------
-SAMPLES = 4  # images per split in the exported sample set: the first ones, not chosen by result
+SAMPLES = 16  # images per split in the exported sample set: the first ones, not chosen by result
+SHOWN = 3  # of which the demo prints this many per split in full
 
 
 def export_to(work: Path, dest: Path, results: dict) -> None:
     from PIL import Image
 
-    for name in ("model", "stage1"):
+    for name in ("model", "stage1", "images"):
         shutil.rmtree(dest / name, ignore_errors=True)
     shutil.copytree(work / "stage2" / "model", dest / "model")
     shutil.copytree(work / "stage1" / "model", dest / "stage1")
@@ -296,7 +297,7 @@ def export_to(work: Path, dest: Path, results: dict) -> None:
 
 
 def demo(folder: Path, echo=print) -> list[dict]:
-    """Caption the sample images, ask about them and chat, printing each answer against the truth."""
+    """Caption the sample images, ask about them and chat; print a few in full and the score on all of them."""
     import blip2
 
     m = blip2.load(folder / "model", device="cpu", dtype="fp32")
@@ -305,26 +306,28 @@ def demo(folder: Path, echo=print) -> list[dict]:
     for t in truth:
         scene = Scene(t["colour"], t["shape"], t["size"], t["position"])
         image = str(folder / "images" / t["image"])
-        kind = "held-out pair" if t["split"] == "novel" else "seen pair"
-        echo(f"{t['image']} ({kind}; truth: {scene.caption()})")
         caption = m.caption(image)
-        echo(f"  caption: {caption}")
         answers = {a: m.ask(image, q) for a, q in QUESTIONS.items()}
-        for a, q in QUESTIONS.items():
-            echo(f"  {q} {answers[a]} {'ok' if answers[a] == scene.answer(a) else 'WRONG, ' + scene.answer(a)}")
         chat = m.chat(image)
         turns = [(q, chat.ask(q)) for q in (QUESTIONS["shape"], QUESTIONS["colour"])]
+        row = {"image": t["image"], "split": t["split"], "truth": asdict(scene), "caption": caption}
+        row |= {"answers": answers, "chat": turns}
+        row["caption_right"] = all(v == getattr(scene, a) for a, v in parse_caption(caption).items())
+        row["answers_right"] = {a: answers[a] == scene.answer(a) for a in QUESTIONS}
+        rows.append(row)
+        if sum(r["split"] == t["split"] for r in rows) > SHOWN:
+            continue
+        kind = "held-out colour-shape pair" if t["split"] == "novel" else "colour-shape pair seen in training"
+        echo(f"{t['image']} ({kind}; truth: {scene.caption()})")
+        echo(f"  caption: {caption}")
+        for a, q in QUESTIONS.items():
+            echo(f"  {q} {answers[a]} {'ok' if row['answers_right'][a] else 'WRONG, ' + scene.answer(a)}")
         echo("  chat: " + " / ".join(f"{q} {a}" for q, a in turns))
-        rows.append(
-            {
-                "image": t["image"],
-                "split": t["split"],
-                "truth": asdict(scene),
-                "caption": caption,
-                "answers": answers,
-                "chat": turns,
-            }
-        )
+    for split, kind in (("test", "new images of seen pairs"), ("novel", "images of held-out pairs")):
+        mine = [r for r in rows if r["split"] == split]
+        caps = sum(r["caption_right"] for r in mine)
+        answers = [ok for r in mine for ok in r["answers_right"].values()]
+        echo(f"{kind}: {caps}/{len(mine)} captions fully right, {sum(answers)}/{len(answers)} answers right")
     return rows
 
 
