@@ -7,8 +7,12 @@ released BLIP-2 retrieval models), then times:
   - a fresh process-like open (new `Index` object, cache file present, pages likely still in the OS cache);
   - warm queries: median, p90 and min over several random texts after a warm-up.
 
+Search is exact either way; with faiss installed (the `search` extra) it goes through the int8 pre-filter
+(`<db>.i8`, built on the first search), else through the blocked float16 scan; `--no-faiss` times the latter.
+
     PYTHONPATH=src python bench/search.py                 # writes bench/results/search.json
     PYTHONPATH=src python bench/search.py --images 20000 --queries 10
+    PYTHONPATH=src python bench/search.py --no-faiss      # writes bench/results/search_no_faiss.json
 
 With `--rerank`, it instead times the two-stage search of `blip2 search --rerank 16` end to end on a real model:
 index a folder of synthetic images with `index_images` (images/s), then per text query the ITC stage alone (text
@@ -27,6 +31,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -84,7 +89,7 @@ def time_queries(index: Index, texts: list[np.ndarray], k: int, warmup: int = 2)
 
 
 def build_phase(db: Path, args: argparse.Namespace, text: np.ndarray) -> dict[str, object]:
-    """Write the index and time the first search, which builds the memory-mapped cache."""
+    """Write the index and time the first search, which builds the memory-mapped cache (and the int8 pre-filter)."""
     with Index(db, dim=args.dim, num_query=args.num_query, model="bench-random") as index:
         write = build(index, args.images, args.batch, seed=0)
         print(f"write: {write['rows_per_s']:.0f} rows/s ({write['seconds']:.1f} s)", flush=True)
@@ -106,14 +111,24 @@ def search_phase(db: Path, args: argparse.Namespace, texts: list[np.ndarray]) ->
         batch8 = time.perf_counter() - t0
         images = len(index)
     print(f"first query, fresh Index: {1e3 * cold_open:.0f} ms; warm median {warm['median_ms']:.0f} ms", flush=True)
+    int8 = Path(str(db) + ".i8")
     return {
         "images": images,
         "db_bytes": db.stat().st_size,
         "cache_bytes": Path(str(db) + ".emb").stat().st_size,
+        "int8_prefilter_bytes": int8.stat().st_size if int8.exists() else None,
         "first_query_fresh_open_ms": 1e3 * cold_open,
         "warm_query": warm,
         "batch_of_8_texts_ms": 1e3 * batch8,
     }
+
+
+def exact_search_path() -> str:
+    try:
+        import faiss
+    except ImportError:
+        return "blocked float16 scan (faiss not installed)"
+    return f"int8 pre-filter on faiss {faiss.__version__}, exact re-scoring from float16"
 
 
 def machine() -> dict[str, object]:
@@ -150,8 +165,8 @@ def _median_ms(fn, repeat: int) -> dict[str, float]:
 def rerank_phase(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
     """Index synthetic images with a real (tiny or full-size) model, then time ITC search and ITC + ITM re-ranking."""
     import blip2
-    from blip2.cli.retrieval import search_text
     from blip2.retrieval.build import index_images
+    from blip2.retrieval.search import search_text
 
     if args.full:
         from itm_common import make_full_itm_checkpoint
@@ -195,7 +210,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1000, help="rows per add_many transaction")
     parser.add_argument("--k", type=int, default=100)
-    parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument("--no-faiss", action="store_true", help="time the exact search without faiss")
     parser.add_argument(
         "--index", type=Path, default=None, help="keep the index here; reuse it (no write timing) if it exists"
     )
@@ -213,9 +229,13 @@ def main() -> None:
         _write(result, args.out or RERANK_RESULTS)
         return
 
+    if args.no_faiss:
+        sys.modules["faiss"] = None  # import faiss now raises ImportError
     texts = _texts(np.random.default_rng(1), args.queries + 2, args.dim)
     result: dict[str, object] = {"bench": "retrieval index search", "num_query": args.num_query, "dim": args.dim}
     result["k"] = args.k
+    result["exact_search"] = exact_search_path()
+    result["load_average_at_start"] = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         db = args.index or Path(tmp) / "images.sqlite"
         db.parent.mkdir(parents=True, exist_ok=True)
@@ -224,7 +244,7 @@ def main() -> None:
         else:
             result.update(build_phase(db, args, texts[0]))
         result.update(search_phase(db, args, texts))
-    _write(result, args.out or RESULTS)
+    _write(result, args.out or (RESULTS.with_name("search_no_faiss.json") if args.no_faiss else RESULTS))
 
 
 def _write(result: dict[str, object], out: Path) -> None:

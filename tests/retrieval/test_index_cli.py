@@ -24,10 +24,10 @@ from PIL import Image
 
 import blip2
 from blip2.cli import main
-from blip2.cli.retrieval import search_like, search_text, search_texts_for_image
 from blip2.retrieval import Index
 from blip2.retrieval import build as build_module
 from blip2.retrieval.build import index_images
+from blip2.retrieval.search import search_like, search_text, search_texts_for_image
 
 try:
     import faiss  # noqa: F401

@@ -5,12 +5,8 @@
     blip2 search --image dog.jpg --texts "a dog" "a cat" captions.txt      # rank texts for an image
     blip2 search --like dog.jpg --db photos.sqlite                          # images like an image
 
-Searching is two-stage, as LAVIS `compute_sim_matrix`: ITC similarity (cosine, max over the query vectors) over the
-whole index, then, with `--rerank K`, the top K candidates are re-scored with the ITM head:
-`score = ITM + ITC`, where ITM is the **positive-class logit** of `itm_head` (`logit[:, 1]`, averaged over the query
-rows, not a probability) and ITC is the similarity. Re-ranked results come first; candidates beyond K (and images
-that cannot be opened any more) follow in ITC order with their ITC score. Re-ranking re-opens the images from the
-paths stored in the index (tar members from their shard).
+Searching is two-stage, as LAVIS `compute_sim_matrix`: exact ITC similarity over the whole index, then, with
+`--rerank K`, ITM + ITC for the top K; the functions behind it live in `blip2.retrieval.search`.
 
 Exit codes: 0 done (`index` also when some files were skipped: they are listed on stderr and kept in the index's
 error table); 2 bad input, e.g. a missing index file, named in one line.
@@ -19,10 +15,7 @@ error table); 2 bad input, e.g. a missing index file, named in one line.
 from __future__ import annotations
 
 import json
-import os
-import tarfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -31,15 +24,12 @@ import click
 from .options import load_model, model_options
 
 if TYPE_CHECKING:
-    import torch
-
-    from ..pipeline import Blip2, ImageInput
     from ..retrieval import Index
+    from ..retrieval.search import Ranked
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 RETRIEVAL_MODEL = "Salesforce/blip2-itm-vit-g"
-ITM_CHUNK = 16  # image-text pairs per ITM forward pass
 
 
 def retrieval_model_options(f: F) -> F:
@@ -98,118 +88,6 @@ def index(
     click.echo(summary.line())
 
 
-# ---- search: the Python side -----------------------------------------------------------------------------------------
-@dataclass
-class Ranked:
-    """One result: an image path (text-to-image, image-to-image) or a text (image-to-text), best first."""
-
-    target: str
-    score: float  # ITM + ITC when re-ranked, else ITC (or the image-image cosine)
-    itc: float
-    itm: float | None = None  # positive-class ITM logit; None when not re-ranked
-    id: int | None = None  # the index row id of an image
-
-
-def open_indexed(key: str) -> ImageInput:
-    """What the index stored as a path, ready for `load_image`: the file, or a tar member's bytes."""
-    from ..batch.inputs import TAR_SUFFIXES
-    from ..errors import ImageError
-
-    if os.path.isfile(key):
-        return key
-    low = key.lower()
-    for suffix in TAR_SUFFIXES:
-        cut = low.find(suffix + "/")
-        if cut >= 0 and os.path.isfile(key[: cut + len(suffix)]):
-            shard, member = key[: cut + len(suffix)], key[cut + len(suffix) + 1 :]
-            try:
-                with tarfile.open(shard, "r:*") as tar:
-                    fp = tar.extractfile(member)
-                    if fp is not None:
-                        return fp.read()
-            except (tarfile.TarError, KeyError, OSError) as e:
-                raise ImageError(f"{key}: cannot read the member from {shard} ({e})") from e
-    raise ImageError(f"{key}: no such file (indexed, but moved or deleted since)")
-
-
-def itm_logits(m: Blip2, image_embeds: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
-    """Positive-class ITM logit of the pairs (image_embeds[i] (N, Dv), texts[i]) -> float32 (B,), as LAVIS."""
-    import torch
-
-    ids, mask = m._text_ids(texts)
-    with torch.no_grad():
-        out = [
-            m.model.itm_logits(image_embeds[s : s + ITM_CHUNK], ids[s : s + ITM_CHUNK], mask[s : s + ITM_CHUNK])
-            for s in range(0, len(texts), ITM_CHUNK)
-        ]
-    return torch.cat(out).float()[:, 1].cpu()
-
-
-def _rerank(ranked: list[Ranked], itm: Sequence[float | None], top: int) -> list[Ranked]:
-    """Re-score the first `top` results that have an ITM logit; they come first, the rest follow in ITC order."""
-    head, tail = [], []
-    for i, r in enumerate(ranked):
-        logit = itm[i] if i < len(itm) else None
-        if i < top and logit is not None:
-            head.append(Ranked(r.target, logit + r.itc, r.itc, logit, r.id))
-        else:
-            tail.append(r)
-    return sorted(head, key=lambda r: -r.score) + tail
-
-
-def search_text(
-    m: Blip2, index: Index, query: str, k: int = 10, rerank: int = 0, approximate: bool = False
-) -> list[Ranked]:
-    """Text-to-image: ITC top-max(k, rerank) from the index, the top `rerank` re-scored with ITM; k results."""
-    import torch
-
-    from ..errors import ImageError
-    from ..processing import load_image
-
-    hits = index.search(m.embed_texts([query])[0], max(k, rerank), approximate=approximate)[0]
-    ranked = [Ranked(h.path, h.score, h.score, None, h.id) for h in hits]
-    if not rerank:
-        return ranked[:k]
-    pixels, ok = [], []
-    for i, h in enumerate(hits[:rerank]):
-        try:
-            pixels.append(m.transform([load_image(open_indexed(h.path))])[0])
-            ok.append(i)
-        except ImageError as e:
-            click.echo(f"warning: not re-ranked: {e}", err=True)
-    itm: list[float | None] = [None] * len(hits)
-    for s in range(0, len(ok), ITM_CHUNK):
-        px = torch.stack(pixels[s : s + ITM_CHUNK]).to(m.device, m.dtype)
-        with torch.no_grad():
-            image_embeds = m.model.encode_image(px)  # (b, N, Dv)
-        for i, logit in zip(ok[s : s + ITM_CHUNK], itm_logits(m, image_embeds, [query] * len(px)).tolist()):
-            itm[i] = logit
-    return _rerank(ranked, itm, rerank)[:k]
-
-
-def search_texts_for_image(m: Blip2, image: ImageInput, texts: Sequence[str], k: int = 10, rerank: int = 0) -> list:
-    """Image-to-text: rank `texts` for one image by ITC, the top `rerank` re-scored with ITM; k results."""
-    import torch
-
-    with torch.no_grad():
-        image_embeds = m.model.encode_image(m.pixel_values([image]))  # (1, N, Dv)
-        img = m.model.image_embeddings(image_embeds).float()[0]  # (Nq, E)
-    itc = (img @ m.embed_texts(texts).T).amax(dim=0)  # (Nt,)
-    order = sorted(range(len(texts)), key=lambda i: (-float(itc[i]), i))[: max(k, rerank)]
-    ranked = [Ranked(texts[i], float(itc[i]), float(itc[i])) for i in order]
-    if not rerank:
-        return ranked[:k]
-    top = [r.target for r in ranked[:rerank]]
-    logits = itm_logits(m, image_embeds.expand(len(top), -1, -1), top).tolist()
-    return _rerank(ranked, logits, rerank)[:k]
-
-
-def search_like(m: Blip2, index: Index, image: ImageInput, k: int = 10) -> list[Ranked]:
-    """Image-to-image: cosine of the mean-pooled query embeddings (`Index.search_by_image`)."""
-    hits = index.search_by_image(m.embed_images([image])[0], k)
-    return [Ranked(h.path, h.score, h.score, None, h.id) for h in hits]
-
-
 # ---- search: the command ---------------------------------------------------------------------------------------------
 def read_texts(values: Sequence[str]) -> list[str]:
     """Each value is a file of texts (one per non-empty line) if such a file exists, else a text itself."""
@@ -235,6 +113,10 @@ def _open_db(db: str | None, mode: str) -> Index:
     if not Path(db).is_file():
         raise IndexFileError(f"{db}: no such index file; build it with `blip2 index DIR --db {db}`")
     return Index(db)
+
+
+def _warn(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
 
 
 def _print(results: list[Ranked], as_json: bool, kind: str) -> None:
@@ -283,6 +165,8 @@ def search(
     no index is needed. With --like, find the images of the index most like an image. Without --model, the model
     the index was built with is used.
     """
+    from ..retrieval.search import search_like, search_text, search_texts_for_image
+
     if image is not None and like is not None:
         raise click.UsageError("give --image (image-to-text) or --like (image-to-image), not both")
     if image is not None:
@@ -305,5 +189,5 @@ def search(
         if like is not None:
             results = search_like(m, idx, like, k)
         else:
-            results = search_text(m, idx, query[0], k, rerank or 0, approximate)
+            results = search_text(m, idx, query[0], k, rerank or 0, approximate, on_skip=_warn)
     _print(results, as_json, "path")
