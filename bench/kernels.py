@@ -1,0 +1,64 @@
+"""The matmul kernels `dtype="int8"` chooses between, on blip2-opt-2.7b's layer shapes (quant.py's reasoning).
+
+    python bench/kernels.py [--threads 1]
+
+For each shape (rows x in -> out): fp32 `F.linear`, bf16 `F.linear` (emulated on CPUs without AVX512-BF16),
+PyTorch's int8-weight `_weight_int8pack_mm` (bf16 activations, as quant.Int8Linear calls it), and dequantize-then-
+fp32. Median of 7 runs in milliseconds; results in bench/results/kernels.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from common import write_result
+
+SHAPES = {  # (rows, in, out)
+    "LM fc1, decoding 1 sequence": (1, 2560, 10240),
+    "LM fc1, decoding 4 sequences": (4, 2560, 10240),
+    "LM fc1, decoding 8 sequences": (8, 2560, 10240),
+    "LM fc1, prefill of 64 tokens": (64, 2560, 10240),
+    "vision fc1, one image (257 tokens)": (257, 1408, 6144),
+}
+
+
+def median_ms(f, n: int = 7) -> float:
+    f()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[n // 2] * 1e3
+
+
+def time_shape(m: int, k: int, n: int) -> dict[str, float]:
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    scale = w.abs().amax(1) / 127
+    wq = (w / scale[:, None]).round().to(torch.int8)
+    return {
+        "fp32": median_ms(lambda: F.linear(x, w)),
+        "bf16": median_ms(lambda: F.linear(xb, wb), 3),
+        "int8 weights": median_ms(lambda: torch._weight_int8pack_mm(x.bfloat16(), wq, scale.bfloat16()).float()),
+        "dequantize + fp32": median_ms(lambda: F.linear(x, wq.float() * scale[:, None])),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = {}
+    for name, shape in SHAPES.items():
+        rows[name] = time_shape(*shape)
+        print(name, {k: round(v, 1) for k, v in rows[name].items()}, flush=True)
+    print(write_result("kernels", {"command": f"python bench/kernels.py --threads {args.threads}", "ms": rows}))
+
+
+if __name__ == "__main__":
+    main()
