@@ -5,11 +5,12 @@ A frozen BLIP-2 spends its time in linear layers of two kinds, and they want dif
 
 * the LLM while decoding multiplies a few rows (one per sequence) by each weight matrix: memory-bound, so reading
   1 byte per weight instead of 4 pays. PyTorch's own `_weight_int8pack_mm` (int8 weights, one scale per output
-  channel, bf16 activations) takes 4.6 ms for OPT-2.7B's 2560x10240 `fc1` at one row against 8.1 ms in fp32, and
-  12.7 vs 37.3 ms at 8 rows;
-* the vision encoder multiplies 257 rows per image: compute-bound. There the same int8 kernel is 1.9x slower than
-  the fp32 GEMM, and `torch._int_mm` (int8 activations too) has no fast CPU path at all. So the vision encoder keeps
-  fp32 arithmetic on weights *stored* in bf16 (half the memory; the upcast costs ~5% of the matmul).
+  channel, bf16 activations) takes 5.1 ms for OPT-2.7B's 2560x10240 `fc1` at one row against 8.5 ms in fp32, and
+  17.3 vs 43.0 ms at 8 rows;
+* the vision encoder multiplies 257 rows per image: compute-bound. There the same int8 kernel is 1.6x slower than
+  the fp32 GEMM (144 vs 92 ms), and `torch._int_mm` (int8 activations too) has no fast CPU path at all. So the
+  vision encoder keeps fp32 arithmetic on weights *stored* in bf16 (half the memory; the upcast costs ~6% of the
+  matmul).
 
 So `int8` means: language-model linears (with the output head) int8 per output channel; vision linears bf16
 storage, fp32 arithmetic; the Q-Former, norms, biases and embeddings as the reference keeps them (the Q-Former in
@@ -22,6 +23,8 @@ its conversion (peak memory stays near the quantized size).
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +90,22 @@ class StoredLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        return F.linear(x, _upcast(self.weight, x.dtype), bias)
+
+
+_scratch = threading.local()
+
+
+def _upcast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """w in `dtype`, written into one reused buffer per thread: a fresh 35 MB tensor per layer and call would be
+    page-faulted in each time (measured: vision 7.3 s per image instead of 5.0). Layers run one after another,
+    so the next call may overwrite it."""
+    if w.dtype == dtype or torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return w.to(dtype)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < w.numel() or buf.dtype != dtype or buf.device != w.device:
+        buf = _scratch.buf = torch.empty(w.numel(), dtype=dtype, device=w.device)
+    return buf[: w.numel()].view(w.shape).copy_(w)
 
 
 class StoredEmbedding(nn.Embedding):
