@@ -149,3 +149,18 @@ def test_saving_an_int8_model_is_refused(opt_pair, tmp_path):
     with pytest.raises(ConfigError, match="int8"):
         save_model(opt_pair[1].model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cut", [4, 100, -1000])
+def test_damaged_weights_name_the_file_in_int8_loading(opt_ckpt, tmp_path, cut):
+    """If this fails, a truncated or corrupt checkpoint crashes int8 loading (its own reader) with a traceback."""
+    import shutil
+
+    from blip2.errors import CheckpointError
+
+    folder = tmp_path / "broken"
+    shutil.copytree(opt_ckpt, folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:cut])  # the header cut, or the last tensor
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        blip2.load(folder, dtype="int8")

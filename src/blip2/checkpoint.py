@@ -125,13 +125,18 @@ _ST_DTYPES = {
 
 def _read_safetensors(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """The safetensors format read with plain reads: 8-byte little-endian header size, JSON header, data."""
+    size = f.stat().st_size
     with open(f, "rb") as fh:
         n = int.from_bytes(fh.read(8), "little")
+        if not 0 < n <= size - 8:
+            raise ValueError(f"header length {n} does not fit a {size}-byte file")
         header = json.loads(fh.read(n))
         header.pop("__metadata__", None)
         base = 8 + n
         for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             start, end = info["data_offsets"]
+            if info["dtype"] not in _ST_DTYPES:
+                raise ValueError(f"tensor {key} has dtype {info['dtype']}, which this reader does not know")
             buf = torch.empty(end - start, dtype=torch.uint8)
             fh.seek(base + start)
             if fh.readinto(buf.numpy()) != end - start:
