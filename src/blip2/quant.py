@@ -109,7 +109,8 @@ def _upcast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class StoredEmbedding(nn.Embedding):
-    """Token embeddings stored narrow, returned in `compute` dtype."""
+    """Token embeddings stored narrow, returned in `compute` dtype (plain `nn.Embedding`s only: an LM's subclass
+    that scales its embeddings is left as it is)."""
 
     def __init__(self, emb: nn.Embedding, storage: torch.dtype, compute: torch.dtype) -> None:
         nn.Module.__init__(self)
@@ -118,8 +119,6 @@ class StoredEmbedding(nn.Embedding):
         self.sparse = emb.sparse
         self.weight = emb.weight
         self.storage, self.compute = storage, compute
-        if hasattr(emb, "embed_scale"):  # some LMs scale their embeddings in a subclass
-            self.embed_scale = emb.embed_scale
 
     def set_weight(self, weight: torch.Tensor) -> None:
         self.weight = nn.Parameter(weight.to(self.storage), requires_grad=False)
