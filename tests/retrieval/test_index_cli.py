@@ -173,15 +173,23 @@ def test_list_inputs_are_not_pruned(m: blip2.Blip2, tmp_path: Path) -> None:
 # ---- searching -----------------------------------------------------------------------------------------------------
 
 
+def assert_ranked(got: list, truth: dict[str, float], tol: float = TOL) -> None:
+    """`got` holds exactly the keys of `truth`, each with its true score within `tol`, best first. Two keys whose
+    true scores are within 2 * tol may come in either order: the index scores its float16 copy, and a batch of
+    another size rounds the last bits differently (a check of the exact order failed on CI for such a pair)."""
+    assert sorted(r.target for r in got) == sorted(truth)
+    for r in got:
+        assert abs(r.score - truth[r.target]) <= tol, r.target
+    assert all(a.score >= b.score for a, b in zip(got, got[1:]))
+
+
 def test_text_search_matches_brute_force(m: blip2.Blip2, indexed: tuple[Path, list[str]]) -> None:
     db, keys = indexed
     sims = m.similarity([_image_of(k) for k in keys], QUERIES)  # (Ni, Nt) float32
     with Index(db) as idx:
         for j, query in enumerate(QUERIES):
-            want = sorted(range(len(keys)), key=lambda i: -float(sims[i, j]))
             got = search_text(m, idx, query, k=len(keys))
-            assert [r.target for r in got] == [keys[i] for i in want]
-            np.testing.assert_allclose([r.score for r in got], [float(sims[i, j]) for i in want], atol=TOL)
+            assert_ranked(got, {key: float(sims[i, j]) for i, key in enumerate(keys)})
             if HAVE_FAISS:  # the approximate path is optional; its own test skips without faiss
                 approx = search_text(m, idx, query, k=3, approximate=True)  # faiss over a tiny index: every row
                 assert [r.target for r in approx] == [r.target for r in got[:3]]
@@ -189,8 +197,9 @@ def test_text_search_matches_brute_force(m: blip2.Blip2, indexed: tuple[Path, li
     assert code == 0  # no --model: the model the index was built with
     lines = out.splitlines()
     assert lines[0].split() == ["rank", "score", "path"] and len(lines) == 4
-    best = max(range(len(keys)), key=lambda i: float(sims[i, 0]))
-    assert lines[1].split()[0] == "1" and lines[1].split()[2] == keys[best]
+    first = lines[1].split()
+    assert first[0] == "1" and float(first[1]) >= float(sims[:, 0].max()) - TOL
+    assert abs(float(first[1]) - float(sims[keys.index(first[2]), 0])) <= TOL
 
 
 def _itm_plus_itc(m: blip2.Blip2, images: list, query: str, itc: torch.Tensor) -> list[float]:
@@ -205,20 +214,18 @@ def _itm_plus_itc(m: blip2.Blip2, images: list, query: str, itc: torch.Tensor) -
 def test_rerank_orders_by_itm_plus_itc(m: blip2.Blip2, indexed: tuple[Path, list[str]]) -> None:
     db, keys = indexed
     query, top = QUERIES[1], 5
-    sims = m.similarity([_image_of(k) for k in keys], [query])[:, 0]
-    cand = sorted(range(len(keys)), key=lambda i: -float(sims[i]))[:top]
-    scores = _itm_plus_itc(m, [_image_of(keys[i]) for i in cand], query, sims[cand])
-    want = sorted(zip(scores, cand), reverse=True)
     with Index(db) as idx:
+        plain = search_text(m, idx, query, k=len(keys))  # ITC order (checked against brute force above)
         got = search_text(m, idx, query, k=len(keys), rerank=top)
-    assert [r.target for r in got[:top]] == [keys[i] for _, i in want]
-    np.testing.assert_allclose([r.score for r in got[:top]], [s for s, _ in want], atol=TOL)
-    assert all(r.itm is None for r in got[top:])  # the rest: ITC order, not re-ranked
-    assert [r.target for r in got[top:]] == [keys[i] for i in sorted(range(len(keys)), key=lambda i: -sims[i])[top:]]
+    cand = [r.target for r in plain[:top]]
+    scores = _itm_plus_itc(m, [_image_of(k) for k in cand], query, torch.tensor([r.score for r in plain[:top]]))
+    assert_ranked(got[:top], dict(zip(cand, scores)))
+    assert all(r.itm is not None for r in got[:top]) and all(r.itm is None for r in got[top:])
+    assert [r.target for r in got[top:]] == [r.target for r in plain[top:]]  # the rest: ITC order, untouched
     code, out, _ = run_cli("search", query, "--db", db, "-k", "2", "--rerank", str(top), "--json", "--device", "cpu")
     assert code == 0
     records = [json.loads(line) for line in out.splitlines()]
-    assert [r["path"] for r in records] == [keys[i] for _, i in want[:2]]
+    assert [r["path"] for r in records] == [r.target for r in got[:2]]
     assert records[0]["rank"] == 1 and abs(records[0]["score"] - records[0]["itm"] - records[0]["itc"]) < 1e-5
 
 
