@@ -133,6 +133,11 @@ def timed(fn, repeat: int = 3) -> tuple[float, list[float], object]:
     return sorted(runs)[len(runs) // 2], runs, out
 
 
+def reference_dtype(ours: str, asked: str | None = None) -> str:
+    """transformers' dtype beside ours: the one asked for, else ours; bf16 against our int8 (it has no CPU int8)."""
+    return asked or ("bf16" if ours == "int8" else ours)
+
+
 def write_result(name: str, data: dict) -> Path:
     out = HERE / "results" / f"{name}.json"
     out.parent.mkdir(exist_ok=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import make_full_checkpoint, timed, write_result
+from common import make_full_checkpoint, reference_dtype, timed, write_result
 from PIL import Image
 
 Q1, Q2 = "what is in the picture?", "what colour is it?"
@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--in-process", action="store_true", help="load both sides in one process, interleave runs")
     ap.add_argument("--side", choices=["ours", "transformers"], help=argparse.SUPPRESS)  # child process mode
     args = ap.parse_args()
-    dtypes = {"ours": args.dtype, "transformers": args.ref_dtype or ("bf16" if args.dtype == "int8" else args.dtype)}
+    dtypes = {"ours": args.dtype, "transformers": reference_dtype(args.dtype, args.ref_dtype)}
     if args.side:  # child process: one side only
         side = build_side(args.side, args.folder, dtypes[args.side], args.tokens)
         print(json.dumps(measure({args.side: side}, args.repeat)[args.side]))

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import make_full_checkpoint, write_result
+from common import make_full_checkpoint, reference_dtype, write_result
 
 CHILD = r"""
 import json, resource, sys, time
@@ -55,7 +55,7 @@ def main() -> None:
     args = ap.parse_args()
     folder = make_full_checkpoint(args.folder)
     weights = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
-    dtypes = {"ours": args.dtype, "transformers": "bf16" if args.dtype == "int8" else args.dtype}
+    dtypes = {"ours": args.dtype, "transformers": reference_dtype(args.dtype)}
     result = {
         "command": f"python bench/memory.py --dtype {args.dtype}",
         "dtype": args.dtype,

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine, write_result
+from common import machine, reference_dtype, write_result
 from PIL import Image
 
 
@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="our decoding workers [cores - 1]")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of each side, interleaved; medians reported")
     args = ap.parse_args()
-    ref_name = args.ref_dtype or ("bf16" if args.dtype == "int8" else args.dtype)
+    ref_name = reference_dtype(args.dtype, args.ref_dtype)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[ref_name]
     workers = default_workers() if args.workers is None else args.workers
     gen = {"max_new_tokens": args.tokens, "min_new_tokens": args.tokens}
