@@ -6,7 +6,9 @@
 bf16 against fp32 is measured beside int8 as the yardstick: it is what the reference runs, and on random weights
 mere bf16 rounding already moves logits a lot (on the tiny random T5, rounding only its token embeddings to bf16
 moves the logits by 11% of their range: such networks amplify any perturbation). At full size bf16 runs only
-with `--full-bf16` (emulated bf16 takes minutes on a CPU without native bf16).
+with `--full-bf16`, twice: as `dtype="bf16"` runs on a CPU without bf16 instructions (products summed in fp32,
+quant.bf16_sums_in_fp32) and with PyTorch's native bf16 kernels as the reference runs them ("bf16-native", which
+takes minutes here).
 
 Figures per model: the largest logit deviation (absolute, and relative to the largest fp32 logit) over every
 position of a batch of image+prompt inputs; how often the fp32 model's next-token choice is also int8's (top-1)
@@ -49,8 +51,14 @@ def run_side(folder: str, dtype: str, out: str, tokens: int) -> None:
     """Child process: logits of the batch and greedy tokens, saved to `out`."""
     import blip2
 
+    from blip2.quant import StoredLinear
+
     torch.manual_seed(0)
-    m = blip2.load(folder, device="cpu", dtype=dtype)
+    m = blip2.load(folder, device="cpu", dtype=dtype.removesuffix("-native"))
+    if dtype == "bf16-native":  # PyTorch's own bf16 kernels, as the reference runs them (no sums in fp32)
+        for mod in m.model.modules():
+            if isinstance(mod, StoredLinear):
+                mod.min_rows = sys.maxsize
     ims = images(len(PROMPTS))
     ids, mask = m._tokenize(PROMPTS)
     extra = {}
@@ -88,7 +96,7 @@ def compare(a: dict, b: dict) -> dict:
     }
 
 
-def measure(folder: Path, tokens: int, tmp: Path, dtypes=("fp32", "bf16", "int8")) -> dict:
+def measure(folder: Path, tokens: int, tmp: Path, dtypes=("fp32", "bf16", "bf16-native", "int8")) -> dict:
     sides = {}
     for dtype in dtypes:
         out = tmp / f"{folder.name}_{dtype}.pt"
@@ -97,7 +105,10 @@ def measure(folder: Path, tokens: int, tmp: Path, dtypes=("fp32", "bf16", "int8"
         if r.returncode != 0:
             sys.exit(f"{folder} {dtype} failed:\n{r.stderr[-3000:]}")
         sides[dtype] = torch.load(out)
-    return {dtype: compare(sides["fp32"], sides[dtype]) for dtype in dtypes[1:]}
+    result = {dtype: compare(sides["fp32"], sides[dtype]) for dtype in dtypes[1:]}
+    if "bf16-native" in sides:  # how far summing in fp32 moves bf16 from the native kernels' results
+        result["bf16 against bf16-native"] = compare(sides["bf16-native"], sides["bf16"])
+    return result
 
 
 def main() -> None:
@@ -120,10 +131,11 @@ def main() -> None:
         result["tiny_opt"] = measure(make_opt_checkpoint(tmp / "tiny_opt"), args.tokens, tmp)
         result["tiny_t5"] = measure(make_t5_checkpoint(tmp / "tiny_t5"), args.tokens, tmp)
         if not args.tiny:
-            dtypes = ("fp32", "bf16", "int8") if args.full_bf16 else ("fp32", "int8")
+            dtypes = ("fp32", "bf16", "bf16-native", "int8") if args.full_bf16 else ("fp32", "int8")
             result["full_opt_2.7b"] = measure(make_full_checkpoint(args.folder), args.tokens, tmp, dtypes)
     print(json.dumps(result, indent=1))
-    print(write_result("quality_int8" + ("_tiny" if args.tiny else ""), result))
+    name = "quality_int8_tiny" if args.tiny else ("quality_bf16_int8" if args.full_bf16 else "quality_int8")
+    print(write_result(name, result))
 
 
 if __name__ == "__main__":

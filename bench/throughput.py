@@ -61,9 +61,10 @@ def run_ours(m, paths: list[Path], batch_size: int, workers: int, gen: dict) -> 
 
 def run_transformers(
     model, proc, paths: list[Path], batch_size: int, dtype: torch.dtype, gen: dict
-) -> tuple[float, list[str]]:
+) -> tuple[float, list[str], list[list[int]]]:
     t0 = time.perf_counter()
     caps: list[str] = []
+    tokens: list[list[int]] = []
     for start in range(0, len(paths), batch_size):
         images = [Image.open(p).convert("RGB") for p in paths[start : start + batch_size]]
         inputs = proc(images=images, text=[""] * len(images), return_tensors="pt")  # image tokens + BOS
@@ -72,7 +73,19 @@ def run_transformers(
             out = model.generate(**inputs, **gen)
         new = out[:, inputs["input_ids"].shape[1] :]
         caps += [t.strip() for t in proc.tokenizer.batch_decode(new, skip_special_tokens=True)]
-    return time.perf_counter() - t0, caps
+        tokens += new.tolist()
+    return time.perf_counter() - t0, caps, tokens
+
+
+def same_tokens(ours: list[list[int]], ref: list[list[int]], specials: set[int]) -> tuple[int, float]:
+    """How many outputs have identical token ids, and the share of positions equal up to the first difference."""
+    same, prefix, total = 0, 0, 0
+    for a, b in zip(ours, ref):
+        b = [t for t in b if t not in specials]
+        same += a == b
+        prefix += next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        total += max(len(a), len(b))
+    return same, prefix / max(total, 1)
 
 
 def checkpoint(args: argparse.Namespace, tmp: Path) -> Path:
@@ -127,7 +140,7 @@ def main() -> None:
             runs["ours_workers_0"] = []
         load_before = os.getloadavg()[0]
         for _ in range(args.repeat):  # interleaved, so a busy moment of the machine hits all three alike
-            t, caps_ref = run_transformers(ref, proc, paths, args.batch_size, dtype, gen)
+            t, caps_ref, tokens_ref = run_transformers(ref, proc, paths, args.batch_size, dtype, gen)
             runs["transformers"].append(t)
             t, caps_ours = run_ours(ours, paths, args.batch_size, workers, gen)
             runs["ours"].append(t)
@@ -135,7 +148,10 @@ def main() -> None:
                 t, caps_ours0 = run_ours(ours, paths, args.batch_size, 0, gen)
                 runs["ours_workers_0"].append(t)
 
+        # token ids, not only texts: the stand-in tokenizer of --full decodes many ids to nothing
+        tokens_ours = [g.tokens for g in ours.generate(paths, batch_size=args.batch_size, **gen)]
     same = sum(a == b for a, b in zip(caps_ours, caps_ref))
+    same_ids, prefix_share = same_tokens(tokens_ours, tokens_ref, set(proc.tokenizer.all_special_ids))
     n = args.images
     median = {k: statistics.median(v) for k, v in runs.items()}
     best = {k: min(v) for k, v in runs.items()}  # least disturbed by other load on a shared machine, as timeit
@@ -158,6 +174,8 @@ def main() -> None:
         "speedup_median": median["transformers"] / median["ours"],
         "identical_captions": same,
         "identical_all": same == n and caps_ours0 in (None, caps_ours),
+        "identical_token_ids": same_ids,
+        "equal_token_share_before_first_difference": prefix_share,
     }
     name = "throughput" + (f"_full_{args.dtype}" if args.full else "")
     out = write_result(name, result)

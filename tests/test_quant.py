@@ -164,3 +164,69 @@ def test_damaged_weights_name_the_file_in_int8_loading(opt_ckpt, tmp_path, cut):
     (folder / "model.safetensors").write_bytes(data[:cut])  # the header cut, or the last tensor
     with pytest.raises(CheckpointError, match="model.safetensors"):
         blip2.load(folder, dtype="int8")
+
+
+# --- dtype="bf16" on a CPU without bf16 instructions: bf16 layers summed in fp32 (quant.bf16_sums_in_fp32) ---
+
+
+def _bf16_step(t: torch.Tensor) -> torch.Tensor:
+    """The distance from each value to the next bf16 number (one unit in the last place)."""
+    t = t.float().abs().clamp(min=2.0**-126)
+    return 2.0 ** (torch.floor(torch.log2(t)) - 7)
+
+
+def test_bf16_linear_summed_in_fp32_is_the_bf16_product():
+    """If this fails, `dtype="bf16"` on an AVX2 CPU computes something else than a bf16 GEMM would (bf16 inputs,
+    exact products, fp32 sums, one rounding): captions would drift from the reference's bf16 ones."""
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 512).bfloat16()
+    fast = StoredLinear(lin, torch.bfloat16, min_rows=24)
+    x = torch.randn(2, 40, 256).bfloat16()  # 80 rows: the fp32 route
+    with torch.no_grad():
+        got, native = fast(x), torch.nn.functional.linear(x, lin.weight, lin.bias)
+    exact = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - exact).abs() <= _bf16_step(exact)).all()  # rounded from a nearly exact fp32 sum
+    differ = got != native
+    assert differ.float().mean() < 0.01  # the native kernel sums in another order: a rare one-step difference
+    assert ((got - native).float().abs()[differ] <= _bf16_step(native)[differ]).all()
+
+
+def test_bf16_linear_keeps_the_native_kernel_for_few_rows_and_for_gradients():
+    """If this fails, decoding upcasts a whole weight per token (slower than the native kernel), or training
+    keeps an fp32 copy of every frozen weight alive for the backward pass."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32).bfloat16()
+    fast = StoredLinear(lin, torch.bfloat16, min_rows=24)
+    few = torch.randn(8, 64).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(fast(few), torch.nn.functional.linear(few, lin.weight, lin.bias))
+    many = torch.randn(30, 64).bfloat16().requires_grad_()
+    out = fast(many)
+    assert torch.equal(out, torch.nn.functional.linear(many, lin.weight, lin.bias))
+    out.float().sum().backward()
+    assert many.grad is not None and many.grad.shape == many.shape
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_load_sums_in_fp32_only_where_the_cpu_lacks_bf16(opt_ckpt, images, monkeypatch, native):
+    """If this fails, `dtype="bf16"` runs 4x slower than it could on an AVX2 CPU, touches the fp32 Q-Former or
+    the output head, or gives other answers than the native bf16 kernels beyond their rounding."""
+    monkeypatch.setattr(blip2.pipeline, "cpu_has_native_bf16", lambda: native)
+    m = blip2.load(opt_ckpt, dtype="bf16")
+    swapped = [n for n, mod in m.model.named_modules() if type(mod) is StoredLinear]
+    if native:
+        assert swapped == []
+        return
+    lm = m.model.language_model
+    assert any(n.startswith("vision_model.") for n in swapped) and any(n.startswith("language_model.") for n in swapped)
+    assert not any(n.startswith("qformer.") for n in swapped)
+    assert type(lm.get_output_embeddings()) is nn.Linear
+    assert all(type(mod) is not nn.Linear for mod in [*m.model.vision_model.modules(), *lm.model.decoder.layers.modules()])
+    ref = blip2.load(opt_ckpt, dtype="bf16")  # native kernels: swap them back
+    for mod in ref.model.modules():
+        if type(mod) is StoredLinear:
+            mod.min_rows = 10**9
+    assert m.model.state_dict().keys() == ref.model.state_dict().keys()  # saving sees the same model
+    a, b = _lm_logits(m, images).float(), _lm_logits(ref, images).float()
+    assert (a - b).abs().max() <= 0.05 * b.abs().max()

@@ -344,12 +344,12 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         raise ConfigError(f"dtype {dtype!r} is not one of auto, {', '.join(names)}")
     if device.type == "cuda":
         return torch.float16
-    if device.type == "cpu" and _cpu_has_native_bf16():
+    if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
 
 
-def _cpu_has_native_bf16() -> bool:
+def cpu_has_native_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .checkpoint import load_model, resolve_dtype
+from .checkpoint import cpu_has_native_bf16, load_model, resolve_dtype
 from .errors import ConfigError, GenerationError
 from .model import Blip2Model, sequence_scores
 from .processing import ImageTransform, chat_prompt, load_image, vqa_prompt
-from .quant import SCHEMES
+from .quant import SCHEMES, bf16_sums_in_fp32
 
 ImageInput = str | os.PathLike | bytes | Image.Image
 
@@ -306,6 +306,8 @@ def load(
     if m.language_model is not None and (folder / "generation_config.json").is_file():
         m.language_model.generation_config = GenerationConfig.from_pretrained(folder)
     m.to(dev)
+    if dt == torch.bfloat16 and dev.type == "cpu" and not cpu_has_native_bf16():
+        bf16_sums_in_fp32(m)  # same arithmetic as the emulated bf16 kernel, 4x faster (quant.StoredLinear)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:

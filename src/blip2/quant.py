@@ -77,20 +77,38 @@ class Int8Linear(nn.Module):
 
 
 class StoredLinear(nn.Linear):
-    """A linear layer whose weight is stored in a narrower dtype and computed in the input's dtype."""
+    """A linear layer whose weight is stored in a narrower dtype (bf16) and multiplied in a wider one.
 
-    def __init__(self, linear: nn.Linear, storage: torch.dtype) -> None:
+    With an input of another dtype (fp32 under `dtype="int8"`) the weight is upcast to it. With an input in the
+    storage dtype itself (`dtype="bf16"` on a CPU without bf16 instructions, see `bf16_sums_in_fp32`) the product
+    runs in fp32 and is rounded back to bf16: exact products summed in fp32 is what a bf16 GEMM computes, so the
+    result differs from the native kernel only by the order of the sums (one bf16 step on ~0.02% of the outputs),
+    and at 257 rows it is 4x faster here. Below `min_rows` rows (decoding) upcasting the weight costs more than the
+    native kernel saves, and with gradients enabled the fp32 copy would be kept for the backward pass: both take
+    the native kernel.
+    """
+
+    def __init__(self, linear: nn.Linear, storage: torch.dtype, min_rows: int = 0) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.storage = storage
+        self.storage, self.min_rows = storage, min_rows
 
     def set_weight(self, weight: torch.Tensor) -> None:
         self.weight = nn.Parameter(weight.to(self.storage), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, _upcast(self.weight, x.dtype), bias)
+        compute = x.dtype
+        if x.dtype == self.weight.dtype:
+            rows = x.numel() // self.in_features
+            if rows < self.min_rows or x.device.type != "cpu" or torch.is_grad_enabled():
+                return F.linear(x, self.weight, self.bias)
+            compute = torch.float32
+        bias = None if self.bias is None else self.bias.to(compute)
+        return F.linear(x.to(compute), _upcast(self.weight, compute), bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, stored {self.storage}"
 
 
 _scratch = threading.local()
@@ -150,6 +168,28 @@ def prepare(model: nn.Module, scheme: str, compute: torch.dtype = torch.float32)
         shares_table = lambda m: type(m) is nn.Embedding and m.weight is table  # noqa: E731
         _swap(lm, lambda m: StoredEmbedding(m, torch.bfloat16, compute) if shares_table(m) else None)
     _swap(model.vision_model, lambda m: StoredLinear(m, torch.bfloat16) if type(m) is nn.Linear else None)
+
+
+# Rows from which the fp32 route beats the emulated bf16 kernel (one thread, `python bench/kernels.py`): between
+# 16 and 32 for OPT-2.7B's 2560x10240 layer, between 8 and 16 for the vision encoder's 1408x6144.
+BF16_FP32_MIN_ROWS = 24
+
+
+def bf16_sums_in_fp32(model: nn.Module) -> None:
+    """For a bf16 model on a CPU without bf16 instructions (AVX2 only), where PyTorch emulates bf16 GEMMs at about
+    a fifth of the fp32 speed: make every bf16 linear layer but the LM's output head a `StoredLinear` that sums in
+    fp32 from `BF16_FP32_MIN_ROWS` rows (the vision encoder, prompt prefill, batches). The weights stay the same
+    bf16 parameters (memory, saving and state dict unchanged); the head is left alone, since its weight is the
+    largest (a 500 MB fp32 copy) and it sees few rows while generating."""
+    lm = getattr(model, "language_model", None)
+    head = lm.get_output_embeddings() if lm is not None else None
+
+    def make(m: nn.Module) -> nn.Module | None:
+        if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m is not head:
+            return StoredLinear(m, torch.bfloat16, min_rows=BF16_FP32_MIN_ROWS)
+        return None
+
+    _swap(model, make)
 
 
 def quantized_bytes(model: nn.Module | torch.Tensor) -> int:
