@@ -50,7 +50,6 @@ def images(n: int = 4) -> list:
 def run_side(folder: str, dtype: str, out: str, tokens: int) -> None:
     """Child process: logits of the batch and greedy tokens, saved to `out`."""
     import blip2
-
     from blip2.quant import StoredLinear
 
     torch.manual_seed(0)

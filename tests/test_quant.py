@@ -222,7 +222,8 @@ def test_bf16_load_sums_in_fp32_only_where_the_cpu_lacks_bf16(opt_ckpt, images, 
     assert any(n.startswith("vision_model.") for n in swapped) and any(n.startswith("language_model.") for n in swapped)
     assert not any(n.startswith("qformer.") for n in swapped)
     assert type(lm.get_output_embeddings()) is nn.Linear
-    assert all(type(mod) is not nn.Linear for mod in [*m.model.vision_model.modules(), *lm.model.decoder.layers.modules()])
+    layers = [*m.model.vision_model.modules(), *lm.model.decoder.layers.modules()]
+    assert all(type(mod) is not nn.Linear for mod in layers)
     ref = blip2.load(opt_ckpt, dtype="bf16")  # native kernels: swap them back
     for mod in ref.model.modules():
         if type(mod) is StoredLinear:

@@ -50,6 +50,7 @@ class Blip2Model(nn.Module):
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, q.hidden_size))
         self.qformer = QFormer(q)
         self.language_model: nn.Module | None = None
+        self.compile_decoding = False  # `generate` decodes with a static KV cache and a compiled step (pipeline.load)
         if cfg.has_text_side:
             self.embeddings = TextEmbeddings(q)
         if cfg.architecture == "Blip2ForImageTextRetrieval":
@@ -148,7 +149,7 @@ class Blip2Model(nn.Module):
         score with beam search, else the summed log-probability of the chosen tokens.
         """
         inputs_embeds, mask = self._lm_inputs(prefix, input_ids, attention_mask)
-        gen = {**gen, "return_dict_in_generate": True, "output_scores": True}
+        gen = {**self._decoding_kwargs(), **gen, "return_dict_in_generate": True, "output_scores": True}
         if self.is_encoder_decoder:
             out = self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **gen)
             new = out.sequences
@@ -159,6 +160,19 @@ class Blip2Model(nn.Module):
             )
             new = out.sequences[:, full_ids.shape[1] :]
         return new, sequence_scores(self.language_model, out)
+
+    def _decoding_kwargs(self) -> dict:
+        """With `compile_decoding`: `transformers`' static KV cache, whose fixed shapes let its `generate` run each
+        decoding step through `torch.compile` (the prompt's prefill stays eager). "reduce-overhead" (CUDA graphs)
+        on a GPU; on a CPU, where there are no graphs to replay, inductor's default mode."""
+        if not self.compile_decoding:
+            return {}
+        from transformers import CompileConfig
+
+        device = self.language_model.device
+        config = CompileConfig(mode="reduce-overhead" if device.type == "cuda" else "default")
+        config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+        return {"cache_implementation": "static", "compile_config": config}
 
     # ---- retrieval side (ITC / ITM) ------------------------------------------------------------------------------
     def image_embeddings(self, image_embeds: torch.Tensor) -> torch.Tensor:

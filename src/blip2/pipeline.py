@@ -293,8 +293,13 @@ def load(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     image_cache_size: int = 64,
+    compile: bool = False,
 ) -> Blip2:
-    """Load a checkpoint (Hub id or local folder) with its tokenizer and image preprocessing."""
+    """Load a checkpoint (Hub id or local folder) with its tokenizer and image preprocessing.
+
+    `compile=True` decodes with a static KV cache and a `torch.compile`d step (model.Blip2Model._decoding_kwargs):
+    the first generation compiles (tens of seconds on a CPU), the first of another length once more, with dynamic
+    shapes; later ones reuse that."""
     from transformers import AutoTokenizer, GenerationConfig
 
     dev = pick_device(device)
@@ -306,6 +311,7 @@ def load(
     if m.language_model is not None and (folder / "generation_config.json").is_file():
         m.language_model.generation_config = GenerationConfig.from_pretrained(folder)
     m.to(dev)
+    m.compile_decoding = compile
     if dt == torch.bfloat16 and dev.type == "cpu" and not cpu_has_native_bf16():
         bf16_sums_in_fp32(m)  # same arithmetic as the emulated bf16 kernel, 4x faster (quant.StoredLinear)
     try:
