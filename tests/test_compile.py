@@ -27,3 +27,12 @@ def test_compile_is_off_by_default(opt_ckpt):
     """If this fails, every user pays tens of seconds of compilation on their first caption."""
     m = blip2.load(opt_ckpt, dtype="fp32")
     assert m.model.compile_decoding is False and m.model._decoding_kwargs() == {}
+
+
+def test_compiled_decoding_of_an_int8_model_gives_its_eager_tokens(opt_ckpt, images):
+    """If this fails, `dtype="int8", compile=True` crashes while compiling (torch's inductor cannot lower the int8
+    kernel fed by a fused conversion) or decodes other tokens than the same int8 model without compiling."""
+    eager, compiled = (blip2.load(opt_ckpt, dtype="int8", compile=c) for c in (False, True))
+    pics, prompts = [images["rgb"]], ["a photo of"]
+    want = eager.generate(pics, prompts, max_new_tokens=10)
+    assert [g.tokens for g in compiled.generate(pics, prompts, max_new_tokens=10)] == [g.tokens for g in want]

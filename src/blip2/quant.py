@@ -66,7 +66,8 @@ class Int8Linear(nn.Module):
         # there is more than one row; such layers (only in toy models) take the dequantizing path
         if x.device.type == "cpu" and self.in_features % 8 == 0:
             rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-            y = torch._weight_int8pack_mm(rows, self.weight, self.scale.to(torch.bfloat16))
+            mm = _int8_mm if torch.compiler.is_compiling() else torch._weight_int8pack_mm
+            y = mm(rows, self.weight, self.scale.to(torch.bfloat16))
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         else:  # no int8-weight kernel (CUDA, odd widths): dequantize per call; memory as int8, not faster
             y = F.linear(x, self.weight.to(x.dtype) * self.scale[:, None].to(x.dtype))
@@ -74,6 +75,18 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+@torch.library.custom_op("blip2::int8_mm", mutates_args=())
+def _int8_mm(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`_weight_int8pack_mm` as an opaque op for `torch.compile`: torch 2.13's inductor fails to lower the aten op
+    when its input is a fused conversion ("LoweringException: AssertionError: Pointwise")."""
+    return torch._weight_int8pack_mm(rows, weight, scale)
+
+
+@_int8_mm.register_fake
+def _(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return rows.new_empty(rows.shape[0], weight.shape[0])
 
 
 class StoredLinear(nn.Linear):
