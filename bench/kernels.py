@@ -1,8 +1,9 @@
-"""The matmul kernels `dtype="int8"` chooses between, on blip2-opt-2.7b's layer shapes (quant.py's reasoning).
+"""The matmul kernels `dtype="int8"` and `dtype="bf16"` choose between, on blip2-opt-2.7b's layer shapes (quant.py).
 
     python bench/kernels.py [--threads 1]
 
-For each shape (rows x in -> out): fp32 `F.linear`, bf16 `F.linear` (emulated on CPUs without AVX512-BF16),
+For each shape (rows x in -> out): fp32 `F.linear`, bf16 `F.linear` (emulated on CPUs without AVX512-BF16), bf16
+summed in fp32 (`quant.StoredLinear`: upcast the weight into a reused buffer, fp32 GEMM, round the result),
 PyTorch's int8-weight `_weight_int8pack_mm` (bf16 activations, as quant.Int8Linear calls it), and dequantize-then-
 fp32. Median of 7 runs in milliseconds; results in bench/results/kernels.json.
 """
@@ -16,11 +17,17 @@ import torch
 import torch.nn.functional as F
 from common import write_result
 
+from blip2.quant import StoredLinear
+
 SHAPES = {  # (rows, in, out)
     "LM fc1, decoding 1 sequence": (1, 2560, 10240),
     "LM fc1, decoding 4 sequences": (4, 2560, 10240),
     "LM fc1, decoding 8 sequences": (8, 2560, 10240),
+    "LM fc1, 16 rows": (16, 2560, 10240),
+    "LM fc1, 32 rows": (32, 2560, 10240),
     "LM fc1, prefill of 64 tokens": (64, 2560, 10240),
+    "vision fc1, 8 rows": (8, 1408, 6144),
+    "vision fc1, 16 rows": (16, 1408, 6144),
     "vision fc1, one image (257 tokens)": (257, 1408, 6144),
 }
 
@@ -35,14 +42,18 @@ def median_ms(f, n: int = 7) -> float:
     return sorted(times)[n // 2] * 1e3
 
 
+@torch.no_grad()
 def time_shape(m: int, k: int, n: int) -> dict[str, float]:
     x, w = torch.randn(m, k), torch.randn(n, k)
     xb, wb = x.bfloat16(), w.bfloat16()
+    fast = StoredLinear(torch.nn.Linear(k, n, bias=False), torch.bfloat16, min_rows=0)
+    fast.set_weight(w)
     scale = w.abs().amax(1) / 127
     wq = (w / scale[:, None]).round().to(torch.int8)
     return {
         "fp32": median_ms(lambda: F.linear(x, w)),
         "bf16": median_ms(lambda: F.linear(xb, wb), 3),
+        "bf16 summed in fp32": median_ms(lambda: fast(xb)),  # quant.StoredLinear, as dtype="bf16" runs here
         "int8 weights": median_ms(lambda: torch._weight_int8pack_mm(x.bfloat16(), wq, scale.bfloat16()).float()),
         "dequantize + fp32": median_ms(lambda: F.linear(x, wq.float() * scale[:, None])),
     }

@@ -14,7 +14,9 @@ default: transformers has no CPU int8 path), with the models already loaded and 
 (b) transformers: `Blip2ForConditionalGeneration.from_pretrained(folder)` + `Blip2Processor`, PIL open + convert,
     processor on the batch, `generate` under `torch.inference_mode`, decode the new tokens.
 
-The captions of both sides are compared; the JSON result goes to bench/results/throughput.json. Each side runs
+The captions of both sides are compared, then their token ids (the stand-in tokenizer of `--full` decodes many ids
+to nothing), and ours batched against ours one image at a time; the JSON result goes to
+bench/results/throughput.json. Each side runs
 `--repeat` times, interleaved; the best run is the headline (other load on a shared machine only ever adds time),
 the median and every run are kept too.
 """
@@ -150,6 +152,7 @@ def main() -> None:
 
         # token ids, not only texts: the stand-in tokenizer of --full decodes many ids to nothing
         tokens_ours = [g.tokens for g in ours.generate(paths, batch_size=args.batch_size, **gen)]
+        one_by_one = [g.tokens for g in ours.generate(paths, batch_size=1, **gen)]  # batching must not change them
     same = sum(a == b for a, b in zip(caps_ours, caps_ref))
     same_ids, prefix_share = same_tokens(tokens_ours, tokens_ref, set(proc.tokenizer.all_special_ids))
     n = args.images
@@ -174,6 +177,7 @@ def main() -> None:
         "speedup_median": median["transformers"] / median["ours"],
         "identical_captions": same,
         "identical_all": same == n and caps_ours0 in (None, caps_ours),
+        "ours_batched_equals_one_by_one": sum(a == b for a, b in zip(tokens_ours, one_by_one)),
         "identical_token_ids": same_ids,
         "equal_token_share_before_first_difference": prefix_share,
     }

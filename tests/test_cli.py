@@ -17,7 +17,7 @@ from click.testing import CliRunner, Result
 
 import blip2
 from blip2.cli import main
-from blip2.cli.generate import one_line
+from blip2.cli.options import one_line
 
 
 @pytest.fixture(scope="module")

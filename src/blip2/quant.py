@@ -1,4 +1,5 @@
-"""Weight-only quantization for inference: `dtype="int8"`.
+"""Narrow weights, chosen kernels: `dtype="int8"` (weight-only quantization) and `dtype="bf16"` on CPUs without bf16
+instructions (`bf16_sums_in_fp32`, at the end).
 
 A frozen BLIP-2 spends its time in linear layers of two kinds, and they want different kernels (measured on a
 2-core AVX2 CPU, one thread, `bench/kernels.py`; the figures are in README "Speed"):

@@ -238,7 +238,7 @@ def run_batch(
 
 def _run_local(images: Sequence[str], model: str, opts: Any, as_json: bool) -> Any:
     from ..batch.run import BatchRun
-    from .generate import json_line, one_line
+    from .options import json_line, one_line
 
     run = BatchRun(images, model, opts)
     for r in run:

@@ -7,8 +7,6 @@ A bad model, option or the image of `ask`/`chat` stops the command at once: one 
 
 from __future__ import annotations
 
-import json
-import re
 import sys
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
@@ -16,24 +14,9 @@ from typing import IO, Any
 import click
 
 from .batch import batch_options, batch_requested, run_batch
-from .options import generation_kwargs, generation_options, load_model, model_options
+from .options import generation_kwargs, generation_options, json_line, load_model, model_options, one_line
 
 CHAT_HELP = "commands: /reset (forget the conversation), /image PATH (talk about another image), /quit (or Ctrl-D)"
-
-
-# Every character `str.splitlines` breaks on, and the tab: none may appear inside one record of the text output.
-_BREAKS = re.compile(r"[\t\n\v\f\r\x1c\x1d\x1e\x85\u2028\u2029]+")
-
-
-def one_line(text: str) -> str:
-    """Tabs and line breaks become spaces, so `path<TAB>caption` stays one line per image (--json keeps them)."""
-    return _BREAKS.sub(" ", text)
-
-
-def json_line(record: dict[str, Any]) -> str:
-    """One JSON line, readable (not ASCII-escaped) yet unbreakable: U+0085/2028/2029 are escaped as well."""
-    text = json.dumps(record, ensure_ascii=False)
-    return text.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
 def _echo_error(message: object) -> None:

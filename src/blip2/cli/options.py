@@ -1,4 +1,5 @@
-"""Click options shared by every command that loads a model or generates text, and the helpers that use them.
+"""Click options shared by every command that loads a model or generates text, the helpers that use them, and the
+one-record-per-line output helpers (`one_line`, `json_line`).
 
     @click.command()
     @model_options
@@ -14,6 +15,8 @@ its own defaults (VQA answers stop after 10 new tokens, captions after 30). Boun
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -125,3 +128,18 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto") -> Blip2:
     from ..pipeline import load
 
     return load(model, device=device, dtype=dtype)
+
+
+# Every character `str.splitlines` breaks on, and the tab: none may appear inside one record of the text output.
+_BREAKS = re.compile(r"[\t\n\v\f\r\x1c\x1d\x1e\x85\u2028\u2029]+")
+
+
+def one_line(text: str) -> str:
+    """Tabs and line breaks become spaces, so `path<TAB>caption` stays one line per image (--json keeps them)."""
+    return _BREAKS.sub(" ", text)
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One JSON line, readable (not ASCII-escaped) yet unbreakable: U+0085/2028/2029 are escaped as well."""
+    text = json.dumps(record, ensure_ascii=False)
+    return text.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
