@@ -2,7 +2,7 @@
 instructions (`bf16_sums_in_fp32`, at the end).
 
 A frozen BLIP-2 spends its time in linear layers of two kinds, and they want different kernels (measured on a
-2-core AVX2 CPU, one thread, `bench/kernels.py`; the figures are in README "Speed"):
+2-core AVX2 CPU, one thread, `bench/matmul.py`; the figures are in README "Speed"):
 
 * the LLM while decoding multiplies a few rows (one per sequence) by each weight matrix: memory-bound, so reading
   1 byte per weight instead of 4 pays. PyTorch's own `_weight_int8pack_mm` (int8 weights, one scale per output
@@ -184,7 +184,7 @@ def prepare(model: nn.Module, scheme: str, compute: torch.dtype = torch.float32)
     _swap(model.vision_model, lambda m: StoredLinear(m, torch.bfloat16) if type(m) is nn.Linear else None)
 
 
-# Rows from which the fp32 route beats the emulated bf16 kernel (one thread, `python bench/kernels.py`): between
+# Rows from which the fp32 route beats the emulated bf16 kernel (one thread, `python bench/matmul.py`): between
 # 16 and 32 for OPT-2.7B's 2560x10240 layer, between 8 and 16 for the vision encoder's 1408x6144.
 BF16_FP32_MIN_ROWS = 24
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from batch_helpers import GEN, make_bad, make_good
 from click.testing import CliRunner
 
@@ -79,3 +80,16 @@ def test_sigterm_then_rerun(model, opt_ckpt: Path, tmp_path: Path) -> None:
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert sorted(r["path"] for r in rows) == sorted(str(p) for p in imgs)
     assert {r["path"]: r["caption"] for r in rows} == {str(p): model.caption(str(p), **GEN) for p in imgs}
+
+
+def test_compile_flag_captions_a_folder_as_without_it(model, opt_ckpt: Path, tmp_path: Path) -> None:
+    """If this fails, `blip2 caption DIR --compile` does not reach the model (no compiled step) or changes captions."""
+    imgs = make_good(tmp_path / "in", 3)
+    out = tmp_path / "caps.jsonl"
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    args = ["caption", str(tmp_path / "in"), "--out", str(out), "--compile", *_base(opt_ckpt)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["caption"] for r in rows] == [model.caption(str(p), **GEN) for p in imgs]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # the flag was not dropped on the way

@@ -47,6 +47,7 @@ class BatchOptions:
     workers: int | None = None  # None: cores - 1
     device: str = "auto"
     dtype: str = "auto"
+    compile: bool = False  # decode with a static KV cache and a compiled step (pipeline.load): long runs only
     max_pixels: int = DEFAULT_MAX_PIXELS
     errors: str | os.PathLike[str] | None = None  # default: errors.jsonl beside the output
     state: str | os.PathLike[str] | None = None  # the progress ledger; default: beside the output

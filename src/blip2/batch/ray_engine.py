@@ -51,10 +51,11 @@ class Captioner:
         suffix: str,
         max_pixels: int,
         threads: int = 4,
+        compile: bool = False,
     ) -> None:
         from ..pipeline import load
 
-        self.m = load(model, device=device, dtype=dtype)
+        self.m = load(model, device=device, dtype=dtype, compile=compile)
         self.opts = GenerationOptions(**generation)
         self.prompt, self.question, self.prefix, self.suffix = prompt, question, prefix, suffix
         self.max_pixels = max_pixels
@@ -226,6 +227,7 @@ class RayRun:
             "model": self.model,
             "device": device,
             "dtype": o.dtype,
+            "compile": o.compile,
             "generation": asdict(o.generation),
             "prompt": o.prompt,
             "question": o.question,

@@ -139,7 +139,7 @@ class BatchRun:
 
     def _load(self) -> Blip2:
         if self._m is None:
-            self._m = load_model(self.model, device=self.opts.device, dtype=self.opts.dtype)
+            self._m = load_model(self.model, device=self.opts.device, dtype=self.opts.dtype, compile=self.opts.compile)
         return self._m
 
     def _caption(self, todo: list[Item], sidecars: dict[str, Path | None], ledger: L.Ledger | None):

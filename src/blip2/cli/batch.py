@@ -33,6 +33,7 @@ BATCH_NAMES = (
     "question",
     "recursive",
     "workers",
+    "compile",
     "engine",
     "address",
     "num_workers",
@@ -87,6 +88,14 @@ _OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         {"default": None, "help": "Ask this question of every image (VQA) instead of captioning it."},
     ),
     (("--recursive", "-r"), {"is_flag": True, "help": "Go into subfolders of folder inputs."}),
+    (
+        ("--compile",),
+        {
+            "is_flag": True,
+            "help": "Decode with a static KV cache and a compiled step: ~7% faster per caption at full size on a "
+            "CPU after about 2.5 minutes of compiling, so for long runs only.",
+        },
+    ),
     (
         ("--workers",),
         {
@@ -201,6 +210,7 @@ def run_batch(
             "question",
             "recursive",
             "workers",
+            "compile",
             "errors",
         )
     }

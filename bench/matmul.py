@@ -1,11 +1,12 @@
 """The matmul kernels `dtype="int8"` and `dtype="bf16"` choose between, on blip2-opt-2.7b's layer shapes (quant.py).
 
-    python bench/kernels.py [--threads 1]
+    python bench/matmul.py [--threads 1]
 
 For each shape (rows x in -> out): fp32 `F.linear`, bf16 `F.linear` (emulated on CPUs without AVX512-BF16), bf16
 summed in fp32 (`quant.StoredLinear`: upcast the weight into a reused buffer, fp32 GEMM, round the result),
 PyTorch's int8-weight `_weight_int8pack_mm` (bf16 activations, as quant.Int8Linear calls it), and dequantize-then-
-fp32. Median of 7 runs in milliseconds; results in bench/results/kernels.json.
+fp32. Median of 7 runs in milliseconds; results in bench/results/matmul.json. (Not named kernels.py: transformers
+imports a package of that name when it can, and bench/ comes first on sys.path.)
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def main() -> None:
     for name, shape in SHAPES.items():
         rows[name] = time_shape(*shape)
         print(name, {k: round(v, 1) for k, v in rows[name].items()}, flush=True)
-    print(write_result("kernels", {"command": f"python bench/kernels.py --threads {args.threads}", "ms": rows}))
+    print(write_result("matmul", {"command": f"python bench/matmul.py --threads {args.threads}", "ms": rows}))
 
 
 if __name__ == "__main__":
