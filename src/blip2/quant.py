@@ -6,10 +6,10 @@ A frozen BLIP-2 spends its time in linear layers of two kinds, and they want dif
 
 * the LLM while decoding multiplies a few rows (one per sequence) by each weight matrix: memory-bound, so reading
   1 byte per weight instead of 4 pays. PyTorch's own `_weight_int8pack_mm` (int8 weights, one scale per output
-  channel, bf16 activations) takes 5.1 ms for OPT-2.7B's 2560x10240 `fc1` at one row against 8.5 ms in fp32, and
-  17.3 vs 43.0 ms at 8 rows;
-* the vision encoder multiplies 257 rows per image: compute-bound. There the same int8 kernel is 1.6x slower than
-  the fp32 GEMM (144 vs 92 ms), and `torch._int_mm` (int8 activations too) has no fast CPU path at all. So the
+  channel, bf16 activations) takes 5.3 ms for OPT-2.7B's 2560x10240 `fc1` at one row against 7.9 ms in fp32, and
+  12.5 vs 39.0 ms at 8 rows;
+* the vision encoder multiplies 257 rows per image: compute-bound. There the same int8 kernel is 2.3x slower than
+  the fp32 GEMM (199 vs 87 ms), and `torch._int_mm` (int8 activations too) has no fast CPU path at all. So the
   vision encoder keeps fp32 arithmetic on weights *stored* in bf16 (half the memory; the upcast costs ~6% of the
   matmul).
 
@@ -184,8 +184,9 @@ def prepare(model: nn.Module, scheme: str, compute: torch.dtype = torch.float32)
     _swap(model.vision_model, lambda m: StoredLinear(m, torch.bfloat16) if type(m) is nn.Linear else None)
 
 
-# Rows from which the fp32 route beats the emulated bf16 kernel (one thread, `python bench/matmul.py`): between
-# 16 and 32 for OPT-2.7B's 2560x10240 layer, between 8 and 16 for the vision encoder's 1408x6144.
+# Rows from which the fp32 route beats the emulated bf16 kernel (`python bench/matmul.py`, AVX2): on one thread
+# between 8 and 16 for both OPT-2.7B's 2560x10240 layer and the vision encoder's 1408x6144; on two threads between
+# 16 and 32 for the first, 8 and 16 for the second. Decoding (1-8 rows) stays native either way.
 BF16_FP32_MIN_ROWS = 24
 
 
