@@ -1,4 +1,5 @@
-"""The GPU path: CUDA in fp16 / bf16 against `transformers` on the same GPU; int8 on CUDA. Skipped without CUDA."""
+"""The GPU path: CUDA in fp16 / bf16 against `transformers` on the same GPU; int8 and compiled decoding on CUDA.
+Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -45,3 +46,13 @@ def test_cuda_int8_runs_and_stays_close(opt_ckpt, images):
         a = cpu.model(ids, mask, pixel_values=cpu.pixel_values([images["rgb"]])).logits
         b = gpu.model(ids.cuda(), mask.cuda(), pixel_values=gpu.pixel_values([images["rgb"]])).logits.float().cpu()
     assert (a - b).abs().max() <= 0.1 * a.abs().max()  # CPU: bf16 activations in the int8 kernel; GPU: fp16
+
+
+def test_cuda_compiled_decoding_gives_the_eager_tokens(opt_ckpt, images):
+    """If this fails, `compile=True` on a GPU (CUDA graphs replaying the decoding step) changes answers."""
+    eager = blip2.load(opt_ckpt, device="cuda", dtype="fp16")
+    compiled = blip2.load(opt_ckpt, device="cuda", dtype="fp16", compile=True)
+    pics, prompts = [images["rgb"], images["large"]], ["", "a photo of"]
+    for _ in range(2):  # the second call replays the captured graphs
+        got = compiled.generate(pics, prompts, max_new_tokens=8)
+        assert [g.tokens for g in got] == [g.tokens for g in eager.generate(pics, prompts, max_new_tokens=8)]
