@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from blip2.retrieval import Index, IndexRow, scoring
+from blip2.retrieval import Index, IndexRow, int8file, scoring
 from blip2.retrieval import index as index_module
 from blip2.retrieval.scoring import Int8Search, int8_faiss_index, int8_kernel_is_exact, int8_quantize, int8_scale
 
@@ -303,8 +303,8 @@ def test_index_uses_the_prefilter(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def _footer_generation(path: Path) -> int:
-    data = path.read_bytes()[-index_module._FOOTER_SIZE :]
-    return index_module._INT8_FOOTER.unpack_from(data)[3]
+    data = path.read_bytes()[-int8file._FOOTER_SIZE :]
+    return int8file._FOOTER.unpack_from(data)[3]
 
 
 @needs_faiss

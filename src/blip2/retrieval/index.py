@@ -19,10 +19,8 @@ into Python objects. Layout (little-endian):
 The cache is written to a temporary name and renamed, so readers see an old or a new file, never a torn one.
 
 With faiss installed, exact text search also keeps `<db>.i8`, an int8 copy of the embeddings that pre-filters the
-scan with a proven error bound (`scoring.Int8Search`): a faiss index file (memory-mapped), then scale float32 (D,),
-bounds float32 (n, 3) and a 128-byte footer (magic b"BLIP2I8\0", version, generation, n, Nq, D, uid, the offset of
-the trailer). It is derived from the cache, rebuilt when its footer is not the cache's, and written and renamed
-like it; an index without it (older, or made without faiss) just builds it on the first search.
+scan with a proven error bound (its format in int8file.py, the bound in `scoring.Int8Search`); an index without
+it (older, or made without faiss) just builds it on the first search.
 
 Image-to-image search uses the mean-pooled query vectors: similarity = cosine of the L2-normalised means. The
 alternative, max over the Nq x Nq query pairs, costs Nq times more (about 26 GFLOP for 100k images) for no
@@ -46,17 +44,8 @@ import numpy as np
 import torch
 
 from blip2.errors import Blip2Error
-from blip2.retrieval.scoring import (
-    EmbeddingShapeError,
-    Int8Search,
-    int8_faiss_index,
-    int8_faiss_read,
-    int8_faiss_write,
-    int8_kernel_is_exact,
-    int8_quantize,
-    int8_scale,
-    search_blocks,
-)
+from blip2.retrieval.int8file import load_int8, write_int8
+from blip2.retrieval.scoring import EmbeddingShapeError, Int8Search, int8_kernel_is_exact, search_blocks
 
 __all__ = ["FORMAT_VERSION", "Hit", "Index", "IndexFileError", "IndexRow", "OptionalDependencyError"]
 
@@ -67,10 +56,6 @@ _HEADER = struct.Struct("<8sIIqqqq32s")  # packed into the first 128 bytes
 _HEADER_SIZE = 128
 _FAISS_MAGIC = b"BLIP2FAI"
 _FAISS_HEADER = struct.Struct("<8sq32s")
-_INT8_MAGIC = b"BLIP2I8\0"
-_INT8_VERSION = 1
-_INT8_FOOTER = struct.Struct("<8sIIqqqq32sq")  # magic, version, 0, generation, n, Nq, D, uid, trailer offset
-_FOOTER_SIZE = 128
 _BLOCK_ROWS = 4096  # images per scanned block: 64 MB of float16 at Nq=32, D=256
 _READ_ROWS = 1024  # rows per SQLite fetch while rebuilding the cache
 
@@ -563,60 +548,13 @@ class Index:
             return self._int8[1]
         search = None
         if len(cache.ids) and int8_kernel_is_exact(self.dim):  # False without faiss
-            loaded = self._load_int8(cache) or self._write_int8(cache)
+            shape = (len(cache.ids), self.num_query, self.dim)
+            loaded = load_int8(self.int8_path, self._uid, cache.generation, *shape) or write_int8(
+                self.int8_path, self._uid, cache.generation, cache.emb
+            )
             search = Int8Search(*loaded, cache.emb, cache.ids)
         self._int8 = (cache.generation, search)
         return search
-
-    def _load_int8(self, cache: _Cache) -> tuple[Any, np.ndarray, np.ndarray] | None:
-        """(faiss index, scale, bounds) from `<db>.i8` if it is this cache's and whole, else None.
-
-        The file is a faiss index (memory-mapped where faiss can) followed by a trailer: scale float32 (D,),
-        bounds float32 (n, 3), and a 128-byte footer naming the database uid, generation and shapes.
-        """
-        n, nq, dim = len(cache.ids), self.num_query, self.dim
-        try:
-            size = self.int8_path.stat().st_size
-            with open(self.int8_path, "rb") as f:
-                f.seek(max(size - _FOOTER_SIZE, 0))
-                footer = f.read(_FOOTER_SIZE)
-                magic, version, _, gen, fn, fnq, fdim, uid, trailer = _INT8_FOOTER.unpack_from(footer)
-                if (magic, version, gen, fn, fnq, fdim, uid) != (
-                    *(_INT8_MAGIC, _INT8_VERSION, cache.generation, n, nq, dim),
-                    self._uid.encode(),
-                ) or size != trailer + 4 * dim + 12 * n + _FOOTER_SIZE:
-                    return None
-                f.seek(trailer)
-                scale = np.fromfile(f, dtype=np.float32, count=dim)
-                bounds = np.fromfile(f, dtype=np.float32, count=3 * n).reshape(n, 3)
-        except (OSError, struct.error, ValueError):
-            return None
-        index = int8_faiss_read(self.int8_path)
-        if index is None or (index.d, index.ntotal) != (dim, n * nq):
-            return None
-        return index, scale, bounds
-
-    def _write_int8(self, cache: _Cache) -> tuple[Any, np.ndarray, np.ndarray]:
-        """Quantise the cache into a faiss int8 index, save it to `<db>.i8` and map it back (kept in memory if
-        the file cannot be written)."""
-        n, dim = len(cache.ids), self.dim
-        index, codes = int8_faiss_index(dim, n * self.num_query)
-        scale, bounds = int8_scale(cache.emb), np.empty((n, 3), np.float32)
-        int8_quantize(cache.emb, scale, codes, bounds)
-        del codes  # a view into the index
-        tmp = self.int8_path.with_name(f"{self.int8_path.name}.tmp{os.getpid()}")
-        try:
-            int8_faiss_write(index, tmp)
-            trailer = tmp.stat().st_size
-            head = (_INT8_MAGIC, _INT8_VERSION, 0, cache.generation, n, self.num_query, dim, self._uid.encode())
-            footer = _INT8_FOOTER.pack(*head, trailer)
-            with open(tmp, "ab") as f:
-                f.write(scale.tobytes() + bounds.tobytes() + footer.ljust(_FOOTER_SIZE, b"\0"))
-            os.replace(tmp, self.int8_path)
-        except (OSError, RuntimeError):
-            tmp.unlink(missing_ok=True)  # only a cache: search works from memory
-            return index, scale, bounds
-        return self._load_int8(cache) or (index, scale, bounds)
 
     # ------------------------------------------------------------------ approximate (faiss)
 
