@@ -133,6 +133,11 @@ def timed(fn, repeat: int = 3) -> tuple[float, list[float], object]:
     return sorted(runs)[len(runs) // 2], runs, out
 
 
+def equal_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens two generations share before their first difference."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def reference_dtype(ours: str, asked: str | None = None) -> str:
     """transformers' dtype beside ours: the one asked for, else ours; bf16 against our int8 (it has no CPU int8)."""
     return asked or ("bf16" if ours == "int8" else ours)

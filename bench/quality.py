@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import make_full_checkpoint, write_result
+from common import equal_prefix, make_full_checkpoint, write_result
 
 PROMPTS = ["", "a photo of", "Question: what is in the picture? Answer:", "Question: what colour is it? Answer:"]
 
@@ -81,8 +81,7 @@ def compare(a: dict, b: dict) -> dict:
     identical = [x == y for x, y in zip(a["tokens"], b["tokens"])]
     prefix = []
     for x, y in zip(a["tokens"], b["tokens"]):
-        n = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
-        prefix.append(n / max(len(x), 1))
+        prefix.append(equal_prefix(x, y) / max(len(x), 1))
     return {
         "positions": int(la.shape[0]),
         "max_abs_logit_deviation": float((la - lb).abs().max()),

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine, reference_dtype, write_result
+from common import equal_prefix, machine, reference_dtype, write_result
 from PIL import Image
 
 
@@ -85,7 +85,7 @@ def same_tokens(ours: list[list[int]], ref: list[list[int]], specials: set[int])
     for a, b in zip(ours, ref):
         b = [t for t in b if t not in specials]
         same += a == b
-        prefix += next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        prefix += equal_prefix(a, b)
         total += max(len(a), len(b))
     return same, prefix / max(total, 1)
 
