@@ -3,10 +3,12 @@
     python bench/matmul.py [--threads 1]
 
 For each shape (rows x in -> out): fp32 `F.linear`, bf16 `F.linear` (emulated on CPUs without AVX512-BF16), bf16
-summed in fp32 (`quant.StoredLinear`: upcast the weight into a reused buffer, fp32 GEMM, round the result),
-PyTorch's int8-weight `_weight_int8pack_mm` (bf16 activations, as quant.Int8Linear calls it), and dequantize-then-
-fp32. Median of 7 runs in milliseconds; results in bench/results/matmul.json. (Not named kernels.py: transformers
-imports a package of that name when it can, and bench/ comes first on sys.path.)
+summed in fp32 (`quant.StoredLinear`: the weight widened to fp32 a block at a time, fp32 GEMM, result rounded),
+PyTorch's int8-weight `_weight_int8pack_mm` (bf16 activations, as quant.Int8Linear calls it below
+`INT8_FP32_MIN_ROWS` rows), int8 widened to fp32 a block at a time (`quant._widened_mm`, as Int8Linear runs from
+there), and the whole int8 weight dequantized, then fp32. Median of 7 runs in milliseconds; results in
+bench/results/matmul.json (`--threads 1`) or matmul_<N>threads.json. (Not named kernels.py: transformers imports
+a package of that name when it can, and bench/ comes first on sys.path.)
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from common import write_result
 
-from blip2.quant import StoredLinear
+from blip2.quant import StoredLinear, _widened_mm
 
 SHAPES = {  # (rows, in, out)
     "LM fc1, decoding 1 sequence": (1, 2560, 10240),
@@ -27,6 +29,7 @@ SHAPES = {  # (rows, in, out)
     "LM fc1, 16 rows": (16, 2560, 10240),
     "LM fc1, 32 rows": (32, 2560, 10240),
     "LM fc1, prefill of 64 tokens": (64, 2560, 10240),
+    "LM fc1, prefill of 8 prompts (352 rows)": (352, 2560, 10240),
     "vision fc1, 8 rows": (8, 1408, 6144),
     "vision fc1, 16 rows": (16, 1408, 6144),
     "vision fc1, one image (257 tokens)": (257, 1408, 6144),
@@ -56,6 +59,7 @@ def time_shape(m: int, k: int, n: int) -> dict[str, float]:
         "bf16": median_ms(lambda: F.linear(xb, wb), 3),
         "bf16 summed in fp32": median_ms(lambda: fast(xb)),  # quant.StoredLinear, as dtype="bf16" runs here
         "int8 weights": median_ms(lambda: torch._weight_int8pack_mm(x.bfloat16(), wq, scale.bfloat16()).float()),
+        "int8 widened to fp32": median_ms(lambda: _widened_mm(x, wq, scale, None)),
         "dequantize + fp32": median_ms(lambda: F.linear(x, wq.float() * scale[:, None])),
     }
 
@@ -69,7 +73,8 @@ def main() -> None:
     for name, shape in SHAPES.items():
         rows[name] = time_shape(*shape)
         print(name, {k: round(v, 1) for k, v in rows[name].items()}, flush=True)
-    print(write_result("matmul", {"command": f"python bench/matmul.py --threads {args.threads}", "ms": rows}))
+    name = "matmul" if args.threads == 1 else f"matmul_{args.threads}threads"
+    print(write_result(name, {"command": f"python bench/matmul.py --threads {args.threads}", "ms": rows}))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from torch import nn
 
 import blip2
 from blip2.cli import main
-from blip2.quant import Int8Linear, StoredEmbedding, StoredLinear, quantized_bytes
+from blip2.quant import INT8_FP32_MIN_ROWS, Int8Linear, StoredEmbedding, StoredLinear, quantized_bytes
 
 
 def _pair(folder):
@@ -78,9 +78,26 @@ def test_int8_linear_matches_its_dequantized_weights(rows, width):
     torch.testing.assert_close(q(x), want, atol=0.05, rtol=0.02)
 
 
+@pytest.mark.parametrize("width", [32, 37])
+def test_int8_linear_with_many_rows_multiplies_in_fp32(width):
+    """If this fails, a prompt's prefill or a batch (>= 24 rows) through an int8 layer computes something else
+    than x @ W^T with the dequantized weight in fp32 (the widened route, 2x faster than the int8 kernel there),
+    e.g. a block of output channels left out or scaled by another channel's scale."""
+    torch.manual_seed(0)
+    lin = nn.Linear(width, 1100)  # 1100 output channels: two full blocks of 512 and a partial one
+    q = Int8Linear(lin)
+    q.set_weight(lin.weight.detach())
+    x = torch.randn(3, INT8_FP32_MIN_ROWS // 3, width)
+    with torch.no_grad():
+        got = q(x)
+    want = torch.nn.functional.linear(x.double(), q.dequantized().double(), lin.bias.detach().double())
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)  # no bf16 rounding of x on this route
+
+
 def _emulated(folder, q):
     """The fp32 model with the int8 model's arithmetic spelled out: dequantized weights, bf16 rounding of the
-    inputs and outputs of each int8 product (the kernel's), bf16-rounded vision weights and embeddings."""
+    inputs and outputs of each int8 product with few rows (the int8 kernel's), bf16-rounded vision weights and
+    embeddings."""
     f = blip2.load(folder, dtype="fp32")
     quantized = dict(q.model.named_modules())
     for name, mod in f.model.named_modules():
@@ -93,8 +110,11 @@ def _emulated(folder, q):
         if qm.in_features % 8:  # the dequantizing path: fp32 throughout
             continue
         bias = mod.bias if mod.bias is not None else 0.0
-        mod.register_forward_pre_hook(lambda m, args: (args[0].bfloat16().float(),))
-        mod.register_forward_hook(lambda m, args, out, b=bias: (out - b).bfloat16().float() + b)
+        few = lambda x, m=mod: x.numel() < INT8_FP32_MIN_ROWS * m.in_features  # noqa: E731 - else fp32 throughout
+        mod.register_forward_pre_hook(lambda m, args: (args[0].bfloat16().float(),) if few(args[0]) else None)
+        mod.register_forward_hook(
+            lambda m, args, out, b=bias: (out - b).bfloat16().float() + b if few(args[0]) else None
+        )
     return f
 
 

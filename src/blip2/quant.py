@@ -8,14 +8,16 @@ A frozen BLIP-2 spends its time in linear layers of two kinds, and they want dif
   1 byte per weight instead of 4 pays. PyTorch's own `_weight_int8pack_mm` (int8 weights, one scale per output
   channel, bf16 activations) takes 5.3 ms for OPT-2.7B's 2560x10240 `fc1` at one row against 7.9 ms in fp32, and
   12.5 vs 39.0 ms at 8 rows;
-* the vision encoder multiplies 257 rows per image: compute-bound. There the same int8 kernel is 2.3x slower than
-  the fp32 GEMM (199 vs 87 ms), and `torch._int_mm` (int8 activations too) has no fast CPU path at all. So the
-  vision encoder keeps fp32 arithmetic on weights *stored* in bf16 (half the memory; the upcast costs ~6% of the
-  matmul).
+* the vision encoder multiplies 257 rows per image, and the LLM's prefill 30-50 rows per prompt: compute-bound.
+  There the same int8 kernel is 2.3x slower than the fp32 GEMM (199 vs 87 ms for vision fc1), and `torch._int_mm`
+  (int8 activations too) has no fast CPU path at all. So these products run in fp32 on weights widened from their
+  narrow storage a block at a time (`_widened_mm`: the wide block stays in the cache, which makes it as fast as an
+  fp32 GEMM on fp32 weights).
 
-So `int8` means: language-model linears (with the output head) int8 per output channel; vision linears bf16
-storage, fp32 arithmetic; the Q-Former, norms, biases and embeddings as the reference keeps them (the Q-Former in
-fp32, the token embeddings stored bf16). Quality is measured, not assumed: `tests/test_quant.py` bounds the logit
+So `int8` means: language-model linears (with the output head) int8 per output channel, multiplied by the int8
+kernel below `INT8_FP32_MIN_ROWS` rows and widened to fp32 from there; vision linears bf16 storage, fp32
+arithmetic; the Q-Former, norms, biases and embeddings as the reference keeps them (the Q-Former in fp32, the token
+embeddings stored bf16). Quality is measured, not assumed: `tests/test_quant.py` bounds the logit
 deviation from fp32 on the tiny models and `bench/quality.py` reports it on the full-size architecture.
 
 The swapped modules are created before loading, with their `weight` still on the meta device; the loader hands
@@ -63,6 +65,9 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() >= INT8_FP32_MIN_ROWS * self.in_features and _widening_applies(x):
+            y = _widened_mm(x.reshape(-1, self.in_features).float(), self.weight, self.scale, self.bias)
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         # torch 2.13's CPU kernel reads out of bounds (segfault) when in_features is not a multiple of 8 and
         # there is more than one row; such layers (only in toy models) take the dequantizing path
         if x.device.type == "cpu" and self.in_features % 8 == 0:
@@ -93,11 +98,11 @@ def _(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Te
 class StoredLinear(nn.Linear):
     """A linear layer whose weight is stored in a narrower dtype (bf16) and multiplied in a wider one.
 
-    With an input of another dtype (fp32 under `dtype="int8"`) the weight is upcast to it. With an input in the
+    With an input of another dtype (fp32 under `dtype="int8"`) the weight is widened to it. With an input in the
     storage dtype itself (`dtype="bf16"` on a CPU without bf16 instructions, see `bf16_sums_in_fp32`) the product
     runs in fp32 and is rounded back to bf16: exact products summed in fp32 is what a bf16 GEMM computes, so the
     result differs from the native kernel only by the order of the sums (one bf16 step on ~0.02% of the outputs),
-    and at 257 rows it is 4x faster here. Below `min_rows` rows (decoding) upcasting the weight costs more than the
+    and at 257 rows it is 4x faster here. Below `min_rows` rows (decoding) widening the weight costs more than the
     native kernel saves, and with gradients enabled the fp32 copy would be kept for the backward pass: both take
     the native kernel.
     """
@@ -114,30 +119,53 @@ class StoredLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute = x.dtype
         if x.dtype == self.weight.dtype:
-            rows = x.numel() // self.in_features
-            if rows < self.min_rows or x.device.type != "cpu" or torch.is_grad_enabled():
+            if x.numel() < self.min_rows * self.in_features or not _widening_applies(x):
                 return F.linear(x, self.weight, self.bias)
             compute = torch.float32
         bias = None if self.bias is None else self.bias.to(compute)
-        return F.linear(x.to(compute), _upcast(self.weight, compute), bias).to(x.dtype)
+        if not _widening_applies(x):
+            return F.linear(x.to(compute), self.weight.to(compute), bias).to(x.dtype)
+        y = _widened_mm(x.reshape(-1, self.in_features).to(compute), self.weight, None, bias)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, stored {self.storage}"
 
 
 _scratch = threading.local()
+WIDEN_BLOCK = 512  # output channels widened at a time: 512 x 2560 fp32 is 5 MB, within the L3 cache
 
 
-def _upcast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """w in `dtype`, written into one reused buffer per thread: a fresh 35 MB tensor per layer and call would be
-    page-faulted in each time (measured: vision 7.3 s per image instead of 5.0). Layers run one after another,
-    so the next call may overwrite it."""
-    if w.dtype == dtype or torch.compiler.is_compiling() or torch.is_grad_enabled():
-        return w.to(dtype)
+def _widening_applies(x: torch.Tensor) -> bool:
+    """`_widened_mm` serves CPU inference. With gradients the widened blocks would be kept for the backward pass,
+    and a compiled graph gets the plain product (inductor plans its own buffers)."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def _widened_mm(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x @ (weight * scale)^T + bias in x's dtype (fp32) for a weight stored narrow (int8 with per-channel scales,
+    or bf16): `WIDEN_BLOCK` output channels at a time are widened into one reused per-thread buffer and multiplied
+    there, so the wide copy stays in the cache and never exists whole. Measured (`bench/matmul.py`, two threads):
+    as fast as a plain fp32 GEMM on fp32 weights or faster (vision fc1 at 257 rows 43 ms against 69 ms upcasting
+    the whole weight), and 2.1x faster than the int8 kernel for an OPT-2.7B layer at 352 rows (8 prompts)."""
+    out_features, in_features = weight.shape
+    block = min(WIDEN_BLOCK, out_features)
     buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < w.numel() or buf.dtype != dtype or buf.device != w.device:
-        buf = _scratch.buf = torch.empty(w.numel(), dtype=dtype, device=w.device)
-    return buf[: w.numel()].view(w.shape).copy_(w)
+    if buf is None or buf.numel() < block * in_features or buf.dtype != x.dtype:
+        buf = _scratch.buf = torch.empty(block * in_features, dtype=x.dtype)
+    y = x.new_empty(x.shape[0], out_features)
+    for j in range(0, out_features, block):
+        n = min(block, out_features - j)
+        w = buf[: n * in_features].view(n, in_features).copy_(weight[j : j + n])
+        if scale is not None:
+            w.mul_(scale[j : j + n, None])
+        if bias is None:
+            torch.mm(x, w.t(), out=y[:, j : j + n])
+        else:
+            torch.addmm(bias[j : j + n].to(x.dtype), x, w.t(), out=y[:, j : j + n])
+    return y
 
 
 class StoredEmbedding(nn.Embedding):
@@ -183,6 +211,11 @@ def prepare(model: nn.Module, scheme: str, compute: torch.dtype = torch.float32)
         _swap(lm, lambda m: StoredEmbedding(m, torch.bfloat16, compute) if shares_table(m) else None)
     _swap(model.vision_model, lambda m: StoredLinear(m, torch.bfloat16) if type(m) is nn.Linear else None)
 
+
+# Rows from which the widened fp32 route (`_widened_mm`) is as fast as `_weight_int8pack_mm` for OPT-2.7B's layers
+# (two threads, AVX2): equal at 24 rows, 1.15x at 44 (one prompt's prefill), 2.1x at 352 (eight). Decoding (a row
+# per sequence) stays on the int8 kernel, which reads a quarter of the bytes.
+INT8_FP32_MIN_ROWS = 24
 
 # Rows from which the fp32 route beats the emulated bf16 kernel (`python bench/matmul.py`, AVX2): on one thread
 # between 8 and 16 for both OPT-2.7B's 2560x10240 layer and the vision encoder's 1408x6144; on two threads between

@@ -61,6 +61,26 @@ def test_batcher_groups_by_options_and_respects_size() -> None:
     assert max(fake.calls) == 3 and sum(fake.calls) == 10 and len(fake.calls) == 4  # 5 greedy: 3+2, 5 beams: 3+2
 
 
+def test_batcher_keeps_closed_loop_clients_together() -> None:
+    """8 clients that each send again as soon as they are answered must share full batches. If the wait counted
+    from arrival only, a request that queued during a batch would leave alone right after it, and the server would
+    alternate batches of 1 and 7 for ever (seen in bench/serve_load.py: mean batch 4.2 of 8)."""
+    fake = FakeModel(delay=0.3)
+    rounds = 4
+
+    async def client(b: MicroBatcher, k: int):
+        await asyncio.sleep(0 if k == 0 else 0.25)  # client 0 alone (its batch leaves at 0.2 s); others while it runs
+        for r in range(rounds):
+            await b.submit(f"img{k}", f"p{k}.{r}", GenerationOptions())
+            await asyncio.sleep(0.005)  # the client reads its answer and sends the next request
+
+    async def body(b: MicroBatcher):
+        await asyncio.gather(*[client(b, k) for k in range(8)])
+
+    run(with_batcher(fake, body, max_batch_size=8, max_wait_ms=200))
+    assert fake.calls == [1] + [8] * (rounds - 1) + [7]
+
+
 def test_batcher_n_and_seeded_sampling_alone() -> None:
     fake = FakeModel()
     sampled = GenerationOptions(do_sample=True, seed=1, num_return_sequences=2)

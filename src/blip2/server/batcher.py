@@ -2,8 +2,11 @@
 
 Requests wait in arrival order. The oldest one opens a batch and waits at most `max_wait_ms` for more requests with
 the same generation options (up to `max_batch_size`); then the batch runs in a single worker thread, so the event loop
-keeps accepting requests meanwhile. While a batch runs, new requests pile up and form the next batch at once: under
-load batches fill themselves, and an idle server adds at most `max_wait_ms` of latency.
+keeps accepting requests meanwhile. The wait counts from the request's arrival or from the moment the model became
+free, whichever is later: a request that arrived while a batch ran still waits `max_wait_ms` after it, for the
+clients that batch has just answered to send their next requests. Without that, 8 clients that each send again on
+an answer settle into alternating batches (1, 7, 1, 7, ...): the lone early request found its wait long over and
+left alone. Under load batches fill themselves, and an idle server adds at most `max_wait_ms` of latency.
 
 Batching never changes an answer (`Blip2.generate` is batch-invariant), with one exception handled here: a seeded
 sampling request runs alone, because the random stream of a batch depends on its other members.
@@ -72,6 +75,7 @@ class MicroBatcher:
         # One thread: the model is not re-entrant, and torch already spreads one call over the CPU cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blip2-generate")
         self._task: asyncio.Task | None = None
+        self._free_since = 0.0  # monotonic time at which the last batch's answers were handed out
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -131,6 +135,7 @@ class MicroBatcher:
                         job.future.set_exception(result)
                     else:
                         job.future.set_result(result)
+                self._free_since = time.monotonic()
 
     async def _next_batch(self) -> list[Job]:
         """Wait until the oldest request's batch is full or its wait is over, then take that batch."""
@@ -138,7 +143,7 @@ class MicroBatcher:
         if not self._pending:
             return []
         first = self._pending[0]
-        deadline = first.arrived + self.max_wait
+        deadline = max(first.arrived, self._free_since) + self.max_wait
         while self._count(first.key) < self.max_batch_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
