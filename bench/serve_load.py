@@ -82,13 +82,13 @@ def start_server(model: Path, batch: int, args: argparse.Namespace, log: Path) -
         args.device,
         "--max-batch-size",
         str(batch),
-        "--max-wait-ms",
-        str(args.max_wait_ms),
         "--max-queue",
         "256",
         "--log-level",
         "warning",
     ]
+    if args.max_wait_ms is not None:
+        cmd += ["--max-wait-ms", str(args.max_wait_ms)]
     proc = subprocess.Popen(
         cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
     )
@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per mode")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--max-wait-ms", type=float, help="the server's --max-wait-ms [its default]")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--load-timeout", type=float, default=600.0)
@@ -225,6 +225,7 @@ def main() -> None:
         "clients": args.clients,
         "duration_s": args.duration,
         "max_tokens": args.max_tokens,
+        "max_wait_ms": args.max_wait_ms if args.max_wait_ms is not None else "server default",
         "dtype": args.dtype,
         "device": args.device,
         "cpu_count": os.cpu_count(),

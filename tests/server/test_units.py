@@ -14,6 +14,7 @@ from starlette.testclient import TestClient
 from blip2.pipeline import Generation, GenerationOptions
 from blip2.server import ServerSettings, create_app
 from blip2.server import images as img
+from blip2.server import batcher as batcher_module
 from blip2.server.batcher import MicroBatcher, QueueFull
 from blip2.server.schema import ApiError
 
@@ -79,6 +80,31 @@ def test_batcher_keeps_closed_loop_clients_together() -> None:
 
     run(with_batcher(fake, body, max_batch_size=8, max_wait_ms=200))
     assert fake.calls == [1] + [8] * (rounds - 1) + [7]
+
+
+@pytest.mark.parametrize("max_wait_ms", [None, 10.0])
+def test_batcher_auto_wait_lets_slow_clients_rejoin(monkeypatch, max_wait_ms) -> None:
+    """Clients that need 30 ms to send again (HTTP, JSON, image decoding under load) miss a fixed 10 ms wait and
+    the batches stay split; the default wait, a share of the last batch's time, lets them rejoin. If this fails
+    with None, a full-size server batches 4 of 8 requests (measured: bench/serve_load.py --full, 10 ms)."""
+    monkeypatch.setattr(batcher_module, "AUTO_WAIT_SHARE", 0.5)  # 0.2 s batches -> 100 ms (the server: 2%)
+    fake = FakeModel(delay=0.2)
+    rounds = 4
+
+    async def client(b: MicroBatcher, k: int):
+        await asyncio.sleep(0 if k == 0 else 0.05)  # client 0 alone (its batch leaves at 10 ms); others while it runs
+        for r in range(rounds):
+            await b.submit(f"img{k}", f"p{k}.{r}", GenerationOptions())
+            await asyncio.sleep(0.03)
+
+    async def body(b: MicroBatcher):
+        await asyncio.gather(*[client(b, k) for k in range(8)])
+
+    run(with_batcher(fake, body, max_batch_size=8, max_wait_ms=max_wait_ms))
+    if max_wait_ms is None:
+        assert fake.calls == [1] + [8] * (rounds - 1) + [7]
+    else:
+        assert fake.calls[:4] == [1, 7, 1, 7]
 
 
 def test_batcher_n_and_seeded_sampling_alone() -> None:

@@ -34,9 +34,9 @@ from .options import model_options
 @click.option(
     "--max-wait-ms",
     type=click.FloatRange(min=0),
-    default=10.0,
-    show_default=True,
-    help="How long the first request of a batch waits for more.",
+    default=None,
+    help="How long the oldest waiting request waits for more, counted from when the model is free "
+    "[default: 2% of the last batch's time, between 10 and 250 ms].",
 )
 @click.option(
     "--max-queue",
@@ -110,7 +110,7 @@ def serve(
     port: int,
     served_model_name: str | None,
     max_batch_size: int,
-    max_wait_ms: float,
+    max_wait_ms: float | None,
     max_queue: int,
     api_key: str | None,
     allow_remote_images: bool,

@@ -8,6 +8,12 @@ clients that batch has just answered to send their next requests. Without that, 
 an answer settle into alternating batches (1, 7, 1, 7, ...): the lone early request found its wait long over and
 left alone. Under load batches fill themselves, and an idle server adds at most `max_wait_ms` of latency.
 
+`max_wait_ms=None` (the server's default) waits `AUTO_WAIT_SHARE` of the last batch's time, between
+`AUTO_WAIT_MIN_S` and `AUTO_WAIT_MAX_S`: a client answered by a batch needs some tens of milliseconds to send again
+(HTTP, JSON, image decoding, here on 2 cores), which a tiny model's 50 ms batches cannot afford to wait but a
+full-size model's 40 s batches can (measured with 10 ms at full size: `bench/serve_load.py --full`, mean batch 4.4
+of 8).
+
 Batching never changes an answer (`Blip2.generate` is batch-invariant), with one exception handled here: a seeded
 sampling request runs alone, because the random stream of a batch depends on its other members.
 """
@@ -28,6 +34,9 @@ from ..pipeline import Generation, GenerationOptions
 log = logging.getLogger("blip2.server")
 
 GenerateFn = Callable[[Sequence[Any], Sequence[str], GenerationOptions], list[Generation]]
+
+
+AUTO_WAIT_SHARE, AUTO_WAIT_MIN_S, AUTO_WAIT_MAX_S = 0.02, 0.010, 0.250
 
 
 class QueueFull(Exception):
@@ -60,13 +69,14 @@ class MicroBatcher:
     """`await submit(image, prompt, options)` -> that request's generations (`options.num_return_sequences` of them)."""
 
     def __init__(
-        self, generate: GenerateFn, max_batch_size: int = 8, max_wait_ms: float = 10.0, max_queue: int = 64
+        self, generate: GenerateFn, max_batch_size: int = 8, max_wait_ms: float | None = None, max_queue: int = 64
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
+        if max_batch_size < 1 or max_queue < 1 or (max_wait_ms is not None and max_wait_ms < 0):
             raise ValueError(f"bad batcher limits: batch {max_batch_size}, queue {max_queue}, wait {max_wait_ms} ms")
         self.generate = generate
         self.max_batch_size = max_batch_size
-        self.max_wait = max_wait_ms / 1000.0
+        self.max_wait = None if max_wait_ms is None else max_wait_ms / 1000.0  # None: from the last batch's time
+        self._last_batch_s = 0.0
         self.max_queue = max_queue
         self.stats = BatchStats()
         self._pending: list[Job] = []
@@ -124,10 +134,12 @@ class MicroBatcher:
                 if not batch:
                     continue
                 self.stats.add(len(batch))
+                started = time.monotonic()
                 try:
                     results = await loop.run_in_executor(self._executor, self._generate_batch, batch)
                 except Exception as e:  # noqa: BLE001 - _generate_batch already isolates per-request failures
                     results = [e] * len(batch)
+                self._last_batch_s = time.monotonic() - started
                 for job, result in zip(batch, results):
                     if job.future.done():  # the client went away meanwhile
                         continue
@@ -143,7 +155,7 @@ class MicroBatcher:
         if not self._pending:
             return []
         first = self._pending[0]
-        deadline = max(first.arrived, self._free_since) + self.max_wait
+        deadline = max(first.arrived, self._free_since) + self.wait_s()
         while self._count(first.key) < self.max_batch_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -157,6 +169,12 @@ class MicroBatcher:
         taken = {id(j) for j in batch}
         self._pending = [j for j in self._pending if id(j) not in taken]
         return batch
+
+    def wait_s(self) -> float:
+        """Seconds the oldest request waits for company (module docstring)."""
+        if self.max_wait is not None:
+            return self.max_wait
+        return min(max(AUTO_WAIT_SHARE * self._last_batch_s, AUTO_WAIT_MIN_S), AUTO_WAIT_MAX_S)
 
     def _count(self, key: Any) -> int:
         return sum(1 for j in self._pending if j.key == key)
