@@ -80,18 +80,33 @@ def test_int8_linear_matches_its_dequantized_weights(rows, width):
 
 @pytest.mark.parametrize("width", [32, 37])
 def test_int8_linear_with_many_rows_multiplies_in_fp32(width):
-    """If this fails, a prompt's prefill or a batch (>= 24 rows) through an int8 layer computes something else
-    than x @ W^T with the dequantized weight in fp32 (the widened route, 2x faster than the int8 kernel there),
+    """If this fails, a prompt's prefill (>= 24 positions) through an int8 layer computes something else than
+    x @ W^T with the dequantized weight in fp32 (the widened route, 2x faster than the int8 kernel for 8 prompts),
     e.g. a block of output channels left out or scaled by another channel's scale."""
     torch.manual_seed(0)
     lin = nn.Linear(width, 1100)  # 1100 output channels: two full blocks of 512 and a partial one
     q = Int8Linear(lin)
     q.set_weight(lin.weight.detach())
-    x = torch.randn(3, INT8_FP32_MIN_ROWS // 3, width)
+    x = torch.randn(3, INT8_FP32_MIN_ROWS, width)
     with torch.no_grad():
         got = q(x)
     want = torch.nn.functional.linear(x.double(), q.dequantized().double(), lin.bias.detach().double())
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)  # no bf16 rounding of x on this route
+
+
+@pytest.mark.parametrize("positions", [1, INT8_FP32_MIN_ROWS + 6])  # decoding steps; a prompt's prefill
+def test_int8_linear_gives_each_sequence_of_a_batch_what_it_gives_alone(positions):
+    """If this fails, a batch of sequences takes another kernel than each sequence alone (say 8 images x 3 beams
+    decoding: 24 rows), and batched answers differ from one-by-one answers in the server and batch captioning."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 96)
+    q = Int8Linear(lin)
+    q.set_weight(lin.weight.detach())
+    x = torch.randn(40, positions, 64)
+    with torch.no_grad():
+        batched = q(x)
+        for i in range(len(x)):
+            assert torch.equal(batched[i], q(x[i : i + 1])[0]), i
 
 
 def _emulated(folder, q):
@@ -110,7 +125,7 @@ def _emulated(folder, q):
         if qm.in_features % 8:  # the dequantizing path: fp32 throughout
             continue
         bias = mod.bias if mod.bias is not None else 0.0
-        few = lambda x, m=mod: x.numel() < INT8_FP32_MIN_ROWS * m.in_features  # noqa: E731 - else fp32 throughout
+        few = lambda x: x.shape[-2] < INT8_FP32_MIN_ROWS  # noqa: E731 - decoding steps; prefill is fp32 throughout
         mod.register_forward_pre_hook(lambda m, args: (args[0].bfloat16().float(),) if few(args[0]) else None)
         mod.register_forward_hook(
             lambda m, args, out, b=bias: (out - b).bfloat16().float() + b if few(args[0]) else None

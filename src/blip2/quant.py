@@ -15,7 +15,7 @@ A frozen BLIP-2 spends its time in linear layers of two kinds, and they want dif
   fp32 GEMM on fp32 weights).
 
 So `int8` means: language-model linears (with the output head) int8 per output channel, multiplied by the int8
-kernel below `INT8_FP32_MIN_ROWS` rows and widened to fp32 from there; vision linears bf16 storage, fp32
+kernel below `INT8_FP32_MIN_ROWS` positions per sequence (decoding) and widened to fp32 from there (prefill); vision linears bf16 storage, fp32
 arithmetic; the Q-Former, norms, biases and embeddings as the reference keeps them (the Q-Former in fp32, the token
 embeddings stored bf16). Quality is measured, not assumed: `tests/test_quant.py` bounds the logit
 deviation from fp32 on the tiny models and `bench/quality.py` reports it on the full-size architecture.
@@ -65,7 +65,7 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() >= INT8_FP32_MIN_ROWS * self.in_features and _widening_applies(x):
+        if _positions(x) >= INT8_FP32_MIN_ROWS and _widening_applies(x):
             y = _widened_mm(x.reshape(-1, self.in_features).float(), self.weight, self.scale, self.bias)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         # torch 2.13's CPU kernel reads out of bounds (segfault) when in_features is not a multiple of 8 and
@@ -102,7 +102,7 @@ class StoredLinear(nn.Linear):
     storage dtype itself (`dtype="bf16"` on a CPU without bf16 instructions, see `bf16_sums_in_fp32`) the product
     runs in fp32 and is rounded back to bf16: exact products summed in fp32 is what a bf16 GEMM computes, so the
     result differs from the native kernel only by the order of the sums (one bf16 step on ~0.02% of the outputs),
-    and at 257 rows it is 4x faster here. Below `min_rows` rows (decoding) widening the weight costs more than the
+    and at 257 rows it is 4x faster here. Below `min_rows` positions (decoding) widening the weight costs more than the
     native kernel saves, and with gradients enabled the fp32 copy would be kept for the backward pass: both take
     the native kernel.
     """
@@ -119,7 +119,7 @@ class StoredLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute = x.dtype
         if x.dtype == self.weight.dtype:
-            if x.numel() < self.min_rows * self.in_features or not _widening_applies(x):
+            if _positions(x) < self.min_rows or not _widening_applies(x):
                 return F.linear(x, self.weight, self.bias)
             compute = torch.float32
         bias = None if self.bias is None else self.bias.to(compute)
@@ -134,6 +134,13 @@ class StoredLinear(nn.Linear):
 
 _scratch = threading.local()
 WIDEN_BLOCK = 512  # output channels widened at a time: 512 x 2560 fp32 is 5 MB, within the L3 cache
+
+
+def _positions(x: torch.Tensor) -> int:
+    """Positions per sequence of a (..., positions, features) input: what picks the kernel, never the batch size,
+    so that a batch takes the route each of its members takes alone (a prompt's prefill widened, every decoding
+    step on the narrow kernel, whatever the batch or beam count) and gives the same answers."""
+    return x.shape[-2] if x.dim() >= 3 else x.shape[0]
 
 
 def _widening_applies(x: torch.Tensor) -> bool:
@@ -212,21 +219,23 @@ def prepare(model: nn.Module, scheme: str, compute: torch.dtype = torch.float32)
     _swap(model.vision_model, lambda m: StoredLinear(m, torch.bfloat16) if type(m) is nn.Linear else None)
 
 
-# Rows from which the widened fp32 route (`_widened_mm`) is as fast as `_weight_int8pack_mm` for OPT-2.7B's layers
-# (two threads, AVX2): equal at 24 rows, 1.15x at 44 (one prompt's prefill), 2.1x at 352 (eight). Decoding (a row
-# per sequence) stays on the int8 kernel, which reads a quarter of the bytes.
+# Positions per sequence (`_positions`) from which a product takes the widened fp32 route (`_widened_mm`). For
+# OPT-2.7B's layers (two threads, AVX2) it is as fast as `_weight_int8pack_mm` at 24 rows, faster at a prompt's
+# prefill (46 positions: 3.2-3.5 s against 3.9 s for the whole prefill) and 2x at eight prompts (16 against 32 s).
+# Decoding steps (one position) stay on the int8 kernel, which reads a quarter of the bytes.
 INT8_FP32_MIN_ROWS = 24
 
-# Rows from which the fp32 route beats the emulated bf16 kernel (`python bench/matmul.py`, AVX2): on one thread
-# between 8 and 16 for both OPT-2.7B's 2560x10240 layer and the vision encoder's 1408x6144; on two threads between
-# 16 and 32 for the first, 8 and 16 for the second. Decoding (1-8 rows) stays native either way.
+# Positions per sequence from which bf16 products sum in fp32. The fp32 route beats the emulated bf16 kernel from
+# (`python bench/matmul.py`, AVX2) between 8 and 16 rows on one thread for both OPT-2.7B's 2560x10240 layer and the
+# vision encoder's 1408x6144, on two threads between 16 and 32 for the first, 8 and 16 for the second. Decoding
+# steps stay native whatever the batch.
 BF16_FP32_MIN_ROWS = 24
 
 
 def bf16_sums_in_fp32(model: nn.Module) -> None:
     """For a bf16 model on a CPU without bf16 instructions (AVX2 only), where PyTorch emulates bf16 GEMMs at about
     a fifth of the fp32 speed: make every bf16 linear layer but the LM's output head a `StoredLinear` that sums in
-    fp32 from `BF16_FP32_MIN_ROWS` rows (the vision encoder, prompt prefill, batches). The weights stay the same
+    fp32 from `BF16_FP32_MIN_ROWS` positions per sequence (the vision encoder, prompt prefill). The weights stay the same
     bf16 parameters (memory, saving and state dict unchanged); the head is left alone, since its weight is the
     largest (a 500 MB fp32 copy) and it sees few rows while generating."""
     lm = getattr(model, "language_model", None)
