@@ -6,10 +6,10 @@ A frozen BLIP-2 spends its time in linear layers of two kinds, and they want dif
 
 * the LLM while decoding multiplies a few rows (one per sequence) by each weight matrix: memory-bound, so reading
   1 byte per weight instead of 4 pays. PyTorch's own `_weight_int8pack_mm` (int8 weights, one scale per output
-  channel, bf16 activations) takes 5.3 ms for OPT-2.7B's 2560x10240 `fc1` at one row against 7.9 ms in fp32, and
-  12.5 vs 39.0 ms at 8 rows;
+  channel, bf16 activations) takes 5.6 ms for OPT-2.7B's 2560x10240 `fc1` at one row against 10.2 ms in fp32, and
+  15.2 vs 43.2 ms at 8 rows;
 * the vision encoder multiplies 257 rows per image, and the LLM's prefill 30-50 rows per prompt: compute-bound.
-  There the same int8 kernel is 2.3x slower than the fp32 GEMM (199 vs 87 ms for vision fc1), and `torch._int_mm`
+  There the same int8 kernel is 2.2x slower than the fp32 GEMM (212 vs 97 ms for vision fc1), and `torch._int_mm`
   (int8 activations too) has no fast CPU path at all. So these products run in fp32 on weights widened from their
   narrow storage a block at a time (`_widened_mm`: the wide block stays in the cache, which makes it as fast as an
   fp32 GEMM on fp32 weights).
@@ -154,9 +154,9 @@ def _widened_mm(
 ) -> torch.Tensor:
     """x @ (weight * scale)^T + bias in x's dtype (fp32) for a weight stored narrow (int8 with per-channel scales,
     or bf16): `WIDEN_BLOCK` output channels at a time are widened into one reused per-thread buffer and multiplied
-    there, so the wide copy stays in the cache and never exists whole. Measured (`bench/matmul.py`, two threads):
-    as fast as a plain fp32 GEMM on fp32 weights or faster (vision fc1 at 257 rows 43 ms against 69 ms upcasting
-    the whole weight), and 2.1x faster than the int8 kernel for an OPT-2.7B layer at 352 rows (8 prompts)."""
+    there, so the wide copy stays in the cache and never exists whole. Measured (`bench/matmul.py`): as fast as an
+    fp32 GEMM on fp32 weights or faster (vision fc1 at 257 rows: 81 against 97 ms, one thread), and for OPT-2.7B's
+    fc1 at 352 rows (8 prompts) 2.7x faster than the int8 kernel on one thread (278 vs 754 ms), 1.7x on two."""
     out_features, in_features = weight.shape
     block = min(WIDEN_BLOCK, out_features)
     buf = getattr(_scratch, "buf", None)

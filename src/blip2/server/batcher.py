@@ -76,7 +76,6 @@ class MicroBatcher:
         self.generate = generate
         self.max_batch_size = max_batch_size
         self.max_wait = None if max_wait_ms is None else max_wait_ms / 1000.0  # None: from the last batch's time
-        self._last_batch_s = 0.0
         self.max_queue = max_queue
         self.stats = BatchStats()
         self._pending: list[Job] = []
@@ -86,6 +85,7 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blip2-generate")
         self._task: asyncio.Task | None = None
         self._free_since = 0.0  # monotonic time at which the last batch's answers were handed out
+        self._last_batch_s = 0.0  # how long the last model call took
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
     def start(self) -> None:
