@@ -5,8 +5,8 @@
 For each shape (rows x in -> out): fp32 `F.linear`, bf16 `F.linear` (emulated on CPUs without AVX512-BF16), bf16
 summed in fp32 (`quant.StoredLinear`: the weight widened to fp32 a block at a time, fp32 GEMM, result rounded),
 PyTorch's int8-weight `_weight_int8pack_mm` (bf16 activations, as quant.Int8Linear calls it below
-`INT8_FP32_MIN_ROWS` rows), int8 widened to fp32 a block at a time (`quant._widened_mm`, as Int8Linear runs from
-there), and the whole int8 weight dequantized, then fp32. Median of 7 runs in milliseconds; results in
+`INT8_FP32_MIN_POSITIONS` positions), int8 widened to fp32 a block at a time (`quant._widened_mm`, as Int8Linear
+runs from there), and the whole int8 weight dequantized, then fp32. Median of 7 runs in milliseconds; results in
 bench/results/matmul.json (`--threads 1`) or matmul_<N>threads.json. (Not named kernels.py: transformers imports
 a package of that name when it can, and bench/ comes first on sys.path.)
 """
@@ -50,7 +50,7 @@ def median_ms(f, n: int = 7) -> float:
 def time_shape(m: int, k: int, n: int) -> dict[str, float]:
     x, w = torch.randn(m, k), torch.randn(n, k)
     xb, wb = x.bfloat16(), w.bfloat16()
-    fast = StoredLinear(torch.nn.Linear(k, n, bias=False), torch.bfloat16, min_rows=0)
+    fast = StoredLinear(torch.nn.Linear(k, n, bias=False), torch.bfloat16, min_positions=0)
     fast.set_weight(w)
     scale = w.abs().amax(1) / 127
     wq = (w / scale[:, None]).round().to(torch.int8)

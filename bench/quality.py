@@ -57,7 +57,7 @@ def run_side(folder: str, dtype: str, out: str, tokens: int) -> None:
     if dtype == "bf16-native":  # PyTorch's own bf16 kernels, as the reference runs them (no sums in fp32)
         for mod in m.model.modules():
             if isinstance(mod, StoredLinear):
-                mod.min_rows = sys.maxsize
+                mod.min_positions = sys.maxsize
     ims = images(len(PROMPTS))
     ids, mask = m._tokenize(PROMPTS)
     extra = {}

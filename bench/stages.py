@@ -71,7 +71,8 @@ def main() -> None:
     measure(model, images[:1], 2)  # warm-up: first-call allocations
     rounds = []
     for _ in range(args.repeat):
-        rounds.append({"alone": measure(model, images[:1], args.tokens), "batched": measure(model, images, args.tokens)})
+        alone = measure(model, images[:1], args.tokens)
+        rounds.append({"alone": alone, "batched": measure(model, images, args.tokens)})
         print(rounds[-1], flush=True)
     last = rounds[-1]
     report = {

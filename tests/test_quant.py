@@ -9,7 +9,7 @@ from torch import nn
 
 import blip2
 from blip2.cli import main
-from blip2.quant import INT8_FP32_MIN_ROWS, Int8Linear, StoredEmbedding, StoredLinear, quantized_bytes
+from blip2.quant import INT8_FP32_MIN_POSITIONS, Int8Linear, StoredEmbedding, StoredLinear, quantized_bytes
 
 
 def _pair(folder):
@@ -87,14 +87,14 @@ def test_int8_linear_with_many_rows_multiplies_in_fp32(width):
     lin = nn.Linear(width, 1100)  # 1100 output channels: two full blocks of 512 and a partial one
     q = Int8Linear(lin)
     q.set_weight(lin.weight.detach())
-    x = torch.randn(3, INT8_FP32_MIN_ROWS, width)
+    x = torch.randn(3, INT8_FP32_MIN_POSITIONS, width)
     with torch.no_grad():
         got = q(x)
     want = torch.nn.functional.linear(x.double(), q.dequantized().double(), lin.bias.detach().double())
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)  # no bf16 rounding of x on this route
 
 
-@pytest.mark.parametrize("positions", [1, INT8_FP32_MIN_ROWS + 6])  # decoding steps; a prompt's prefill
+@pytest.mark.parametrize("positions", [1, INT8_FP32_MIN_POSITIONS + 6])  # decoding steps; a prompt's prefill
 def test_int8_linear_gives_each_sequence_of_a_batch_what_it_gives_alone(positions):
     """If this fails, a batch of sequences takes another kernel than each sequence alone (say 8 images x 3 beams
     decoding: 24 rows), and batched answers differ from one-by-one answers in the server and batch captioning."""
@@ -107,6 +107,11 @@ def test_int8_linear_gives_each_sequence_of_a_batch_what_it_gives_alone(position
         batched = q(x)
         for i in range(len(x)):
             assert torch.equal(batched[i], q(x[i : i + 1])[0]), i
+
+
+def _decoding(x: torch.Tensor) -> bool:
+    """The int8 kernel's inputs (decoding steps); a prompt's prefill is fp32 throughout."""
+    return x.shape[-2] < INT8_FP32_MIN_POSITIONS
 
 
 def _emulated(folder, q):
@@ -125,10 +130,9 @@ def _emulated(folder, q):
         if qm.in_features % 8:  # the dequantizing path: fp32 throughout
             continue
         bias = mod.bias if mod.bias is not None else 0.0
-        few = lambda x: x.shape[-2] < INT8_FP32_MIN_ROWS  # noqa: E731 - decoding steps; prefill is fp32 throughout
-        mod.register_forward_pre_hook(lambda m, args: (args[0].bfloat16().float(),) if few(args[0]) else None)
+        mod.register_forward_pre_hook(lambda m, args: (args[0].bfloat16().float(),) if _decoding(args[0]) else None)
         mod.register_forward_hook(
-            lambda m, args, out, b=bias: (out - b).bfloat16().float() + b if few(args[0]) else None
+            lambda m, args, out, b=bias: (out - b).bfloat16().float() + b if _decoding(args[0]) else None
         )
     return f
 
@@ -215,7 +219,7 @@ def test_bf16_linear_summed_in_fp32_is_the_bf16_product():
     exact products, fp32 sums, one rounding): captions would drift from the reference's bf16 ones."""
     torch.manual_seed(0)
     lin = nn.Linear(256, 512).bfloat16()
-    fast = StoredLinear(lin, torch.bfloat16, min_rows=24)
+    fast = StoredLinear(lin, torch.bfloat16, min_positions=24)
     x = torch.randn(2, 40, 256).bfloat16()  # 80 rows: the fp32 route
     with torch.no_grad():
         got, native = fast(x), torch.nn.functional.linear(x, lin.weight, lin.bias)
@@ -232,7 +236,7 @@ def test_bf16_linear_keeps_the_native_kernel_for_few_rows_and_for_gradients():
     keeps an fp32 copy of every frozen weight alive for the backward pass."""
     torch.manual_seed(0)
     lin = nn.Linear(64, 32).bfloat16()
-    fast = StoredLinear(lin, torch.bfloat16, min_rows=24)
+    fast = StoredLinear(lin, torch.bfloat16, min_positions=24)
     few = torch.randn(8, 64).bfloat16()
     with torch.no_grad():
         assert torch.equal(fast(few), torch.nn.functional.linear(few, lin.weight, lin.bias))
@@ -262,7 +266,7 @@ def test_bf16_load_sums_in_fp32_only_where_the_cpu_lacks_bf16(opt_ckpt, images, 
     ref = blip2.load(opt_ckpt, dtype="bf16")  # native kernels: swap them back
     for mod in ref.model.modules():
         if type(mod) is StoredLinear:
-            mod.min_rows = 10**9
+            mod.min_positions = 10**9
     assert m.model.state_dict().keys() == ref.model.state_dict().keys()  # saving sees the same model
     a, b = _lm_logits(m, images).float(), _lm_logits(ref, images).float()
     assert (a - b).abs().max() <= 0.05 * b.abs().max()

@@ -15,10 +15,11 @@ A frozen BLIP-2 spends its time in linear layers of two kinds, and they want dif
   fp32 GEMM on fp32 weights).
 
 So `int8` means: language-model linears (with the output head) int8 per output channel, multiplied by the int8
-kernel below `INT8_FP32_MIN_ROWS` positions per sequence (decoding) and widened to fp32 from there (prefill); vision linears bf16 storage, fp32
-arithmetic; the Q-Former, norms, biases and embeddings as the reference keeps them (the Q-Former in fp32, the token
-embeddings stored bf16). Quality is measured, not assumed: `tests/test_quant.py` bounds the logit
-deviation from fp32 on the tiny models and `bench/quality.py` reports it on the full-size architecture.
+kernel below `INT8_FP32_MIN_POSITIONS` positions per sequence (decoding) and widened to fp32 from there (prefill);
+vision linears bf16 storage, fp32 arithmetic; the Q-Former, norms, biases and embeddings as the reference keeps them
+(the Q-Former in fp32, the token embeddings stored bf16). Quality is measured, not assumed: `tests/test_quant.py`
+bounds the logit deviation from fp32 on the tiny models and `bench/quality.py` reports it on the full-size
+architecture.
 
 The swapped modules are created before loading, with their `weight` still on the meta device; the loader hands
 each weight to `set_weight`, which converts it at once, so the full-precision copy of a layer never outlives
@@ -65,7 +66,7 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _positions(x) >= INT8_FP32_MIN_ROWS and _widening_applies(x):
+        if _positions(x) >= INT8_FP32_MIN_POSITIONS and _widening_applies(x):
             y = _widened_mm(x.reshape(-1, self.in_features).float(), self.weight, self.scale, self.bias)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         # torch 2.13's CPU kernel reads out of bounds (segfault) when in_features is not a multiple of 8 and
@@ -102,28 +103,30 @@ class StoredLinear(nn.Linear):
     storage dtype itself (`dtype="bf16"` on a CPU without bf16 instructions, see `bf16_sums_in_fp32`) the product
     runs in fp32 and is rounded back to bf16: exact products summed in fp32 is what a bf16 GEMM computes, so the
     result differs from the native kernel only by the order of the sums (one bf16 step on ~0.02% of the outputs),
-    and at 257 rows it is 4x faster here. Below `min_rows` positions (decoding) widening the weight costs more than the
-    native kernel saves, and with gradients enabled the fp32 copy would be kept for the backward pass: both take
-    the native kernel.
+    and at 257 rows it is 4x faster here. Below `min_positions` positions per sequence (decoding) widening the
+    weight costs more than the native kernel saves, and with gradients enabled the fp32 copy would be kept for the
+    backward pass: both take the native kernel.
     """
 
-    def __init__(self, linear: nn.Linear, storage: torch.dtype, min_rows: int = 0) -> None:
+    def __init__(self, linear: nn.Linear, storage: torch.dtype, min_positions: int = 0) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.storage, self.min_rows = storage, min_rows
+        self.storage, self.min_positions = storage, min_positions
 
     def set_weight(self, weight: torch.Tensor) -> None:
         self.weight = nn.Parameter(weight.to(self.storage), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        compute = x.dtype
-        if x.dtype == self.weight.dtype:
-            if _positions(x) < self.min_rows or not _widening_applies(x):
+        widen = _widening_applies(x)
+        if x.dtype == self.weight.dtype:  # bf16 in, bf16 out: fp32 sums only where they pay
+            if not widen or _positions(x) < self.min_positions:
                 return F.linear(x, self.weight, self.bias)
             compute = torch.float32
+        else:
+            compute = x.dtype
         bias = None if self.bias is None else self.bias.to(compute)
-        if not _widening_applies(x):
+        if not widen:
             return F.linear(x.to(compute), self.weight.to(compute), bias).to(x.dtype)
         y = _widened_mm(x.reshape(-1, self.in_features).to(compute), self.weight, None, bias)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -223,27 +226,27 @@ def prepare(model: nn.Module, scheme: str, compute: torch.dtype = torch.float32)
 # OPT-2.7B's layers (two threads, AVX2) it is as fast as `_weight_int8pack_mm` at 24 rows, faster at a prompt's
 # prefill (46 positions: 3.2-3.5 s against 3.9 s for the whole prefill) and 2x at eight prompts (16 against 32 s).
 # Decoding steps (one position) stay on the int8 kernel, which reads a quarter of the bytes.
-INT8_FP32_MIN_ROWS = 24
+INT8_FP32_MIN_POSITIONS = 24
 
 # Positions per sequence from which bf16 products sum in fp32. The fp32 route beats the emulated bf16 kernel from
 # (`python bench/matmul.py`, AVX2) between 8 and 16 rows on one thread for both OPT-2.7B's 2560x10240 layer and the
 # vision encoder's 1408x6144, on two threads between 16 and 32 for the first, 8 and 16 for the second. Decoding
 # steps stay native whatever the batch.
-BF16_FP32_MIN_ROWS = 24
+BF16_FP32_MIN_POSITIONS = 24
 
 
 def bf16_sums_in_fp32(model: nn.Module) -> None:
     """For a bf16 model on a CPU without bf16 instructions (AVX2 only), where PyTorch emulates bf16 GEMMs at about
     a fifth of the fp32 speed: make every bf16 linear layer but the LM's output head a `StoredLinear` that sums in
-    fp32 from `BF16_FP32_MIN_ROWS` positions per sequence (the vision encoder, prompt prefill). The weights stay the same
-    bf16 parameters (memory, saving and state dict unchanged); the head is left alone, since its weight is the
-    largest (a 500 MB fp32 copy) and it sees few rows while generating."""
+    fp32 from `BF16_FP32_MIN_POSITIONS` positions per sequence (the vision encoder, prompt prefill). The weights
+    stay the same bf16 parameters (memory, saving and state dict unchanged); the head is left alone, since its
+    weight is the largest (a 500 MB fp32 copy) and it sees few rows while generating."""
     lm = getattr(model, "language_model", None)
     head = lm.get_output_embeddings() if lm is not None else None
 
     def make(m: nn.Module) -> nn.Module | None:
         if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m is not head:
-            return StoredLinear(m, torch.bfloat16, min_rows=BF16_FP32_MIN_ROWS)
+            return StoredLinear(m, torch.bfloat16, min_positions=BF16_FP32_MIN_POSITIONS)
         return None
 
     _swap(model, make)

@@ -13,8 +13,8 @@ from starlette.testclient import TestClient
 
 from blip2.pipeline import Generation, GenerationOptions
 from blip2.server import ServerSettings, create_app
-from blip2.server import images as img
 from blip2.server import batcher as batcher_module
+from blip2.server import images as img
 from blip2.server.batcher import MicroBatcher, QueueFull
 from blip2.server.schema import ApiError
 
