@@ -62,24 +62,30 @@ def test_batcher_groups_by_options_and_respects_size() -> None:
     assert max(fake.calls) == 3 and sum(fake.calls) == 10 and len(fake.calls) == 4  # 5 greedy: 3+2, 5 beams: 3+2
 
 
-def test_batcher_keeps_closed_loop_clients_together() -> None:
-    """8 clients that each send again as soon as they are answered must share full batches. If the wait counted
-    from arrival only, a request that queued during a batch would leave alone right after it, and the server would
-    alternate batches of 1 and 7 for ever (seen in bench/serve_load.py: mean batch 4.2 of 8)."""
-    fake = FakeModel(delay=0.3)
-    rounds = 4
+def closed_loop_batches(delay: float, others_at: float, resend: float, rounds: int = 4, **limits) -> list[int]:
+    """The batch sizes a model taking `delay` s per call sees from 8 clients that each send again `resend` s after
+    their answer (reading it, building the next request); client 0 starts alone, the 7 others at `others_at` s."""
+    fake = FakeModel(delay=delay)
 
     async def client(b: MicroBatcher, k: int):
-        await asyncio.sleep(0 if k == 0 else 0.25)  # client 0 alone (its batch leaves at 0.2 s); others while it runs
+        await asyncio.sleep(0 if k == 0 else others_at)
         for r in range(rounds):
             await b.submit(f"img{k}", f"p{k}.{r}", GenerationOptions())
-            await asyncio.sleep(0.005)  # the client reads its answer and sends the next request
+            await asyncio.sleep(resend)
 
     async def body(b: MicroBatcher):
         await asyncio.gather(*[client(b, k) for k in range(8)])
 
-    run(with_batcher(fake, body, max_batch_size=8, max_wait_ms=200))
-    assert fake.calls == [1] + [8] * (rounds - 1) + [7]
+    run(with_batcher(fake, body, max_batch_size=8, **limits))
+    return fake.calls
+
+
+def test_batcher_keeps_closed_loop_clients_together() -> None:
+    """8 clients that each send again as soon as they are answered must share full batches. If the wait counted
+    from arrival only, a request that queued during a batch would leave alone right after it, and the server would
+    alternate batches of 1 and 7 for ever (seen in bench/serve_load.py: mean batch 4.2 of 8)."""
+    # client 0's batch leaves at 0.2 s and runs 0.3 s; the others arrive while it runs
+    assert closed_loop_batches(0.3, others_at=0.25, resend=0.005, max_wait_ms=200) == [1, 8, 8, 8, 7]
 
 
 @pytest.mark.parametrize("max_wait_ms", [None, 10.0])
@@ -88,23 +94,9 @@ def test_batcher_auto_wait_lets_slow_clients_rejoin(monkeypatch, max_wait_ms) ->
     the batches stay split; the default wait, a share of the last batch's time, lets them rejoin. If this fails
     with None, a full-size server batches 4 of 8 requests (measured: bench/serve_load.py --full, 10 ms)."""
     monkeypatch.setattr(batcher_module, "AUTO_WAIT_SHARE", 0.5)  # 0.2 s batches -> 100 ms (the server: 2%)
-    fake = FakeModel(delay=0.2)
-    rounds = 4
-
-    async def client(b: MicroBatcher, k: int):
-        await asyncio.sleep(0 if k == 0 else 0.05)  # client 0 alone (its batch leaves at 10 ms); others while it runs
-        for r in range(rounds):
-            await b.submit(f"img{k}", f"p{k}.{r}", GenerationOptions())
-            await asyncio.sleep(0.03)
-
-    async def body(b: MicroBatcher):
-        await asyncio.gather(*[client(b, k) for k in range(8)])
-
-    run(with_batcher(fake, body, max_batch_size=8, max_wait_ms=max_wait_ms))
-    if max_wait_ms is None:
-        assert fake.calls == [1] + [8] * (rounds - 1) + [7]
-    else:
-        assert fake.calls[:4] == [1, 7, 1, 7]
+    # client 0's batch leaves at 10 ms (no batch before it) and runs 0.2 s; the others arrive while it runs
+    calls = closed_loop_batches(0.2, others_at=0.05, resend=0.03, max_wait_ms=max_wait_ms)
+    assert calls == [1, 8, 8, 8, 7] if max_wait_ms is None else calls[:4] == [1, 7, 1, 7]
 
 
 def test_batcher_n_and_seeded_sampling_alone() -> None:
