@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-from common import make_full_checkpoint, write_result
+from common import make_full_checkpoint, timed, write_result
 from PIL import Image
 
 import blip2
@@ -27,26 +26,14 @@ from blip2.pipeline import GenerationOptions
 PROMPT = "Question: what color is the car? Answer:"
 
 
-def seconds(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def measure(model: blip2.Blip2, images: list, tokens: int) -> dict[str, float]:
     model._cache.clear()  # every image is new to the encoder, as in a server
     prompts = [PROMPT] * len(images)
-    prefix = None
-
-    def encode():
-        nonlocal prefix
-        prefix = model.image_prefix(images)
-
-    vision = seconds(encode)
+    vision, _, prefix = timed(lambda: model.image_prefix(images), repeat=1)
     one = GenerationOptions(max_new_tokens=1, min_new_tokens=1)
-    prefill = seconds(lambda: model._generate(prefix, prompts, one))
+    prefill, _, _ = timed(lambda: model._generate(prefix, prompts, one), repeat=1)
     full = GenerationOptions(max_new_tokens=tokens, min_new_tokens=tokens)
-    generate = seconds(lambda: model._generate(prefix, prompts, full))
+    generate, _, _ = timed(lambda: model._generate(prefix, prompts, full), repeat=1)
     n = len(images)
     return {
         "vision_s": round(vision / n, 3),
