@@ -28,17 +28,19 @@ from common import make_full_checkpoint, reference_dtype, timed, write_result
 from PIL import Image
 
 Q1, Q2 = "what is in the picture?", "what colour is it?"
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def build_side(side: str, folder: str, dtype_name: str, tokens: int, compile: bool = False) -> dict:
+def build_side(
+    side: str, folder: str, dtype_name: str, tokens: int, compile: bool = False, device: str = "cpu"
+) -> dict:
     """Load one side and return its timed callables: vision, caption, followup (plus the first chat answer)."""
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8))
     gen = dict(max_new_tokens=tokens, min_new_tokens=tokens)
     if side == "ours":
         import blip2
 
-        m = blip2.load(folder, device="cpu", dtype=dtype_name, compile=compile)
+        m = blip2.load(folder, device=device, dtype=dtype_name, compile=compile)
         pixels = m.pixel_values([image])
         vision = lambda: m.model.vision_model(pixels)  # noqa: E731
 
@@ -58,16 +60,16 @@ def build_side(side: str, folder: str, dtype_name: str, tokens: int, compile: bo
         from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
         dtype = DTYPES[dtype_name]
-        ref = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
+        ref = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
         proc = Blip2Processor.from_pretrained(folder)
 
         def generate(prompt: str | None):
-            inputs = proc(images=image, text=prompt, return_tensors="pt")
+            inputs = proc(images=image, text=prompt, return_tensors="pt").to(device)
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
             out = ref.generate(**inputs, **gen)
             return out[0, -tokens:].tolist()  # exactly `tokens` new tokens
 
-        pixels = proc(images=image, return_tensors="pt")["pixel_values"].to(dtype)
+        pixels = proc(images=image, return_tensors="pt")["pixel_values"].to(device, dtype)
         vision = lambda: ref.vision_model(pixels)  # noqa: E731
         caption = lambda: generate(None)  # noqa: E731
         first = proc.tokenizer.decode(generate(f"Question: {Q1} Answer:"), skip_special_tokens=True).strip()
@@ -104,17 +106,21 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--in-process", action="store_true", help="load both sides in one process, interleave runs")
     ap.add_argument("--compile", action="store_true", help="ours with compile=True (static KV cache, compiled step)")
+    ap.add_argument("--device", default="cpu", help="both sides' torch device (cuda: a GPU run)")
     ap.add_argument("--side", choices=["ours", "transformers"], help=argparse.SUPPRESS)  # child process mode
     args = ap.parse_args()
     dtypes = {"ours": args.dtype, "transformers": reference_dtype(args.dtype, args.ref_dtype)}
     if args.side:  # child process: one side only
-        side = build_side(args.side, args.folder, dtypes[args.side], args.tokens, args.compile)
+        side = build_side(args.side, args.folder, dtypes[args.side], args.tokens, args.compile, args.device)
         print(json.dumps(measure({args.side: side}, args.repeat)[args.side]))
         return
 
     make_full_checkpoint(args.folder)
     if args.in_process:  # both models in one process, runs interleaved (bf16: 2 x 7.7 GB fits in memory)
-        both = {n: build_side(n, args.folder, dtypes[n], args.tokens, args.compile) for n in ("transformers", "ours")}
+        both = {
+            n: build_side(n, args.folder, dtypes[n], args.tokens, args.compile, args.device)
+            for n in ("transformers", "ours")
+        }
         sides = measure(both, args.repeat)
     else:
         sides = {}
@@ -134,6 +140,8 @@ def main() -> None:
                 str(args.tokens),
                 "--repeat",
                 str(args.repeat),
+                "--device",
+                args.device,
                 *(["--compile"] if args.compile else []),
             ]
             out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
@@ -148,6 +156,7 @@ def main() -> None:
         "mode": "one process, interleaved" if args.in_process else "one process per side, sequential",
         "model": "blip2-opt-2.7b architecture, random weights",
         "dtype": args.dtype,
+        "device": args.device,
         "compile": args.compile,
         "transformers_dtype": dtypes["transformers"],
         "new_tokens": args.tokens,
@@ -159,7 +168,8 @@ def main() -> None:
         "same_caption_tokens": ours["caption_tokens"] == ref["caption_tokens"],
         "same_followup_tokens": ours["followup_tokens"] == ref["followup_tokens"],
     }
-    name = f"latency_{args.dtype}" + (f"_vs_{dtypes['transformers']}" if args.ref_dtype else "")
+    name = "latency_" + ("" if args.device == "cpu" else f"{args.device.split(':')[0]}_") + args.dtype
+    name += f"_vs_{dtypes['transformers']}" if args.ref_dtype else ""
     name += "_compiled" if args.compile else ""
     print(write_result(name + ("_inprocess" if args.in_process else ""), result))
     print({k: v for k, v in result.items() if "speedup" in k or k.startswith("same")})

@@ -96,7 +96,8 @@ def start_server(model: Path, batch: int, args: argparse.Namespace, log: Path) -
     deadline = time.monotonic() + args.load_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited ({proc.returncode}); log: {log}")
+            tail = log.read_text(errors="replace")[-3000:]
+            raise SystemExit(f"server exited ({proc.returncode}); log: {log}\n{tail}")
         try:
             if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                 return proc, url
@@ -161,6 +162,12 @@ async def load(url: str, uris: list[str], args: argparse.Namespace) -> dict:
         "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
         "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None,
     }
+
+
+def gpu_name() -> str | None:
+    import torch  # only here: the clients need no torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def steady_rate(ends: list[float], together: float = 0.05) -> float | None:
@@ -230,6 +237,7 @@ def main() -> None:
         "device": args.device,
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
+        "gpu": gpu_name() if args.device.startswith("cuda") else None,
         "batched": batched,
         "one_by_one": one_by_one,
         "throughput_speedup": round(speedup, 2) if speedup else None,

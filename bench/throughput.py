@@ -64,12 +64,13 @@ def run_ours(m, paths: list[Path], batch_size: int, workers: int, gen: dict) -> 
 def run_transformers(
     model, proc, paths: list[Path], batch_size: int, dtype: torch.dtype, gen: dict
 ) -> tuple[float, list[str], list[list[int]]]:
+    device = model.device
     t0 = time.perf_counter()
     caps: list[str] = []
     tokens: list[list[int]] = []
     for start in range(0, len(paths), batch_size):
         images = [Image.open(p).convert("RGB") for p in paths[start : start + batch_size]]
-        inputs = proc(images=images, text=[""] * len(images), return_tensors="pt")  # image tokens + BOS
+        inputs = proc(images=images, text=[""] * len(images), return_tensors="pt").to(device)  # image tokens + BOS
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         with torch.inference_mode():
             out = model.generate(**inputs, **gen)
@@ -109,8 +110,9 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="checkpoint folder [a tiny random one]")
     ap.add_argument("--full", action="store_true", help="blip2-opt-2.7b-shaped random weights (slow on a CPU)")
     ap.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "blip2-bench" / "opt-2.7b"))
-    ap.add_argument("--dtype", default="fp32", choices=["bf16", "fp32", "int8"])
-    ap.add_argument("--ref-dtype", default=None, choices=["bf16", "fp32"], help="transformers' dtype [--dtype; bf16]")
+    ap.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32", "int8"])
+    ap.add_argument("--ref-dtype", default=None, choices=["bf16", "fp16", "fp32"], help="transformers' [--dtype; bf16]")
+    ap.add_argument("--device", default="cpu", help="both sides' torch device (cuda: a GPU run)")
     ap.add_argument("--images", type=int, default=24)
     ap.add_argument("--tokens", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -118,7 +120,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of each side, interleaved; medians reported")
     args = ap.parse_args()
     ref_name = reference_dtype(args.dtype, args.ref_dtype)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[ref_name]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[ref_name]
     workers = default_workers() if args.workers is None else args.workers
     gen = {"max_new_tokens": args.tokens, "min_new_tokens": args.tokens}
 
@@ -131,8 +133,8 @@ def main() -> None:
         folder = checkpoint(args, tmp)
         paths = make_images(tmp / "images", args.images)
         warm = make_images(tmp / "warm", 2, seed=1)
-        ours = blip2.load(folder, device="cpu", dtype=args.dtype)
-        ref = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
+        ours = blip2.load(folder, device=args.device, dtype=args.dtype)
+        ref = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(args.device).eval()
         proc = Blip2Processor.from_pretrained(folder)
         run_ours(ours, warm, args.batch_size, 0, gen)  # warm-up: first-call allocations, kernel selection
         run_transformers(ref, proc, warm, args.batch_size, dtype, gen)
@@ -161,6 +163,7 @@ def main() -> None:
     result = {
         "model": "full opt-2.7b shape" if args.full else (args.model or "tiny random opt"),
         "dtype": args.dtype,
+        "device": args.device,
         "transformers_dtype": ref_name,
         "command": " ".join(["python bench/throughput.py", *sys.argv[1:]]),
         "images": n,
@@ -182,6 +185,7 @@ def main() -> None:
         "equal_token_share_before_first_difference": prefix_share,
     }
     name = "throughput" + (f"_full_{args.dtype}" if args.full else "")
+    name += "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
     out = write_result(name, result)
     print(json.dumps(result, indent=1), machine()["cpu_count"], "cores ->", out)
 

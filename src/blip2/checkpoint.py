@@ -23,7 +23,9 @@ from .errors import CheckpointError, ConfigError
 from .model import Blip2Model
 
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"]
-FP32_MODULES = ("query_tokens", "qformer.")  # the reference keeps the Q-Former and its queries in fp32
+# transformers keeps the Q-Former and its queries in fp32 when loading in fp16 (`_keep_in_fp32_modules`, which it
+# applies to fp16 only: in bf16 they are bf16 like the rest)
+FP32_MODULES = ("query_tokens", "qformer.")
 
 
 # ---- where the files are -------------------------------------------------------------------------------------------
@@ -247,7 +249,7 @@ def _params_on_meta() -> Iterator[None]:
 
 
 def target_dtype(key: str, dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if key.startswith(FP32_MODULES) else dtype
+    return torch.float32 if dtype == torch.float16 and key.startswith(FP32_MODULES) else dtype
 
 
 def build_empty(cfg: Blip2Config) -> Blip2Model:

@@ -191,7 +191,7 @@ class QFormer(nn.Module):
             image_mask: (B, N) 1 for valid image tokens; None means all valid.
             causal: text rows see only earlier text (ITG).
         """
-        dtype = self.layernorm.weight.dtype  # the Q-Former runs in fp32 whatever the rest of the model uses
+        dtype = self.layernorm.weight.dtype  # its own dtype: fp32 under an fp16 model, as the reference
         x = self.dropout(self.layernorm(embeds.to(dtype)))
         mask = build_attention_mask(query_length, text_mask, x.shape[0], causal, x.device)
         if image_embeds is not None:
