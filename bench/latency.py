@@ -1,7 +1,7 @@
 """Latency of one caption and of a follow-up chat turn: ours vs transformers, same weights, same machine.
 
-    python bench/latency.py [--dtype fp32|bf16|int8] [--ref-dtype bf16] [--tokens 20] [--repeat 3] [--in-process]
-                            [--compile]
+    python bench/latency.py [--dtype fp32|bf16|fp16|int8] [--ref-dtype bf16] [--tokens 20] [--repeat 3]
+                            [--in-process] [--compile] [--device cuda]
 
 Full-size blip2-opt-2.7b architecture with random weights (see common.py). By default each side runs in its own
 process, one after the other (two fp32 copies of a 3.8B model do not fit in 24 GB together); `--in-process` loads

@@ -4,6 +4,7 @@
     python bench/throughput.py --full --dtype bf16   # blip2-opt-2.7b-shaped random weights (bench/common.py)
     python bench/throughput.py --full --dtype int8 --images 8 --repeat 1   # ours int8 vs transformers bf16
     python bench/throughput.py --model PATH --images 32 --workers 2
+    python bench/throughput.py --full --device cuda --dtype fp16 --images 96   # on a GPU (bench/gpu.sh)
 
 Both sides caption the same JPEG files (640x480, decoded from disk: decoding is part of the job) with exactly
 `--tokens` new tokens, greedy (min_new_tokens = max_new_tokens, so an early end cannot favour either side), in
