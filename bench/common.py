@@ -50,6 +50,8 @@ def make_full_checkpoint(folder: str | os.PathLike, dtype: torch.dtype = torch.b
     from safetensors.torch import save_file
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
 
+    from blip2.checkpoint import FP32_MODULES
+
     folder = Path(folder)
     if (folder / "done").is_file():
         return folder
@@ -65,7 +67,7 @@ def make_full_checkpoint(folder: str | os.PathLike, dtype: torch.dtype = torch.b
     gen = torch.Generator(where).manual_seed(seed)
     shard, n, size, weight_map = {}, 1, 0, {}
     for key, (shape, _) in shapes.items():
-        keep_fp32 = key.startswith(("qformer.", "query_tokens"))
+        keep_fp32 = key.startswith(FP32_MODULES)
         t = torch.empty(shape, dtype=torch.float32, device=where)
         if key.endswith(
             (
