@@ -36,7 +36,7 @@ from .options import model_options
     type=click.FloatRange(min=0),
     default=None,
     help="How long the oldest waiting request waits for more, counted from when the model is free "
-    "[default: 2% of the last batch's time, between 10 and 250 ms].",
+    "[default: 2% of the last batch's time, between 25 and 250 ms].",
 )
 @click.option(
     "--max-queue",

@@ -64,7 +64,7 @@ class ServerSettings:
     dtype: str = "auto"
     served_name: str | None = None
     max_batch_size: int = 8
-    max_wait_ms: float | None = None  # None: 2% of the last batch's time, 10-250 ms (server/batcher.py)
+    max_wait_ms: float | None = None  # None: 2% of the last batch's time, 25-250 ms (server/batcher.py)
     max_queue: int = 64
     api_key: str | None = None
     allow_remote_images: bool = False
