@@ -144,6 +144,9 @@ def equal_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+REF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # transformers' side
+
+
 def reference_dtype(ours: str, asked: str | None = None) -> str:
     """transformers' dtype beside ours: the one asked for, else ours; bf16 against our int8 (it has no CPU int8)."""
     return asked or ("bf16" if ours == "int8" else ours)

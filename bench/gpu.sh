@@ -21,7 +21,7 @@ steps=" ${STEPS:-test_cuda checkpoint latency throughput serve_load} "  # STEPS=
 step() {  # step NAME SECONDS COMMAND...: its log in OUTDIR/NAME.log, its tail here
   local name=$1 limit=$2 log=$out/$1.log; shift 2
   [[ $steps == *" $name "* ]] || return 0
-  [ "$name" = checkpoint ] && log=/tmp/checkpoint.log
+  [ "$name" = checkpoint ] && log=/tmp/checkpoint.log  # the device tool returns at most 8 files
   echo "== $name ($(date +%T))"
   timeout "$limit" "$@" >"$log" 2>&1
   echo "== $name exit $? ($(date +%T))"; tail -n 15 "$log"

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import REF_DTYPES as DTYPES
 from common import make_full_checkpoint, reference_dtype, timed, write_result
 from PIL import Image
 
 Q1, Q2 = "what is in the picture?", "what colour is it?"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def build_side(

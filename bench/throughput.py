@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import equal_prefix, machine, reference_dtype, write_result
+from common import REF_DTYPES, equal_prefix, machine, reference_dtype, write_result
 from PIL import Image
 
 
@@ -111,8 +111,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="checkpoint folder [a tiny random one]")
     ap.add_argument("--full", action="store_true", help="blip2-opt-2.7b-shaped random weights (slow on a CPU)")
     ap.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "blip2-bench" / "opt-2.7b"))
-    ap.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32", "int8"])
-    ap.add_argument("--ref-dtype", default=None, choices=["bf16", "fp16", "fp32"], help="transformers' [--dtype; bf16]")
+    ap.add_argument("--dtype", default="fp32", choices=[*sorted(REF_DTYPES), "int8"])
+    ap.add_argument("--ref-dtype", default=None, choices=sorted(REF_DTYPES), help="transformers' [--dtype; bf16]")
     ap.add_argument("--device", default="cpu", help="both sides' torch device (cuda: a GPU run)")
     ap.add_argument("--images", type=int, default=24)
     ap.add_argument("--tokens", type=int, default=20)
@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of each side, interleaved; medians reported")
     args = ap.parse_args()
     ref_name = reference_dtype(args.dtype, args.ref_dtype)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[ref_name]
+    dtype = REF_DTYPES[ref_name]
     workers = default_workers() if args.workers is None else args.workers
     gen = {"max_new_tokens": args.tokens, "min_new_tokens": args.tokens}
 
