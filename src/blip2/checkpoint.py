@@ -351,7 +351,20 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return torch.float32
 
 
+CPU_BF16_ENV = "BLIP2_CPU_BF16"
+
+
 def cpu_has_native_bf16() -> bool:
+    """True on a CPU with native bf16 matmuls (AVX512-BF16 or AMX).
+
+    `BLIP2_CPU_BF16=1` or `=0` overrides the detection: the tests use it to run every CPU kind's choices on any
+    machine, and a user can use it to try the other choice.
+    """
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise ConfigError(f"{CPU_BF16_ENV}={forced!r}: expected 0 or 1")
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -222,7 +222,9 @@ def test_rerank_orders_by_itm_plus_itc(m: blip2.Blip2, indexed: tuple[Path, list
     assert_ranked(got[:top], dict(zip(cand, scores)))
     assert all(r.itm is not None for r in got[:top]) and all(r.itm is None for r in got[top:])
     assert [r.target for r in got[top:]] == [r.target for r in plain[top:]]  # the rest: ITC order, untouched
-    code, out, _ = run_cli("search", query, "--db", db, "-k", "2", "--rerank", str(top), "--json", "--device", "cpu")
+    code, out, _ = run_cli(
+        "search", query, "--db", db, "-k", "2", "--rerank", str(top), "--json", "--device", "cpu", "--dtype", "fp32"
+    )
     assert code == 0
     records = [json.loads(line) for line in out.splitlines()]
     assert [r["path"] for r in records] == [r.target for r in got[:2]]
@@ -246,14 +248,14 @@ def test_image_to_text_and_image_to_image(m: blip2.Blip2, indexed: tuple[Path, l
     assert [r.target for r in reranked] == [texts[i] for i in sorted(range(4), key=lambda i: -float(itm[i] + sims[i]))]
 
     args = ["search", "--image", keys[0], "--texts", QUERIES[0], "--texts", texts_file, QUERIES[2], "--json"]
-    code, out, _ = run_cli(*args, "-m", m.name, "--device", "cpu")
+    code, out, _ = run_cli(*args, "-m", m.name, "--device", "cpu", "--dtype", "fp32")
     assert code == 0
     assert [json.loads(line)["text"] for line in out.splitlines()] == [texts[i] for i in want]
 
     with Index(db) as idx:
         like = search_like(m, idx, keys[2], k=3)
     assert like[0].target == keys[2] and like[0].score > 0.99  # the image itself is its own best match
-    code, out, _ = run_cli("search", "--like", keys[2], "--db", db, "-k", "2", "--device", "cpu")
+    code, out, _ = run_cli("search", "--like", keys[2], "--db", db, "-k", "2", "--device", "cpu", "--dtype", "fp32")
     assert code == 0 and out.splitlines()[1].split()[2] == keys[2]
 
 
