@@ -6,7 +6,15 @@ class Blip2Error(Exception):
 
 
 class ImageError(Blip2Error):
-    """An image could not be read or decoded (missing, corrupt, not an image, too large)."""
+    """An image could not be read or decoded. `kind` says why, in one word a program can act on: missing,
+    unreadable, empty, not_an_image, unsupported, truncated, corrupt or too_large (see `blip2.images`)."""
+
+    def __init__(self, message: str, kind: str = "corrupt") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):  # keep `kind` across processes (decoding workers pickle their errors)
+        return type(self), (str(self), self.kind)
 
 
 class CheckpointError(Blip2Error):

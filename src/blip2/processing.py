@@ -23,19 +23,18 @@ with `torch.nn.functional.interpolate`; torchvision itself is not installed in t
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from blip2.errors import ConfigError, ImageError
+from blip2.errors import ConfigError
+from blip2.images import DEFAULT_MAX_PIXELS, load_image, to_rgb
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -52,10 +51,6 @@ __all__ = [
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# 100 megapixels (e.g. 10000 x 10000) is far beyond any photo worth captioning at 224 px, and decoding it
-# already costs ~300 MB of RGB; anything larger is treated as a decompression bomb.
-DEFAULT_MAX_PIXELS = 100_000_000
-
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 PROCESSOR_CONFIG = "processor_config.json"  # transformers 5 nests the image settings here
 
@@ -63,111 +58,8 @@ VQA_TEMPLATE = "Question: {} Answer:"
 _CHAT_TURN = "Question: {} Answer: {}."
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Loading
-
-
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
-
-
-def _check_pixels(img: Image.Image, name: str, max_pixels: int) -> None:
-    width, height = img.size
-    if width * height > max_pixels:
-        raise ImageError(
-            f"{name}: image too large ({width}x{height} = {width * height} pixels, more than "
-            f"max_pixels={max_pixels}); refusing a possible decompression bomb"
-        )
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert to RGB exactly as `transformers.image_transforms.convert_to_rgb` does.
-
-    Transparency (an "A" band, or a `transparency` entry as palette and tRNS images carry) is composited onto
-    opaque white, so a transparent logo becomes a logo on white, not on black.
-    """
-    if "A" in img.getbands() or img.info.get("transparency") is not None:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def _decode(img: Image.Image, name: str, max_pixels: int) -> Image.Image:
-    """First frame, fully decoded, EXIF-upright, RGB. Every decoder failure becomes an ImageError."""
-    _check_pixels(img, name, max_pixels)
-    try:
-        if getattr(img, "n_frames", 1) > 1:
-            img.seek(0)  # animated GIF/WebP/APNG: caption the first frame, as the reference would
-        # Decode now so a truncated file fails here, with its name, and not deep inside a batch.
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{name}: image too large, refused by PIL as a decompression bomb ({_one_line(exc)})") from exc
-    except ImageError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - PIL plugins raise OSError, SyntaxError, ValueError, struct.error, ...
-        reason = "truncated file" if "truncated" in str(exc) else "corrupt image data"
-        raise ImageError(f"{name}: {reason} ({_one_line(exc)})") from exc
-
-
-def _open(fp: io.IOBase, name: str, max_pixels: int) -> Image.Image:
-    try:
-        # We check max_pixels ourselves, so PIL's own warning (at 89 MP) is noise; its hard error (at 179 MP)
-        # still fires and is reported below. The filter is scoped to this block.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(fp) as img:
-                return _decode(img, name, max_pixels)
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{name}: image too large, refused by PIL as a decompression bomb ({_one_line(exc)})") from exc
-    except UnidentifiedImageError as exc:
-        raise ImageError(f"{name}: not an image (no known image format recognised)") from exc
-    except Exception as exc:  # noqa: BLE001 - a corrupt header can raise almost anything from a PIL plugin
-        raise ImageError(f"{name}: corrupt image ({_one_line(exc)})") from exc
-
-
-def load_image(
-    src: str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image,
-    *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> Image.Image:
-    """Open an image from a path, bytes or a PIL image; return it upright (EXIF), first frame, fully decoded, RGB.
-
-    Raises `ImageError` with one line naming the file (or "<bytes>") and the reason: missing, a directory, empty,
-    unreadable, not an image, truncated/corrupt, or larger than `max_pixels` (a decompression bomb).
-    PIL's global `Image.MAX_IMAGE_PIXELS` hard limit (twice its value, ~179 MP) still applies on top.
-    """
-    if isinstance(src, Image.Image):
-        return _decode(src, "<PIL image>", max_pixels)
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        data = bytes(src)
-        if not data:
-            raise ImageError("<bytes>: empty (0 bytes), not an image")
-        return _open(io.BytesIO(data), "<bytes>", max_pixels)
-    if not isinstance(src, (str, os.PathLike)):
-        raise TypeError(f"load_image expects a path, bytes or a PIL image, got {type(src).__name__}")
-
-    path = Path(os.fspath(src))
-    name = str(path)
-    if path.is_dir():
-        raise ImageError(f"{name}: is a directory, not an image file")
-    try:
-        fp = open(path, "rb")  # noqa: SIM115 - closed below; open() errors must be told apart from decode errors
-    except FileNotFoundError as exc:
-        raise ImageError(f"{name}: no such file") from exc
-    except PermissionError as exc:
-        raise ImageError(f"{name}: unreadable (permission denied)") from exc
-    except OSError as exc:
-        raise ImageError(f"{name}: unreadable ({_one_line(exc)})") from exc
-    with fp:
-        if os.fstat(fp.fileno()).st_size == 0:
-            raise ImageError(f"{name}: empty file (0 bytes), not an image")
-        return _open(fp, name, max_pixels)
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------------------------------
