@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import selectors
 import threading
 import time
 from pathlib import Path
@@ -20,7 +21,8 @@ from blip2.server.schema import ApiError
 
 
 class FakeModel:
-    """Answers `prompt@image`; records each call's batch size; optionally slow or failing on one prompt."""
+    """Answers `prompt@image`; records each call's batch size; optionally slow (in virtual time) or failing on one
+    prompt."""
 
     def __init__(self, delay: float = 0.0, fail_on: str | None = None) -> None:
         self.calls: list[int] = []
@@ -29,24 +31,97 @@ class FakeModel:
 
     def __call__(self, images, prompts, options: GenerationOptions) -> list[Generation]:
         self.calls.append(len(prompts))
-        time.sleep(self.delay)
         if self.fail_on in prompts:
             raise ValueError(f"bad prompt {self.fail_on}")
         n = options.num_return_sequences
         return [Generation(f"{p}@{i}#{k}", [1], 0.0) for i, p in zip(images, prompts) for k in range(n)]
 
 
+class _JumpingSelector(selectors.DefaultSelector):
+    """Never blocks on a timeout: it moves the loop's virtual clock to the next timer instead."""
+
+    def __init__(self, loop_clock: list[float]) -> None:
+        super().__init__()
+        self.loop_clock = loop_clock
+
+    def select(self, timeout: float | None = None):
+        if timeout is not None and timeout > 0:
+            self.loop_clock[0] += timeout
+            timeout = 0
+        return super().select(timeout)
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop whose time moves only when every task waits: to the next timer, at once. `asyncio.sleep`,
+    `wait_for` and the batcher's waits take no real time, and the order of events depends on nothing but the test's
+    numbers (no scheduler, no machine load)."""
+
+    def __init__(self) -> None:
+        self.clock = [0.0]
+        super().__init__(_JumpingSelector(self.clock))
+
+    def time(self) -> float:
+        return self.clock[0]
+
+
 def run(coro):
-    return asyncio.run(coro)
+    loop = VirtualTimeLoop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
 
 
 async def with_batcher(fake: FakeModel, body, **limits):
-    batcher = MicroBatcher(fake, **limits)
+    """Run `body(batcher)` against a batcher on the virtual clock whose model calls take `fake.delay` seconds of it
+    (the event loop keeps serving requests meanwhile, as with the real worker thread)."""
+    loop = asyncio.get_running_loop()
+
+    async def run_model(call):
+        await asyncio.sleep(fake.delay)
+        return call()
+
+    batcher = MicroBatcher(fake, **limits, clock=loop.time, run_model=run_model)
     batcher.start()
     try:
         return await body(batcher)
     finally:
         await batcher.stop()
+
+
+def test_virtual_time_loop_jumps_to_timers() -> None:
+    """The tests below rest on this: sleeps take their exact virtual time and no real time."""
+
+    async def body():
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(asyncio.sleep(0.3), asyncio.sleep(0.2))
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.Event().wait(), 0.05)
+        return loop.time()
+
+    started = time.monotonic()
+    assert run(body()) == pytest.approx(0.35, abs=1e-9)
+    assert time.monotonic() - started < 0.2
+
+
+def test_batcher_model_calls_run_in_the_worker_thread() -> None:
+    """The default `run_model`: the model runs off the event loop (which keeps accepting requests meanwhile)."""
+    threads: list[str] = []
+
+    def generate(images, prompts, options):
+        threads.append(threading.current_thread().name)
+        return [Generation(p, [1], 0.0) for p in prompts]
+
+    async def body():
+        b = MicroBatcher(generate, max_batch_size=2, max_wait_ms=0)
+        b.start()
+        try:
+            return await asyncio.gather(*[b.submit("i", f"p{k}", GenerationOptions()) for k in range(2)])
+        finally:
+            await b.stop()
+
+    assert [r[0].text for r in asyncio.run(body())] == ["p0", "p1"]
+    assert threads and all(name.startswith("blip2-generate") for name in threads)
 
 
 def test_batcher_groups_by_options_and_respects_size() -> None:
@@ -67,7 +142,7 @@ def closed_loop_batches(
 ) -> list[int]:
     """The batch sizes a model taking `delay` s per call sees from 8 clients that each send again `resend` s after
     their answer (reading it, building the next request), client k `k * spread` s later still (a server answers them
-    one after the other); client 0 starts alone, the 7 others at `others_at` s."""
+    one after the other); client 0 starts alone, the 7 others at `others_at` s. All in virtual time: exact."""
     fake = FakeModel(delay=delay)
 
     async def client(b: MicroBatcher, k: int):
@@ -95,9 +170,9 @@ def test_batcher_keeps_closed_loop_clients_together() -> None:
 def test_batcher_auto_wait_lets_slow_clients_rejoin(monkeypatch, max_wait_ms) -> None:
     """Clients that need 30 ms to send again (HTTP, JSON, image decoding under load) miss a fixed 10 ms wait and
     the batches stay split; the default wait, a share of the last batch's time, lets them rejoin. If this fails
-    with None, a full-size server batches 4 of 8 requests (measured: bench/serve_load.py --full, 10 ms)."""
+    with None, a full-size server batches 4 of 8 requests (bench/serve_load.py --full, 10 ms)."""
     monkeypatch.setattr(batcher_module, "AUTO_WAIT_SHARE", 0.5)  # 0.2 s batches -> 100 ms (the server: 2%)
-    # client 0's batch leaves at 10 ms (no batch before it) and runs 0.2 s; the others arrive while it runs
+    # client 0's batch leaves at 25 ms (the floor: no batch before it) and runs 0.2 s; the others arrive meanwhile
     calls = closed_loop_batches(0.2, others_at=0.05, resend=0.03, max_wait_ms=max_wait_ms)
     assert calls == [1, 8, 8, 8, 7] if max_wait_ms is None else calls[:4] == [1, 7, 1, 7]
 
@@ -105,8 +180,7 @@ def test_batcher_auto_wait_lets_slow_clients_rejoin(monkeypatch, max_wait_ms) ->
 def test_batcher_default_wait_covers_a_clients_turnaround_between_fast_batches() -> None:
     """With batches of a few tens of ms (the tiny model, or a GPU) the share of the batch's time is below the floor,
     so the floor must cover the time over which the clients of a batch send again (here 5 to 19 ms after their
-    answers). If this fails, fast batches split (with a 10 ms floor the tiny server batched 4.1 of 8 requests and
-    served 41 instead of 67 requests/s)."""
+    answers). If this fails, fast batches split (with a 10 ms floor the tiny server batched 4.1 of 8 requests)."""
     assert closed_loop_batches(0.03, others_at=0.05, resend=0.005, spread=0.002, max_wait_ms=None) == [1, 8, 8, 8, 7]
 
 

@@ -34,6 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..defaults import VQA_MAX_NEW_TOKENS, ServerSettings
 from ..errors import Blip2Error, GenerationError
 from ..processing import chat_prompt, vqa_prompt
 from . import images as img
@@ -54,33 +55,7 @@ from .schema import ApiError, ChatRequest, SimpleRequest, error_body
 
 log = logging.getLogger("blip2.server")
 STATIC = Path(__file__).parent / "static"
-VQA_MAX_TOKENS = 10  # as the Python API's VQA_OPTIONS
-
-
-@dataclass
-class ServerSettings:
-    model: str
-    device: str = "auto"
-    dtype: str = "auto"
-    served_name: str | None = None
-    max_batch_size: int = 8
-    max_wait_ms: float | None = None  # None: 2% of the last batch's time, 25-250 ms (server/batcher.py)
-    max_queue: int = 64
-    api_key: str | None = None
-    allow_remote_images: bool = False
-    max_body_mb: float = 20.0
-    max_image_mb: float = 20.0  # remote downloads
-    remote_timeout_s: float = 10.0
-    max_image_pixels: int = 50_000_000  # below load_image's 100 MP: several requests decode at once
-    max_tokens_limit: int = 256
-    max_history_turns: int = 20
-
-    @property
-    def name(self) -> str:
-        if self.served_name:
-            return self.served_name
-        path = Path(self.model)
-        return path.name if path.is_dir() else self.model
+VQA_MAX_TOKENS = VQA_MAX_NEW_TOKENS  # as the Python API's VQA_OPTIONS
 
 
 @dataclass

@@ -25,19 +25,20 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
+from ..defaults import AUTO_WAIT_MAX_S, AUTO_WAIT_MIN_S, AUTO_WAIT_SHARE, ServerSettings
 from ..pipeline import Generation, GenerationOptions
 
 log = logging.getLogger("blip2.server")
 
 GenerateFn = Callable[[Sequence[Any], Sequence[str], GenerationOptions], list[Generation]]
-
-
-AUTO_WAIT_SHARE, AUTO_WAIT_MIN_S, AUTO_WAIT_MAX_S = 0.02, 0.025, 0.250
+R = TypeVar("R")
+# Runs one model call (a function of no arguments) and gives its result; the default runs it in the worker thread.
+RunModel = Callable[[Callable[[], R]], Awaitable[R]]
 
 
 class QueueFull(Exception):
@@ -51,7 +52,7 @@ class Job:
     options: GenerationOptions
     key: Any
     future: asyncio.Future
-    arrived: float = field(default_factory=time.monotonic)
+    arrived: float  # the batcher's clock
 
 
 @dataclass
@@ -67,10 +68,21 @@ class BatchStats:
 
 
 class MicroBatcher:
-    """`await submit(image, prompt, options)` -> that request's generations (`options.num_return_sequences` of them)."""
+    """`await submit(image, prompt, options)` -> that request's generations (`options.num_return_sequences` of them).
+
+    `clock` (seconds, monotonic) and `run_model` are for tests, which drive the batcher in virtual time: the clock
+    must be the event loop's (`loop.time`) whenever the loop's time is not `time.monotonic`.
+    """
 
     def __init__(
-        self, generate: GenerateFn, max_batch_size: int = 8, max_wait_ms: float | None = None, max_queue: int = 64
+        self,
+        generate: GenerateFn,
+        max_batch_size: int = ServerSettings.max_batch_size,
+        max_wait_ms: float | None = ServerSettings.max_wait_ms,
+        max_queue: int = ServerSettings.max_queue,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        run_model: RunModel | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or (max_wait_ms is not None and max_wait_ms < 0):
             raise ValueError(f"bad batcher limits: batch {max_batch_size}, queue {max_queue}, wait {max_wait_ms} ms")
@@ -79,13 +91,15 @@ class MicroBatcher:
         self.max_wait = None if max_wait_ms is None else max_wait_ms / 1000.0  # None: from the last batch's time
         self.max_queue = max_queue
         self.stats = BatchStats()
+        self.clock = clock
+        self._run_model = run_model or self._in_worker_thread
         self._pending: list[Job] = []
         self._wakeup = asyncio.Event()
         self._alone = itertools.count()  # unique keys for requests that must not share a batch
         # One thread: the model is not re-entrant, and torch already spreads one call over the CPU cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blip2-generate")
         self._task: asyncio.Task | None = None
-        self._free_since = 0.0  # monotonic time at which the last batch's answers were handed out
+        self._free_since = 0.0  # clock time at which the last batch's answers were handed out
         self._last_batch_s = 0.0  # how long the last model call took
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
@@ -105,6 +119,9 @@ class MicroBatcher:
         self._pending.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    async def _in_worker_thread(self, call: Callable[[], R]) -> R:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
     @property
     def queued(self) -> int:
         return len(self._pending)
@@ -120,13 +137,12 @@ class MicroBatcher:
         if len(self._pending) >= self.max_queue:
             raise QueueFull(f"{len(self._pending)} requests are already waiting (--max-queue {self.max_queue})")
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(Job(image, prompt, options, self.batch_key(options), future))
+        self._pending.append(Job(image, prompt, options, self.batch_key(options), future, self.clock()))
         self._wakeup.set()
         return await future
 
     # ---- the loop --------------------------------------------------------------------------------------------------
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
@@ -135,12 +151,12 @@ class MicroBatcher:
                 if not batch:
                     continue
                 self.stats.add(len(batch))
-                started = time.monotonic()
+                started = self.clock()
                 try:
-                    results = await loop.run_in_executor(self._executor, self._generate_batch, batch)
+                    results = await self._run_model(lambda batch=batch: self._generate_batch(batch))
                 except Exception as e:  # noqa: BLE001 - _generate_batch already isolates per-request failures
                     results = [e] * len(batch)
-                self._last_batch_s = time.monotonic() - started
+                self._last_batch_s = self.clock() - started
                 for job, result in zip(batch, results):
                     if job.future.done():  # the client went away meanwhile
                         continue
@@ -148,7 +164,7 @@ class MicroBatcher:
                         job.future.set_exception(result)
                     else:
                         job.future.set_result(result)
-                self._free_since = time.monotonic()
+                self._free_since = self.clock()
 
     async def _next_batch(self) -> list[Job]:
         """Wait until the oldest request's batch is full or its wait is over, then take that batch."""
@@ -158,7 +174,7 @@ class MicroBatcher:
         first = self._pending[0]
         deadline = max(first.arrived, self._free_since) + self.wait_s()
         while self._count(first.key) < self.max_batch_size:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self.clock()
             if remaining <= 0:
                 break
             self._wakeup.clear()
