@@ -6,18 +6,22 @@ gives on the same model and images; a mismatch means the CLI changed the answer 
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 
 import blip2
 from blip2.cli import main
 from blip2.cli.options import one_line
+from blip2.config import KNOWN_MODELS
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +210,7 @@ def test_models_lists_known_checkpoints(tmp_path):
     assert lines[0].split()[:2] == ["MODEL", "LM"]
     row = next(line for line in lines if line.startswith("Salesforce/blip2-opt-2.7b "))
     assert row.split()[-1] == "no"
-    assert sum(line.startswith("Salesforce/") for line in lines) == len(blip2.config.KNOWN_MODELS)
+    assert sum(line.startswith("Salesforce/") for line in lines) == len(KNOWN_MODELS)
 
 
 def test_missing_model_folder_is_one_line(images, tmp_path):
@@ -244,3 +248,141 @@ def test_python_dash_m_blip2_caption_runs(opt_ckpt, images, api):
     assert "Traceback" not in proc.stderr
     assert proc.stdout == f"{images['rgb']}\t{one_line(api.caption(images['rgb']))}\n"
     assert str(images["empty"]) in proc.stderr
+
+
+# ---- one meaning per short flag, one place per default ---------------------------------------------------------------
+def _leaf_commands(group: click.Group, path: tuple[str, ...] = ()):
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _leaf_commands(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+def test_each_short_flag_means_one_thing_in_every_command():
+    """Otherwise a flag learnt on one command does something else on another (`-q` was --question in `caption`
+    and --quiet in `index`)."""
+    meanings: dict[str, set[str]] = {}
+    for _path, command in _leaf_commands(main):
+        for param in command.params:
+            if isinstance(param, click.Option):
+                for opt in (*param.opts, *param.secondary_opts):
+                    if len(opt) == 2 and opt[0] == "-" and opt[1] != "-":
+                        meanings.setdefault(opt, set()).add(param.name)
+    assert {flag: names for flag, names in meanings.items() if len(names) > 1} == {}
+    assert meanings["-q"] == {"question"}
+
+
+def _signature_default(function: object, name: str) -> object:
+    return inspect.signature(function).parameters[name].default
+
+
+def test_modules_that_still_copy_a_default_agree_with_blip2_defaults():
+    """Every default shared by the API, the server and the CLI is defined in blip2.defaults. If this fails, a module
+    that holds its own copy (instead of importing it) has drifted: the CLI's help and the API would disagree."""
+    from blip2 import defaults as d
+    from blip2.batch import BatchOptions
+    from blip2.batch.ray_engine import RayRun
+    from blip2.batch.sidecar import EXISTING
+    from blip2.eval import run as eval_run
+    from blip2.pipeline import VQA_OPTIONS, Blip2, Chat, GenerationOptions
+    from blip2.processing import VQA_TEMPLATE
+    from blip2.retrieval.build import index_images, index_images_ray
+    from blip2.retrieval.search import search_text
+    from blip2.server import openai
+    from blip2.train import miniature
+
+    assert {f.name: f.default for f in dataclasses.fields(GenerationOptions)} == dict(d.GENERATION)
+    assert VQA_OPTIONS.max_new_tokens == d.VQA_MAX_NEW_TOKENS
+    assert VQA_TEMPLATE == eval_run.VQA_PROMPT == d.VQA_TEMPLATE
+    assert _signature_default(Blip2.chat, "context") == _signature_default(Chat, "context") == d.CONTEXT_TOKENS
+    assert (openai.CONTEXT_TOKENS, openai.DEFAULT_MAX_TOKENS) == (d.CONTEXT_TOKENS, d.MAX_NEW_TOKENS)
+    assert (eval_run.CAPTION_DEFAULTS, eval_run.VQA_DEFAULTS) == (d.EVAL_CAPTION, d.EVAL_VQA)
+    assert _signature_default(eval_run.evaluate_caption, "batch_size") == d.EVAL_BATCH_SIZE
+    assert _signature_default(eval_run.evaluate_vqa, "batch_size") == d.EVAL_BATCH_SIZE
+    assert _signature_default(eval_run.evaluate_retrieval, "batch_size") == d.EVAL_RETRIEVAL_BATCH_SIZE
+    assert _signature_default(eval_run.evaluate_retrieval, "k_test") == d.EVAL_K_TEST
+    batch = {f.name: f.default for f in dataclasses.fields(BatchOptions)}
+    assert (batch["ext"], batch["existing"], batch["separator"]) == (d.SIDECAR_EXT, "skip", d.SIDECAR_SEPARATOR)
+    assert tuple(EXISTING) == d.SIDECAR_EXISTING and d.SIDECAR_EXISTING[0] == "skip"
+    assert batch["max_pixels"] == d.MAX_PIXELS
+    assert _signature_default(RayRun, "num_workers") == d.RAY_NUM_WORKERS
+    assert _signature_default(RayRun, "shard_size") == d.RAY_SHARD_SIZE
+    assert _signature_default(Blip2.generate, "batch_size") == d.BATCH_SIZE
+    assert _signature_default(index_images, "batch_size") == _signature_default(index_images_ray, "batch_size")
+    assert _signature_default(index_images, "batch_size") == d.BATCH_SIZE
+    assert _signature_default(index_images_ray, "num_workers") == d.RAY_NUM_WORKERS
+    assert _signature_default(search_text, "k") == d.TOP_K
+    build_defaults = {p.name: p.default for p in miniature.build.params}
+    demo_defaults = {p.name: p.default for p in miniature.demo_command.params}
+    assert (build_defaults["work"], demo_defaults["folder"]) == (d.MINIATURE_WORK, d.MINIATURE_EXPORT)
+
+
+def test_cli_defaults_are_blip2_defaults():
+    """The options show and use the defaults of blip2.defaults, not copies (spot checks over every command)."""
+    from blip2 import defaults as d
+
+    def option(path: tuple[str, ...], name: str) -> click.Option:
+        command = dict(_leaf_commands(main))[path]
+        return next(p for p in command.params if p.name == name)
+
+    assert option(("caption",), "model").default == d.DEFAULT_MODEL
+    assert option(("index",), "model").default == option(("eval", "retrieval"), "model").default == d.RETRIEVAL_MODEL
+    assert option(("caption",), "batch_size").default == option(("index",), "batch_size").default == d.BATCH_SIZE
+    assert option(("caption",), "ext").default == d.SIDECAR_EXT
+    assert option(("eval", "vqa"), "prompt").default == d.VQA_TEMPLATE
+    assert option(("search",), "k").default == d.TOP_K
+    assert option(("miniature", "build"), "work").default == d.MINIATURE_WORK
+    assert f"[{d.EVAL_VQA['max_new_tokens']}]" in option(("eval", "vqa"), "max_new_tokens").help
+
+
+# ---- the miniature: blip2 demo, blip2 miniature build ----------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "miniature"
+
+
+def test_demo_runs_the_miniature_offline(monkeypatch):
+    """`blip2 demo` is `make demo`: it must reach the miniature's demo with HF_HUB_OFFLINE=1 set for it."""
+    from blip2.train import miniature
+
+    seen: list[tuple[Path, str | None]] = []
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(miniature, "demo", lambda folder, echo: seen.append((folder, os.environ.get("HF_HUB_OFFLINE"))))
+    result = run("demo", EXAMPLE)
+    assert result.exit_code == 0, result.output
+    assert seen == [(EXAMPLE, "1")]
+
+
+def test_demo_without_a_model_says_how_to_make_one(tmp_path):
+    result = run("demo", tmp_path)
+    assert result.exit_code == 2
+    assert "blip2 miniature build" in result.stderr and str(tmp_path) in result.stderr
+
+
+def test_miniature_build_runs_the_implementation_with_the_options(monkeypatch, tmp_path):
+    """`blip2 miniature build` is `make miniature`: the options must reach train/miniature.py's build unchanged."""
+    from blip2.train import miniature
+
+    seen: list[dict] = []
+    monkeypatch.setattr(miniature.build, "callback", lambda **kw: seen.append(kw))
+    result = run("miniature", "build", "--work", tmp_path / "w", "--export", tmp_path / "e", "--quick")
+    assert result.exit_code == 0, result.output
+    assert seen == [{"work": str(tmp_path / "w"), "export_dir": str(tmp_path / "e"), "quick": True}]
+
+
+def test_demo_needs_no_extra():
+    """A core install (`pip install -e .`, no extras) must run `blip2 demo`: with every extra made unimportable,
+    the miniature's modules import and its model loads and captions."""
+    extras = ["accelerate", "webdataset", "tensorboard", "fastapi", "uvicorn", "ray", "faiss", "pycocoevalcap"]
+    script = f"""
+import sys
+for name in {extras!r}:
+    sys.modules[name] = None  # as if not installed
+import blip2, blip2.train.miniature
+m = blip2.load({str(EXAMPLE / "model")!r}, device="cpu", dtype="fp32")
+print(m.caption({str(EXAMPLE / "images" / "test_0.png")!r}))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()

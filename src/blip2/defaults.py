@@ -52,6 +52,7 @@ SIDECAR_EXISTING = ("skip", "overwrite", "append", "prepend")
 SIDECAR_SEPARATOR = ", "  # between the old text and the caption for append / prepend
 RAY_NUM_WORKERS = 1  # model actors
 RAY_SHARD_SIZE = 1000  # images per output shard, the unit of resume
+TOP_K = 10  # search results
 
 # ---- evaluation ------------------------------------------------------------------------------------------------------
 # LAVIS caption_coco_{opt2.7b,opt6.7b,flant5xl}_eval.yaml: num_beams 5, max_len 30, min_len 8.
@@ -64,6 +65,10 @@ EVAL_BATCH_SIZE = 16  # caption and VQA inputs per pass
 EVAL_RETRIEVAL_BATCH_SIZE = 32
 EVAL_K_TEST = 128  # ITC candidates per query re-ranked by ITM (LAVIS retrieval config)
 EVAL_OUT = "eval_results"
+
+# ---- the miniature (train/miniature.py) ------------------------------------------------------------------------------
+MINIATURE_WORK = "build/miniature"  # the build's data, towers, stages and results; finished phases are reused
+MINIATURE_EXPORT = "examples/miniature"  # the exported models, sample images and results.json (committed)
 
 # ---- server ----------------------------------------------------------------------------------------------------------
 # With no --max-wait-ms, the oldest request waits this share of the last batch's time, within these bounds

@@ -86,7 +86,7 @@ def indexed(m: blip2.Blip2, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     paths = make_images(tmp / "photos")
     shard = make_tar(tmp / "more.tar", make_images(tmp / "for_tar", n=2, seed=7))
     db = tmp / "photos.sqlite"
-    args = ["--db", db, "-m", m.name, "--dtype", "fp32", "--device", "cpu", "--workers", "1", "-b", "3", "-q"]
+    args = ["--db", db, "-m", m.name, "--dtype", "fp32", "--device", "cpu", "--workers", "1", "-b", "3", "--quiet"]
     code, out, err = run_cli("index", tmp / "photos", shard, *args)
     assert code == 0, err
     assert "8 embedded, 0 unchanged, 2 failed" in out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ from click.testing import CliRunner
 from server_helpers import free_port
 
 from blip2.cli import main
+from blip2.cli.serve import serve
+from blip2.defaults import ServerSettings
 
 
 def test_help_lists_flags() -> None:
@@ -29,6 +32,20 @@ def test_help_lists_flags() -> None:
         "--max-history-turns",
     ):
         assert flag in result.output
+
+
+def test_option_defaults_are_the_server_settings_defaults() -> None:
+    """One place for each default: `blip2 serve` with no options must build the ServerSettings() a Python user gets."""
+    fields = {f.name: f for f in dataclasses.fields(ServerSettings)}
+    options = {p.name: p for p in serve.params}
+    renamed = {"served_model_name": "served_name"}
+    checked = 0
+    for name, param in options.items():
+        field = fields.get(renamed.get(name, name))
+        if field is not None and field.default is not dataclasses.MISSING:
+            assert param.default == field.default, name
+            checked += 1
+    assert checked >= 14
 
 
 def test_unloadable_model_exits_2(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ COMMANDS: list[tuple[str, list[str]]] = [
     ("eval", ["eval"]),
     ("train", ["train"]),
     ("retrieval", ["index", "search"]),
+    ("miniature", ["demo", "miniature"]),
 ]
 
 

@@ -19,6 +19,15 @@ from typing import Any, TypeVar
 
 import click
 
+from ..defaults import (
+    MAX_PIXELS,
+    RAY_NUM_WORKERS,
+    RAY_SHARD_SIZE,
+    SIDECAR_EXISTING,
+    SIDECAR_EXT,
+    SIDECAR_SEPARATOR,
+)
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 BATCH_NAMES = (
@@ -63,12 +72,12 @@ _OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
             "help": "Write the caption files under DIR instead, mirroring the input folders.",
         },
     ),
-    (("--ext",), {"default": "txt", "show_default": True, "help": "Caption file extension (txt, caption, ...)."}),
+    (("--ext",), {"default": SIDECAR_EXT, "show_default": True, "help": "Caption file extension (txt, caption, ...)."}),
     (
         ("--existing",),
         {
-            "type": click.Choice(["skip", "overwrite", "append", "prepend"]),
-            "default": "skip",
+            "type": click.Choice(SIDECAR_EXISTING),
+            "default": SIDECAR_EXISTING[0],
             "show_default": True,
             "help": "What to do with a caption file that already exists.",
         },
@@ -76,7 +85,7 @@ _OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (
         ("--separator",),
         {
-            "default": ", ",
+            "default": SIDECAR_SEPARATOR,
             "show_default": True,
             "help": "Between the old text and the caption for --existing append/prepend.",
         },
@@ -110,7 +119,7 @@ _OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
             "type": click.Choice(["local", "ray"]),
             "default": "local",
             "show_default": True,
-            "help": "local: this machine; ray: an actor pool on a Ray cluster (pip install 'blip2[ray]').",
+            "help": "local: the local machine; ray: an actor pool on a Ray cluster (pip install 'blip2[ray]').",
         },
     ),
     (("--address",), {"default": None, "help": "Ray cluster address (e.g. auto or ray://host:10001) [a local one]."}),
@@ -118,7 +127,7 @@ _OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         ("--num-workers",),
         {
             "type": click.IntRange(min=1),
-            "default": 1,
+            "default": RAY_NUM_WORKERS,
             "show_default": True,
             "help": "Ray: model actors (one model, and one GPU if any, each).",
         },
@@ -127,7 +136,7 @@ _OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         ("--shard-size",),
         {
             "type": click.IntRange(min=1),
-            "default": 1000,
+            "default": RAY_SHARD_SIZE,
             "show_default": True,
             "help": "Ray: images per output shard, the unit of resume.",
         },
@@ -146,7 +155,7 @@ _OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         {
             "type": click.IntRange(min=1),
             "default": None,
-            "help": "Refuse larger images as decompression bombs [100000000].",
+            "help": f"Refuse larger images as decompression bombs [{MAX_PIXELS}].",
         },
     ),
     (("--progress/--no-progress",), {"default": None, "help": "Progress bar on stderr [when stderr is a terminal]."}),

@@ -17,14 +17,23 @@ from typing import Any, TypeVar
 
 import click
 
+from ..defaults import (
+    EVAL_BATCH_SIZE,
+    EVAL_CAPTION,
+    EVAL_K_TEST,
+    EVAL_OUT,
+    EVAL_RETRIEVAL_BATCH_SIZE,
+    EVAL_VQA,
+    RETRIEVAL_MODEL,
+    VQA_TEMPLATE,
+)
 from .options import GENERATION_OPTIONS, generation_kwargs, model_options
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Literal copies of blip2.eval.run's defaults, so `--help` needs no torch import; a test checks they agree.
-CAPTION_HELP_DEFAULTS = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}
-VQA_HELP_DEFAULTS = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0}
-RETRIEVAL_MODEL = "Salesforce/blip2-itm-vit-g"
+# The tasks' generation defaults, shown in `--help` (blip2.eval.run applies them: a test checks they agree).
+CAPTION_HELP_DEFAULTS = EVAL_CAPTION
+VQA_HELP_DEFAULTS = EVAL_VQA
 
 
 def task_generation_options(defaults: Mapping[str, Any]) -> Callable[[F], F]:
@@ -45,7 +54,7 @@ def common_options(f: F) -> F:
     f = click.option(
         "--out",
         "-o",
-        default="eval_results",
+        default=EVAL_OUT,
         show_default=True,
         type=click.Path(file_okay=False),
         help="Folder for results, table, predictions and the resumable partial file.",
@@ -91,7 +100,7 @@ def eval_() -> None:
 @click.option("--annotations", required=True, help="COCO-style {images, annotations} or Karpathy-style caption JSON.")
 @common_options
 @click.option("--prompt", "-p", default=None, help="Captions continue this text (LAVIS -coco configs: 'a photo of').")
-@batch_size_option(16)
+@batch_size_option(EVAL_BATCH_SIZE)
 @click.option("--no-spice", is_flag=True, help="Skip SPICE (needs Stanford CoreNLP models and minutes of Java).")
 @click.option("--no-meteor", is_flag=True, help="Skip METEOR (a Java process, ~15 s to start).")
 @image_pattern_option
@@ -145,12 +154,12 @@ def eval_caption(
 @click.option(
     "--prompt",
     "-p",
-    default="Question: {} Answer:",
+    default=VQA_TEMPLATE,
     show_default=True,
     help="Template; {} is the question. LAVIS's YAML uses 'Question: {} Short answer:'.",
 )
 @click.option("--gqa", is_flag=True, help="GQA: exact-match accuracy; answers from --annotations or the question file.")
-@batch_size_option(16)
+@batch_size_option(EVAL_BATCH_SIZE)
 @image_pattern_option
 @model_options
 @task_generation_options(VQA_HELP_DEFAULTS)
@@ -199,11 +208,11 @@ def eval_vqa(
 @click.option(
     "--k-test",
     type=click.IntRange(min=0),
-    default=128,
+    default=EVAL_K_TEST,
     show_default=True,
     help="ITC candidates per query re-ranked by ITM (LAVIS retrieval config); 0: ITC only.",
 )
-@batch_size_option(32)
+@batch_size_option(EVAL_RETRIEVAL_BATCH_SIZE)
 @model_options
 def eval_retrieval(
     annotations: str, images: str, out: str, k_test: int, batch_size: int, model: str, device: str, dtype: str

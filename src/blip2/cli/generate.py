@@ -13,6 +13,7 @@ from typing import IO, Any
 
 import click
 
+from ..defaults import BATCH_SIZE
 from .batch import batch_options, batch_requested, run_batch
 from .options import generation_kwargs, generation_options, json_line, load_model, model_options, one_line
 
@@ -34,7 +35,12 @@ def _batches(items: Sequence[str], size: int) -> Iterator[list[str]]:
 @click.option("--prompt", "-p", default=None, help="Caption that starts with this text; prints the continuation.")
 @click.option("--json", "as_json", is_flag=True, help='JSON lines {"image": ..., "caption": ...} instead of TSV.')
 @click.option(
-    "--batch-size", "-b", type=click.IntRange(min=1), default=8, show_default=True, help="Images per forward pass."
+    "--batch-size",
+    "-b",
+    type=click.IntRange(min=1),
+    default=BATCH_SIZE,
+    show_default=True,
+    help="Images per forward pass.",
 )
 @model_options
 @generation_options

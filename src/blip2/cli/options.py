@@ -23,35 +23,66 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from ..defaults import DEFAULT_MODEL, DEVICE, DTYPE, GENERATION, MAX_NEW_TOKENS, MODEL_ENVVAR, VQA_MAX_NEW_TOKENS
+
 if TYPE_CHECKING:
     from ..pipeline import Blip2
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
-MODEL_ENVVAR = "BLIP2_MODEL"
 DTYPES = ["auto", "fp32", "fp16", "bf16", "int8"]
+
+
+def _default(name: str) -> str:
+    """`GenerationOptions`' default for `name`, as the help texts show it: "[1]"."""
+    return f"[{GENERATION[name]:g}]"
+
 
 # (python name, click declaration, type, help): python names are `GenerationOptions` fields.
 GENERATION_OPTIONS: list[tuple[str, str, click.ParamType | None, str]] = [
-    ("max_new_tokens", "--max-new-tokens", click.IntRange(min=1), "Most tokens to generate [task default]."),
-    ("min_new_tokens", "--min-new-tokens", click.IntRange(min=0), "Fewest tokens to generate [0]."),
-    ("num_beams", "--num-beams", click.IntRange(min=1), "Beam search width; 1 is greedy [1]."),
+    (
+        "max_new_tokens",
+        "--max-new-tokens",
+        click.IntRange(min=1),
+        f"Most tokens to generate [{MAX_NEW_TOKENS}; answers to questions: {VQA_MAX_NEW_TOKENS}].",
+    ),
+    (
+        "min_new_tokens",
+        "--min-new-tokens",
+        click.IntRange(min=0),
+        f"Fewest tokens to generate {_default('min_new_tokens')}.",
+    ),
+    ("num_beams", "--num-beams", click.IntRange(min=1), f"Beam search width; 1 is greedy {_default('num_beams')}."),
     ("do_sample", "--do-sample/--greedy", None, "Sample tokens instead of taking the most likely [greedy]."),
-    ("top_p", "--top-p", click.FloatRange(min=0.0, max=1.0, min_open=True), "Nucleus sampling mass, in (0, 1] [1]."),
-    ("temperature", "--temperature", click.FloatRange(min=0.0, min_open=True), "Sampling temperature, > 0 [1]."),
+    (
+        "top_p",
+        "--top-p",
+        click.FloatRange(min=0.0, max=1.0, min_open=True),
+        f"Nucleus sampling mass, in (0, 1] {_default('top_p')}.",
+    ),
+    (
+        "temperature",
+        "--temperature",
+        click.FloatRange(min=0.0, min_open=True),
+        f"Sampling temperature, > 0 {_default('temperature')}.",
+    ),
     (
         "repetition_penalty",
         "--repetition-penalty",
         click.FloatRange(min=0.0, min_open=True),
-        "Penalty > 1 discourages repeated tokens [1].",
+        f"Penalty > 1 discourages repeated tokens {_default('repetition_penalty')}.",
     ),
-    ("length_penalty", "--length-penalty", click.FLOAT, "Beam search: > 1 favours longer outputs [1]."),
+    (
+        "length_penalty",
+        "--length-penalty",
+        click.FLOAT,
+        f"Beam search: > 1 favours longer outputs {_default('length_penalty')}.",
+    ),
     (
         "no_repeat_ngram_size",
         "--no-repeat-ngram-size",
         click.IntRange(min=0),
-        "Never repeat an n-gram of this size; 0 is off [0].",
+        f"Never repeat an n-gram of this size; 0 is off {_default('no_repeat_ngram_size')}.",
     ),
     ("seed", "--seed", click.INT, "Random seed, for reproducible sampling."),
 ]
@@ -63,13 +94,13 @@ def model_options(f: F) -> F:
     f = click.option(
         "--dtype",
         type=click.Choice(DTYPES),
-        default="auto",
+        default=DTYPE,
         show_default=True,
         help="Weights dtype; auto is fp16 on CUDA, bf16 on CPUs with native bf16, else fp32; int8 quantizes the "
         "language model (and stores the vision encoder in bf16): about 2x less memory than bf16, faster decoding.",
     )(f)
     f = click.option(
-        "--device", default="auto", show_default=True, help="torch device (cpu, cuda, cuda:1, mps) or auto."
+        "--device", default=DEVICE, show_default=True, help="torch device (cpu, cuda, cuda:1, mps) or auto."
     )(f)
     f = click.option(
         "--model",

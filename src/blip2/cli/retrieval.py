@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from ..defaults import BATCH_SIZE, RAY_NUM_WORKERS, RETRIEVAL_MODEL, TOP_K
 from .options import load_model, model_options
 
 if TYPE_CHECKING:
@@ -28,8 +29,6 @@ if TYPE_CHECKING:
     from ..retrieval.search import Ranked
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-RETRIEVAL_MODEL = "Salesforce/blip2-itm-vit-g"
 
 
 def retrieval_model_options(f: F) -> F:
@@ -46,13 +45,21 @@ def retrieval_model_options(f: F) -> F:
 @click.argument("inputs", nargs=-1, required=True, metavar="DIR_OR_LIST...")
 @click.option("--db", required=True, type=click.Path(dir_okay=False), help="The index file (SQLite); created if new.")
 @click.option("--recursive", "-r", is_flag=True, help="Also index images in sub-folders of folder inputs.")
-@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=8, show_default=True, help="Images per pass.")
+@click.option(
+    "--batch-size", "-b", type=click.IntRange(min=1), default=BATCH_SIZE, show_default=True, help="Images per pass."
+)
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes [cores - 1, at most 8].")
 @click.option("--prune/--no-prune", default=True, show_default=True, help="Drop rows of files gone from folder inputs.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--address", default=None, help="--engine ray: the cluster to join [a local one].")
-@click.option("--num-workers", type=click.IntRange(min=1), default=1, show_default=True, help="--engine ray: actors.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option(
+    "--num-workers",
+    type=click.IntRange(min=1),
+    default=RAY_NUM_WORKERS,
+    show_default=True,
+    help="--engine ray: actors.",
+)
+@click.option("--quiet", "--no-progress", "quiet", is_flag=True, help="No progress bar.")  # -q is --question
 @retrieval_model_options
 def index(
     inputs: tuple[str, ...],
@@ -135,7 +142,9 @@ def _print(results: list[Ranked], as_json: bool, kind: str) -> None:
 @click.command("search")
 @click.argument("query", nargs=-1, metavar="[QUERY | TEXT...]")
 @click.option("--db", type=click.Path(dir_okay=False), default=None, help="Index built by `blip2 index`.")
-@click.option("-k", "--top-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Results to show.")
+@click.option(
+    "-k", "--top-k", "k", type=click.IntRange(min=1), default=TOP_K, show_default=True, help="Results to show."
+)
 @click.option("--rerank", type=click.IntRange(min=1), default=None, metavar="K", help="Re-rank the ITC top K with ITM.")
 @click.option("--image", type=click.Path(), default=None, help="Image-to-text: rank the texts for this image.")
 @click.option("--texts", multiple=True, help="With --image: a text, or a file of texts (one per line); repeatable.")

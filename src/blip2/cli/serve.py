@@ -8,40 +8,49 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import fields
 
 import click
 
+from ..defaults import AUTO_WAIT_MAX_S, AUTO_WAIT_MIN_S, AUTO_WAIT_SHARE, HOST, PORT, ServerSettings
 from .options import model_options
+
+DEFAULTS = {f.name: f.default for f in fields(ServerSettings)}  # the options' defaults: ServerSettings' own
 
 
 @click.command()
 @model_options
 @click.option(
     "--host",
-    default="127.0.0.1",
+    default=HOST,
     show_default=True,
     help="Address to bind; 0.0.0.0 exposes the server to the network (use --api-key then).",
 )
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--served-model-name", default=None, help="Model name reported by the API [the model folder's name].")
+@click.option("--port", type=click.IntRange(0, 65535), default=PORT, show_default=True)
+@click.option(
+    "--served-model-name",
+    default=DEFAULTS["served_name"],
+    help="Model name reported by the API [the model folder's name].",
+)
 @click.option(
     "--max-batch-size",
     type=click.IntRange(min=1),
-    default=8,
+    default=DEFAULTS["max_batch_size"],
     show_default=True,
     help="Most requests per model call; 1 runs them one by one.",
 )
 @click.option(
     "--max-wait-ms",
     type=click.FloatRange(min=0),
-    default=None,
+    default=DEFAULTS["max_wait_ms"],
     help="How long the oldest waiting request waits for more, counted from when the model is free "
-    "[default: 2% of the last batch's time, between 25 and 250 ms].",
+    f"[default: {AUTO_WAIT_SHARE:.0%} of the last batch's time, between {AUTO_WAIT_MIN_S * 1000:g} and "
+    f"{AUTO_WAIT_MAX_S * 1000:g} ms].",
 )
 @click.option(
     "--max-queue",
     type=click.IntRange(min=1),
-    default=64,
+    default=DEFAULTS["max_queue"],
     show_default=True,
     help="Requests allowed to wait; beyond it the server answers 503 with Retry-After.",
 )
@@ -49,53 +58,54 @@ from .options import model_options
     "--api-key",
     envvar="BLIP2_API_KEY",
     show_envvar=True,
-    default=None,
+    default=DEFAULTS["api_key"],
     help="Require 'Authorization: Bearer KEY' on every route except /healthz and the web page.",
 )
 @click.option(
     "--allow-remote-images",
     is_flag=True,
+    default=DEFAULTS["allow_remote_images"],
     help="Fetch http(s) image URLs (public addresses only); otherwise only data: URIs are accepted.",
 )
 @click.option(
     "--max-body-mb",
     type=click.FloatRange(min=0, min_open=True),
-    default=20.0,
+    default=DEFAULTS["max_body_mb"],
     show_default=True,
     help="Largest request body (413 above).",
 )
 @click.option(
     "--max-image-mb",
     type=click.FloatRange(min=0, min_open=True),
-    default=20.0,
+    default=DEFAULTS["max_image_mb"],
     show_default=True,
     help="Largest remote image download.",
 )
 @click.option(
     "--remote-timeout-s",
     type=click.FloatRange(min=0, min_open=True),
-    default=10.0,
+    default=DEFAULTS["remote_timeout_s"],
     show_default=True,
     help="Total time allowed for a remote image download.",
 )
 @click.option(
     "--max-image-pixels",
     type=click.IntRange(min=1),
-    default=50_000_000,
+    default=DEFAULTS["max_image_pixels"],
     show_default=True,
     help="Largest decoded image (width x height); larger ones are refused as decompression bombs.",
 )
 @click.option(
     "--max-tokens-limit",
     type=click.IntRange(min=1),
-    default=256,
+    default=DEFAULTS["max_tokens_limit"],
     show_default=True,
     help="Largest max_tokens a request may ask for (400 above).",
 )
 @click.option(
     "--max-history-turns",
     type=click.IntRange(min=0),
-    default=20,
+    default=DEFAULTS["max_history_turns"],
     show_default=True,
     help="Most question/answer turns in a chat request (400 above).",
 )
