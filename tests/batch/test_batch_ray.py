@@ -46,7 +46,8 @@ def test_ray_two_actors_match_local_and_resume(cluster, model, opt_ckpt: Path, t
     local = {r.path: r for r in caption_images(inputs, model=model, workers=0, **GEN)}
     assert sorted(r["path"] for r in rows) == sorted(local)  # every image exactly once
     assert {r["path"]: r["caption"] for r in rows} == {k: r.caption for k, r in local.items()}
-    assert (summary.done, summary.failed, summary.total) == (10, 1, 11)
+    # total counts every file: 11 images and the shard's 3 text members, counted as not image files
+    assert (summary.done, summary.failed, summary.not_images, summary.total) == (10, 1, 3, 14)
     assert [json.loads(line)["path"] for line in (tmp_path / "errors.jsonl").read_text().splitlines()] == [
         str(tmp_path / "in" / "bad.png")
     ]

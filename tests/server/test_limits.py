@@ -84,7 +84,7 @@ def test_pixel_tokens_and_history_limits(client: httpx.Client, images: dict[str,
         client.post("/v1/caption", files={"file": ("flat.png", buf.getvalue())}),
         400,
         "invalid_image",
-        "max_pixels=5000",
+        "too many pixels (limit 5000)",
     )
     uri = data_uri(images["rgb"])  # 50 x 40 = 2000 pixels: under the limit
     assert_error(ask(client, [user_message(uri, "q")], max_tokens=21), 400, "max_tokens_too_large", "20")

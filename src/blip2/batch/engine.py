@@ -131,6 +131,7 @@ class Summary:
     done: int = 0
     failed: int = 0
     skipped: int = 0  # a sidecar existed and --existing skip
+    not_images: int = 0  # scanned files with no image content and no image extension: counted, not listed
     resumed: int = 0  # captioned by an earlier run of the same command (its failures are in `failed`)
     seconds: float = 0.0  # the whole run, model loading included
     caption_seconds: float = 0.0  # from the first image decoded to the last caption recorded
@@ -144,9 +145,12 @@ class Summary:
         return self.done / spent if spent > 0 else 0.0
 
     def line(self) -> str:
+        not_images = f", {self.not_images} not image files" if self.not_images else ""
+        rule = " (not image files: no image content and no image extension; counted, not listed)" if not_images else ""
         return (
-            f"{self.done} captioned, {self.resumed} captioned before, {self.skipped} skipped, {self.failed} failed "
-            f"of {self.total} in {self.seconds:.1f}s ({self.images_per_s:.2f} images/s while captioning)"
+            f"{self.done} captioned, {self.resumed} captioned before, {self.skipped} skipped, {self.failed} failed"
+            f"{not_images} of {self.total} files in {self.seconds:.1f}s ({self.images_per_s:.2f} images/s while "
+            f"captioning){rule}"
         )
 
 

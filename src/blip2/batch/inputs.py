@@ -4,9 +4,11 @@ Every item has a `key`, the string that names it in manifests, error logs and th
 the file's path (absolute, normalised, symlinks not resolved) or, for a tar member, `"{tar path}/{member name}"`.
 Keys are what resume compares, so the same inputs give the same keys from any working directory.
 
-Members of plain tar files are not read here: the item carries the member's byte offset and size, so a decoding
-worker reads just those bytes with one seek. Compressed tars cannot be seeked and are streamed: their bytes travel
-with the item.
+The accounting rule: a folder scan (and a tar shard) looks at every regular file in it. A file with an image
+extension, or whose first bytes carry an image format's signature, is an item: it is captioned, or listed with the
+reason it failed. Any other file (a notes.txt, a caption sidecar, a .json) is counted as "not an image file" and not
+listed. So content counts, not only the name: a PNG named `photo.dat` is captioned, and a text file named `photo.jpg`
+is listed as a failure. A file named in a list or on the command line is always an item: the user asked for it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +27,13 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, ImageError
-from ..processing import DEFAULT_MAX_PIXELS, ImageTransform, load_image
+from ..images import DEFAULT_MAX_PIXELS, is_image_suffix, load_image, sniff_format
+from ..processing import ImageTransform
 
 LIST_SUFFIXES = {".txt", ".lst", ".jsonl", ".csv", ".tsv"}
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 PATH_FIELDS = ("path", "image", "file", "filename", "image_path")
+HEAD_BYTES = 64  # enough for every image signature Pillow checks
 
 
 @dataclass(frozen=True)
@@ -56,12 +60,6 @@ class Item:
         return rel
 
 
-def image_suffixes() -> frozenset[str]:
-    """Extensions of every format this Pillow can *open* (not the write-only ones such as .pdf)."""
-    Image.init()
-    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
-
-
 def expand_braces(pattern: str) -> list[str]:
     """WebDataset-style brace expansion: `a-{000..003}.tar`, `{x,y}.tar`; zero padding follows the first bound."""
     m = re.search(r"\{([^{}]*)\}", pattern)
@@ -86,24 +84,43 @@ def _is_tar(path: str) -> bool:
     return path.lower().endswith(TAR_SUFFIXES)
 
 
-def iter_items(inputs: Iterable[str | os.PathLike[str]], recursive: bool = False) -> Iterator[Item]:
-    """Items from each input in order: a folder, a list file, a tar shard or brace pattern, or an image file."""
-    suffixes = image_suffixes()
+def iter_items(
+    inputs: Iterable[str | os.PathLike[str]], recursive: bool = False, not_images: list[str] | None = None
+) -> Iterator[Item]:
+    """Items from each input in order: a folder, a list file, a tar shard or brace pattern, or an image file.
+    The keys of scanned files that are not images (see the accounting rule) are appended to `not_images`."""
+    skip = not_images if not_images is not None else []
     for raw in inputs:
         text = os.fspath(raw)
         paths = expand_braces(text) if "{" in text and not os.path.exists(text) else [text]
         for path in paths:
-            yield from _items_of(path, suffixes, recursive)
+            yield from _items_of(path, recursive, skip)
 
 
-def _items_of(path: str, suffixes: frozenset[str], recursive: bool) -> Iterator[Item]:
+def looks_like_image(name: str, head: bytes | Callable[[], bytes]) -> bool:
+    """The accounting rule's test: an image extension, or an image format's signature in the first bytes (`head`,
+    or a function that reads them, called only for names without an image extension)."""
+    if is_image_suffix(name):
+        return True
+    try:
+        return sniff_format(head() if callable(head) else head) is not None
+    except OSError:
+        return True  # unreadable: an item, so that its reason is listed
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(HEAD_BYTES)
+
+
+def _items_of(path: str, recursive: bool, not_images: list[str]) -> Iterator[Item]:
     p = Path(path)
     if p.is_dir():
-        yield from _folder(p, suffixes, recursive)
+        yield from _folder(p, recursive, not_images)
     elif _is_tar(path):
         if not p.is_file():
             raise ConfigError(f"{path}: no such tar shard")
-        yield from _tar(p, suffixes)
+        yield from _tar(p, not_images)
     elif p.suffix.lower() in LIST_SUFFIXES:
         if not p.is_file():
             raise ConfigError(f"{path}: no such list file")
@@ -113,12 +130,15 @@ def _items_of(path: str, suffixes: frozenset[str], recursive: bool) -> Iterator[
         yield Item(key=_abs(p), path=_abs(p), root=_abs(p.parent))
 
 
-def _folder(folder: Path, suffixes: frozenset[str], recursive: bool) -> Iterator[Item]:
+def _folder(folder: Path, recursive: bool, not_images: list[str]) -> Iterator[Item]:
     root = _abs(folder)
     found = folder.rglob("*") if recursive else folder.iterdir()
     # Sorted, so that batches, and thus the order of the manifest, are the same on every run.
-    for p in sorted(f for f in found if f.suffix.lower() in suffixes and f.is_file()):
-        yield Item(key=_abs(p), path=_abs(p), root=root)
+    for p in sorted(f for f in found if f.is_file()):
+        if looks_like_image(p.name, lambda p=p: _head(p)):
+            yield Item(key=_abs(p), path=_abs(p), root=root)
+        else:
+            not_images.append(_abs(p))
 
 
 def _list(path: Path) -> Iterator[Item]:
@@ -164,7 +184,7 @@ def _list_entries(path: Path, text: str) -> Iterator[tuple[int, str, str | None]
         yield i, entry.strip(), row.get("question") if isinstance(row, dict) else None
 
 
-def _tar(path: Path, suffixes: frozenset[str]) -> Iterator[Item]:
+def _tar(path: Path, not_images: list[str]) -> Iterator[Item]:
     full = _abs(path)
     root = _abs(path.parent)
     try:
@@ -176,17 +196,26 @@ def _tar(path: Path, suffixes: frozenset[str]) -> Iterator[Item]:
     if plain is not None:
         with plain:
             for info in plain:
-                if info.isfile() and Path(info.name).suffix.lower() in suffixes:
-                    key = f"{full}/{info.name}"
+                if not info.isfile():
+                    continue
+                key = f"{full}/{info.name}"
+                if looks_like_image(info.name, lambda info=info: plain.extractfile(info).read(HEAD_BYTES)):
                     yield Item(key=key, path=full, root=root, member=info.name, offset=info.offset_data, size=info.size)
+                else:
+                    not_images.append(key)
         return
     try:  # compressed: no seeking, so stream the bytes along with the item
         with tarfile.open(full, "r:*") as tar:
             for info in tar:
-                if info.isfile() and Path(info.name).suffix.lower() in suffixes:
-                    fp = tar.extractfile(info)
-                    data = fp.read() if fp is not None else b""
-                    yield Item(key=f"{full}/{info.name}", path=full, root=root, member=info.name, data=data)
+                if not info.isfile():
+                    continue
+                fp = tar.extractfile(info)
+                data = fp.read() if fp is not None else b""
+                key = f"{full}/{info.name}"
+                if looks_like_image(info.name, data[:HEAD_BYTES]):
+                    yield Item(key=key, path=full, root=root, member=info.name, data=data)
+                else:
+                    not_images.append(key)
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ConfigError(f"{path}: not a readable tar shard ({e})") from e
 
@@ -194,7 +223,7 @@ def _tar(path: Path, suffixes: frozenset[str]) -> Iterator[Item]:
 def read_item(item: Item, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """The item's image, decoded; `ImageError` names the item's key."""
     if item.member is None:
-        return load_image(item.path, max_pixels=max_pixels)
+        return load_image(item.path, max_pixels=max_pixels, name=item.key)
     data = item.data
     if data is None:
         try:
@@ -202,11 +231,8 @@ def read_item(item: Item, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
                 f.seek(item.offset)
                 data = f.read(item.size)
         except OSError as e:
-            raise ImageError(f"{item.key}: unreadable ({e})") from e
-    try:
-        return load_image(data, max_pixels=max_pixels)
-    except ImageError as e:
-        raise ImageError(str(e).replace("<bytes>", item.key, 1)) from e
+            raise ImageError(f"{item.key}: unreadable ({e})", kind="unreadable") from e
+    return load_image(data, max_pixels=max_pixels, name=item.key)
 
 
 def prepare(item: Item, transform: ImageTransform, max_pixels: int) -> np.ndarray | str:

@@ -172,13 +172,14 @@ class RayRun:
         start = time.perf_counter()
         self._check_run_file()
         finished, first_shard = self._finished()
-        items, seen = [], set()
-        for item in iter_items(self.inputs, self.opts.recursive):
+        items, seen, not_images = [], set(), []
+        for item in iter_items(self.inputs, self.opts.recursive, not_images):
             if item.key not in seen:
                 seen.add(item.key)
                 items.append(item)
         todo = [it for it in items if it.key not in finished]
-        self.summary.total = len(items)
+        self.summary.total = len(items) + len(not_images)
+        self.summary.not_images = len(not_images)
         before = [finished[it.key] for it in items if it.key in finished]
         self.summary.resumed = before.count(False)
         self.summary.failed = before.count(True)  # failures of earlier runs still count, as in errors.jsonl

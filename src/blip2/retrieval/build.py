@@ -1,4 +1,4 @@
-"""Embed a collection of images into a retrieval `Index` (`blip2 index`), on this machine or on a Ray cluster.
+"""Embed a collection of images into a retrieval `Index` (`blip2 index`), locally or on a Ray cluster.
 
     m = blip2.load("Salesforce/blip2-itm-vit-g")
     summary = index_images(m, ["photos/"], "photos.sqlite", recursive=True)
@@ -75,6 +75,7 @@ class Summary:
     unchanged: int = 0  # already in the index with the same size and mtime
     failed: int = 0
     pruned: int = 0  # rows of files gone from a folder input
+    not_images: int = 0  # scanned files with no image content and no image extension: counted, not listed
     seconds: float = 0.0
     errors: list[tuple[str, str]] = field(default_factory=list)
 
@@ -82,6 +83,11 @@ class Summary:
         return (
             f"{self.db}: {self.embedded} embedded, {self.unchanged} unchanged, {self.failed} failed, "
             f"{self.pruned} pruned; {self.total} images in the inputs ({self.seconds:.1f}s)"
+            + (
+                f"; {self.not_images} not image files skipped (no image content or extension)"
+                if self.not_images
+                else ""
+            )
         )
 
 
@@ -156,8 +162,9 @@ def _prune(index: Index, inputs: Sequence[str], recursive: bool, seen: set[str])
 
 def _plan(index: Index, inputs: Sequence[str], recursive: bool, prune: bool) -> tuple[Summary, list[_Todo]]:
     """List the inputs, prune, and pick the images to embed (new, or size/mtime changed)."""
-    items = _unique(iter_items(inputs, recursive))
-    summary = Summary(db=str(index.path), total=len(items))
+    not_images: list[str] = []
+    items = _unique(iter_items(inputs, recursive, not_images))
+    summary = Summary(db=str(index.path), total=len(items), not_images=len(not_images))
     todo = []
     for item in items:
         size, mtime = _stat(item)
@@ -201,7 +208,7 @@ def index_images(
     The index records the model (`m.name`), Nq and E; reopening it with another model raises `IndexFileError`.
     `workers` decoding processes (default: cores - 1, at most 8; 0 decodes in this process).
     """
-    m._require_text_side()
+    m.require_text_side()
     start = time.perf_counter()
     paths = [os.fspath(p) for p in inputs]
     cfg = m.config

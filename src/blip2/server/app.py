@@ -190,20 +190,26 @@ def ready_model(state: State) -> Any:
     return state.model
 
 
-async def image_from_url(state: State, url: str) -> Any:
+async def image_from_url(state: State, url: str, field: str) -> Any:
     s = state.settings
     if url.startswith("data:"):
-        data = img.decode_data_uri(url)
+        data = img.decode_data_uri(url, field)
     elif not s.allow_remote_images:
         raise ApiError(
             400,
-            "image_url: only data: URIs are accepted (send the image base64-encoded); this server "
+            f"{field}: only data: URIs are accepted (send the image base64-encoded); this server "
             "was not started with --allow-remote-images",
             "remote_images_disabled",
         )
     else:
         data = await run_in_threadpool(img.fetch, url, int(s.max_image_mb * 1024 * 1024), s.remote_timeout_s)
-    return await run_in_threadpool(img.open_image, data, "image_url", s.max_image_pixels)
+    return await pixels_of(state, data, field)
+
+
+async def pixels_of(state: State, data: bytes, field: str) -> Any:
+    """Decode once, in a worker thread: (3, S, S) pixels are what the batcher batches and the model caches."""
+    transform = state.model.transform
+    return await run_in_threadpool(img.image_pixels, data, field, state.settings.max_image_pixels, transform)
 
 
 async def run_generation(state: State, image: Any, prompt: str, options: Any) -> list[Any]:
@@ -252,7 +258,7 @@ def add_routes(app: FastAPI, state: State, auth: list[Any]) -> None:
         m = ready_model(state)
         conversation = parse_conversation(body, s.max_history_turns)
         options = chat_options(body, s.max_tokens_limit)
-        image = await image_from_url(state, conversation.image_url)
+        image = await image_from_url(state, conversation.image_url, conversation.image_field)
         if conversation.question:
             budget = CONTEXT_TOKENS - m.config.num_query_tokens
             prompt = chat_prompt(conversation.history, conversation.question, lambda t: count_tokens(state, t), budget)
@@ -294,7 +300,7 @@ async def read_simple(request: Request) -> tuple[SimpleRequest, bytes | None, st
             if isinstance(value, UploadFile):
                 if key != "file":
                     raise ApiError(400, f"unexpected file field {key!r}; upload the image as 'file'", "invalid_request")
-                upload, name = await value.read(), value.filename or "file"
+                upload, name = await value.read(), f"file ({value.filename})" if value.filename else "file"
             elif value != "":  # an empty form field means "not given", as browsers send unfilled inputs
                 fields[key] = value
     elif content_type.startswith("application/json") or not content_type:
@@ -334,7 +340,7 @@ async def simple_route(state: State, request: Request, kind: str) -> dict[str, A
     else:
         prompt, default_max = body.prompt or "", DEFAULT_MAX_TOKENS
     options = simple_options(body, default_max, s.max_tokens_limit)
-    image = await run_in_threadpool(img.open_image, data, name, s.max_image_pixels)
+    image = await pixels_of(state, data, name)
     gens = await run_generation(state, image, prompt, options)
     reasons = [finish_reason(g, options, state.eos_ids) for g in gens]
     prompt_tokens = m.config.num_query_tokens + count_tokens(state, prompt)

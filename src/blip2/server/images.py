@@ -16,13 +16,14 @@ import re
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import urljoin
 
 import httpx
 from PIL import Image
 
 from ..errors import ImageError
-from ..processing import load_image
+from ..images import load_image
 from .schema import ApiError
 
 MAX_REDIRECTS = 3
@@ -36,7 +37,7 @@ def bad_image(message: str, code: str = "invalid_image") -> ApiError:
 def decode_base64(text: str, what: str = "image") -> bytes:
     """Strict base64 (standard or URL-safe alphabet, whitespace allowed); a data: URI prefix is accepted too."""
     if text.startswith("data:"):
-        return decode_data_uri(text)
+        return decode_data_uri(text, what)
     cleaned = re.sub(r"\s+", "", text)
     if "-" in cleaned or "_" in cleaned:
         cleaned = cleaned.replace("-", "+").replace("_", "/")
@@ -50,23 +51,24 @@ def decode_base64(text: str, what: str = "image") -> bytes:
     return data
 
 
-def decode_data_uri(url: str) -> bytes:
+def decode_data_uri(url: str, field: str = "image_url") -> bytes:
     """`data:[<mime>][;base64],<payload>`; any media type, since the image decoder, not the label, decides."""
     match = _DATA_URI.match(url)
     if match is None:
-        raise bad_image("image_url: malformed data: URI (expected data:image/...;base64,...)", "invalid_image_url")
+        raise bad_image(f"{field}: malformed data: URI (expected data:image/...;base64,...)", "invalid_image_url")
     payload = url[match.end() :]
     if not match.group("b64"):
-        raise bad_image("image_url: data: URI must be base64-encoded (;base64,)", "invalid_image_url")
-    return decode_base64(payload, "image_url data: URI")
+        raise bad_image(f"{field}: data: URI must be base64-encoded (;base64,)", "invalid_image_url")
+    return decode_base64(payload, f"{field} data: URI")
 
 
-def open_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
-    """Decode fully (so a truncated file fails here, per request, not inside a shared batch)."""
+def image_pixels(data: bytes, field: str, max_pixels: int, transform: Callable[[list[Image.Image]], Any]) -> Any:
+    """The request's image decoded once and prepared: (3, S, S) pixels, which the batcher batches and the model's
+    cache keys on. A bad image is a 400 naming the request field (`messages[0].content[1].image_url`, `file`)."""
     try:
-        return load_image(data, max_pixels=max_pixels)
+        return transform([load_image(data, max_pixels=max_pixels, name=field)])[0]
     except ImageError as e:
-        raise bad_image(str(e).replace("<bytes>", name, 1)) from e
+        raise bad_image(str(e)) from e
 
 
 # ---- remote URLs ----------------------------------------------------------------------------------------------------

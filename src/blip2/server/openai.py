@@ -32,32 +32,33 @@ DEFAULT_MAX_TOKENS = 30  # GenerationOptions' default; the VQA route uses 10 as 
 @dataclass
 class Conversation:
     image_url: str
+    image_field: str  # where the image sits in the request, for error messages: messages[0].content[1].image_url
     history: list[tuple[str, str]]
     question: str  # "" means: caption
 
 
-def _parts(content: Any) -> tuple[list[str], list[str]]:
-    """(texts, image URLs) of one message's content."""
+def _parts(content: Any, where: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """(texts, (image URL, its field path)) of the content of the message at `where` (`messages[i]`)."""
     if content is None:
         return [], []
     if isinstance(content, str):
         return [content], []
     texts, urls = [], []
-    for part in content:
+    for j, part in enumerate(content):
         if isinstance(part, TextPart):
             texts.append(part.text)
         elif isinstance(part, ImagePart):
             url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
-            urls.append(url)
+            urls.append((url, f"{where}.content[{j}].image_url"))
     return texts, urls
 
 
 def parse_conversation(request: ChatRequest, max_turns: int) -> Conversation:
     """Messages -> one image, the (question, answer) history and the final question; 400 on anything else."""
     turns: list[tuple[str, str]] = []  # (role, text), consecutive same-role messages merged
-    urls: list[str] = []
+    urls: list[tuple[str, str]] = []
     for i, message in enumerate(request.messages):
-        texts, images = _parts(message.content)
+        texts, images = _parts(message.content, f"messages[{i}]")
         if message.role in ("system", "developer"):
             continue
         if images and message.role != "user":
@@ -87,7 +88,7 @@ def parse_conversation(request: ChatRequest, max_turns: int) -> Conversation:
             f"history has {len(history)} turns, more than the limit of {max_turns} (--max-history-turns)",
             "history_too_long",
         )
-    return Conversation(urls[0], history, turns[-1][1])
+    return Conversation(urls[0][0], urls[0][1], history, turns[-1][1])
 
 
 def generation_options(body: SamplingFields, max_tokens: int | None, default_max: int, limit: int) -> GenerationOptions:
