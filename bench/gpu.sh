@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The GPU checks in one go, for a lent GPU machine (no network there; its python3 holds a CUDA PyTorch):
+# The GPU checks in one go, on a machine whose python3 holds a CUDA PyTorch (no network needed):
 #   bash bench/gpu.sh [OUTDIR]
 # tests/test_cuda.py (parity with transformers in fp16/bf16, int8, compiled decoding), then full-size
 # blip2-opt-2.7b (random weights) on the GPU: latency and batch throughput against transformers in the same
 # process, and the server under 8 clients, batched vs one by one. Every step has its own time limit and runs
 # whatever the others did; logs and JSON results go to OUTDIR (default bench/results).
-# Packages missing on the machine travel as wheels in .whl/ (see the device tool's README).
+# Packages missing on the machine may be put as wheels in .whl/: they are installed into a temporary folder first.
 out=${1:-bench/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
+  site=$(mktemp -d)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+  export PYTHONPATH=$site
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -21,14 +22,13 @@ steps=" ${STEPS:-test_cuda checkpoint latency throughput serve_load} "  # STEPS=
 step() {  # step NAME SECONDS COMMAND...: its log in OUTDIR/NAME.log, its tail here
   local name=$1 limit=$2 log=$out/$1.log; shift 2
   [[ $steps == *" $name "* ]] || return 0
-  [ "$name" = checkpoint ] && log=/tmp/checkpoint.log  # the device tool returns at most 8 files
   echo "== $name ($(date +%T))"
   timeout "$limit" "$@" >"$log" 2>&1
   echo "== $name exit $? ($(date +%T))"; tail -n 15 "$log"
 }
 step test_cuda 110 python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider
-step checkpoint 80 python3 -c "import sys; sys.path[:0] = ['bench', 'tests']; import common; \
-common.make_full_checkpoint('/tmp/blip2-bench/opt-2.7b')"
+step checkpoint 80 python3 -c "import sys, tempfile, pathlib; sys.path[:0] = ['bench', 'tests']; import common; \
+common.make_full_checkpoint(pathlib.Path(tempfile.gettempdir()) / 'blip2-bench' / 'opt-2.7b')"
 step latency 80 python3 bench/latency.py --device cuda --dtype fp16 --in-process --repeat 3
 step throughput 150 python3 bench/throughput.py --full --device cuda --dtype fp16 --images 96 --repeat 3
 step serve_load 170 python3 bench/serve_load.py --full --device cuda --dtype fp16 --duration 30 --warmup 6 \

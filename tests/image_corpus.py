@@ -1,5 +1,5 @@
 """A corpus of odd real-world image files, written by code: many formats and modes, multi-frame and layered files,
-files that need a program this machine may lack, damaged files, and files that are not images at all.
+files that need a program the running machine may lack, damaged files, and files that are not images at all.
 
 `write_corpus(folder)` writes it and returns what a user should see for each file name:
 - `"image"`: decoded and captioned (its frame: the one `Image.open(f).convert("RGB")` gives);

@@ -26,7 +26,7 @@ def test_cuda_logits_and_tokens_match_reference(opt_ckpt, images, dtype):
     inputs = proc(images=imgs, text=prompts, padding=True, return_tensors="pt").to("cuda")
     # Both sides get our pixels: with torchvision installed (as on GPU machines) the processor resizes with it and
     # lands one uint8 level off PIL's resize (ours, and the processor's without torchvision) on some pixels,
-    # which on random weights moves the logits by ~1 (measured on an H200), hiding what this test checks.
+    # which on random weights moves the logits by ~1, hiding what this test checks.
     inputs["pixel_values"] = ours.pixel_values(imgs).to(torch_dtype)
     with torch.no_grad():
         want = ref(**inputs).logits.float()

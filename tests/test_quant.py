@@ -81,7 +81,7 @@ def test_int8_linear_matches_its_dequantized_weights(rows, width):
 @pytest.mark.parametrize("width", [32, 37])
 def test_int8_linear_with_many_rows_multiplies_in_fp32(width):
     """If this fails, a prompt's prefill (>= 24 positions) through an int8 layer computes something else than
-    x @ W^T with the dequantized weight in fp32 (the widened route, 2x faster than the int8 kernel for 8 prompts),
+    x @ W^T with the dequantized weight in fp32 (the widened route, faster than the int8 kernel at many rows),
     e.g. a block of output channels left out or scaled by another channel's scale."""
     torch.manual_seed(0)
     lin = nn.Linear(width, 1100)  # 1100 output channels: two full blocks of 512 and a partial one
@@ -146,9 +146,8 @@ def test_int8_model_computes_the_quantized_network(opt_ckpt, t5_ckpt, opt_pair, 
 
 
 def test_int8_logits_stay_close_to_fp32(opt_pair, images):
-    """If this fails, int8 answers drift from the full-precision model more than measured when int8 was made: on
-    the tiny random OPT the largest logit deviation was about 5% of the logit range and fp32's top token was in int8's
-    top 3 everywhere. (Full-size figures: README "Speed".)"""
+    """If this fails, int8 answers drift from the full-precision model more than the bounds below allow: 8% of the
+    largest logit, and fp32's top token in int8's top 3 at 90% of the positions. (Measured figures: docs/speed.md.)"""
     f, q = opt_pair
     want, got = _lm_logits(f, images), _lm_logits(q, images)
     assert (got - want).abs().max() <= 0.08 * want.abs().max()
@@ -157,7 +156,7 @@ def test_int8_logits_stay_close_to_fp32(opt_pair, images):
 
 
 def test_int8_weights_take_a_quarter_of_the_memory(opt_pair):
-    """If this fails, --dtype int8 does not save the memory it promises (the full-size figure is in README)."""
+    """If this fails, --dtype int8 does not save the memory it promises (the full-size figure is in docs/speed.md)."""
     f, q = opt_pair
 
     def linear_bytes(root, kinds):

@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 _ERRORS = {"Blip2Error", "CheckpointError", "ConfigError", "GenerationError", "ImageError"}
-# The submodules `import blip2` used to import eagerly: `blip2.pipeline.Blip2` after a bare `import blip2` still works.
+# Submodules load on first access too, so `blip2.pipeline.Blip2` works after a bare `import blip2`.
 _SUBMODULES = set("checkpoint config errors language model pipeline processing qformer quant vision".split())
 
 

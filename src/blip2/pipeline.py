@@ -313,7 +313,7 @@ def load(
     m.to(dev)
     m.compile_decoding = compile
     if dt == torch.bfloat16 and dev.type == "cpu" and not cpu_has_native_bf16():
-        bf16_sums_in_fp32(m)  # same arithmetic as the emulated bf16 kernel, 4x faster (quant.StoredLinear)
+        bf16_sums_in_fp32(m)  # same arithmetic as the emulated bf16 kernel, faster (quant.StoredLinear, docs/dtypes.md)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:

@@ -1,18 +1,16 @@
 """Narrow weights, chosen kernels: `dtype="int8"` (weight-only quantization) and `dtype="bf16"` on CPUs without bf16
 instructions (`bf16_sums_in_fp32`, at the end).
 
-A frozen BLIP-2 spends its time in linear layers of two kinds, and they want different kernels (measured on a
-2-core AVX2 CPU, one thread, `bench/matmul.py`; the figures are in README "Speed"):
+A frozen BLIP-2 spends its time in linear layers of two kinds, and they want different kernels (`bench/matmul.py`
+compares them on the model's layer shapes; the figures are in docs/speed.md):
 
 * the LLM while decoding multiplies a few rows (one per sequence) by each weight matrix: memory-bound, so reading
   1 byte per weight instead of 4 pays. PyTorch's own `_weight_int8pack_mm` (int8 weights, one scale per output
-  channel, bf16 activations) takes 5.6 ms for OPT-2.7B's 2560x10240 `fc1` at one row against 10.2 ms in fp32, and
-  15.2 vs 43.2 ms at 8 rows;
+  channel, bf16 activations) beats fp32 and bf16 there;
 * the vision encoder multiplies 257 rows per image, and the LLM's prefill 30-50 rows per prompt: compute-bound.
-  There the same int8 kernel is 2.2x slower than the fp32 GEMM (212 vs 97 ms for vision fc1), and `torch._int_mm`
-  (int8 activations too) has no fast CPU path at all. So these products run in fp32 on weights widened from their
-  narrow storage a block at a time (`_widened_mm`: the wide block stays in the cache, which makes it as fast as an
-  fp32 GEMM on fp32 weights).
+  There the same int8 kernel is slower than the fp32 GEMM, and `torch._int_mm` (int8 activations too) has no fast
+  CPU path at all. So these products run in fp32 on weights widened from their narrow storage a block at a time
+  (`_widened_mm`: the wide block stays in the cache, which makes it as fast as an fp32 GEMM on fp32 weights).
 
 So `int8` means: language-model linears (with the output head) int8 per output channel, multiplied by the int8
 kernel below `INT8_FP32_MIN_POSITIONS` positions per sequence (decoding) and widened to fp32 from there (prefill);
@@ -103,9 +101,9 @@ class StoredLinear(nn.Linear):
     storage dtype itself (`dtype="bf16"` on a CPU without bf16 instructions, see `bf16_sums_in_fp32`) the product
     runs in fp32 and is rounded back to bf16: exact products summed in fp32 is what a bf16 GEMM computes, so the
     result differs from the native kernel only by the order of the sums (one bf16 step on ~0.02% of the outputs),
-    and at 257 rows it is 4x faster here. Below `min_positions` positions per sequence (decoding) widening the
-    weight costs more than the native kernel saves, and with gradients enabled the fp32 copy would be kept for the
-    backward pass: both take the native kernel.
+    and at 257 rows it is much faster than the emulated kernel (docs/speed.md). Below `min_positions` positions per
+    sequence (decoding) widening the weight costs more than the native kernel saves, and with gradients enabled the
+    fp32 copy would be kept for the backward pass: both take the native kernel.
     """
 
     def __init__(self, linear: nn.Linear, storage: torch.dtype, min_positions: int = 0) -> None:
@@ -157,9 +155,8 @@ def _widened_mm(
 ) -> torch.Tensor:
     """x @ (weight * scale)^T + bias in x's dtype (fp32) for a weight stored narrow (int8 with per-channel scales,
     or bf16): `WIDEN_BLOCK` output channels at a time are widened into one reused per-thread buffer and multiplied
-    there, so the wide copy stays in the cache and never exists whole. Measured (`bench/matmul.py`): as fast as an
-    fp32 GEMM on fp32 weights or faster (vision fc1 at 257 rows: 81 against 97 ms, one thread), and for OPT-2.7B's
-    fc1 at 352 rows (8 prompts) 2.7x faster than the int8 kernel on one thread (278 vs 754 ms), 1.7x on two."""
+    there, so the wide copy stays in the cache and never exists whole: as fast as an fp32 GEMM on fp32 weights or
+    faster, and at many rows faster than the int8 kernel (`bench/matmul.py`; figures in docs/speed.md)."""
     out_features, in_features = weight.shape
     block = min(WIDEN_BLOCK, out_features)
     buf = getattr(_scratch, "buf", None)
@@ -223,15 +220,14 @@ def prepare(model: nn.Module, scheme: str, compute: torch.dtype = torch.float32)
 
 
 # Positions per sequence (`_positions`) from which a product takes the widened fp32 route (`_widened_mm`). For
-# OPT-2.7B's layers (two threads, AVX2) it is as fast as `_weight_int8pack_mm` at 24 rows, faster at a prompt's
-# prefill (46 positions: 3.2-3.5 s against 3.9 s for the whole prefill) and 2x at eight prompts (16 against 32 s).
-# Decoding steps (one position) stay on the int8 kernel, which reads a quarter of the bytes.
+# OPT-2.7B's layers on an AVX2 CPU it is as fast as `_weight_int8pack_mm` at 24 rows and faster at a prompt's
+# prefill, most of all for a batch of prompts (`bench/matmul.py`, docs/speed.md). Decoding steps (one position)
+# stay on the int8 kernel, which reads a quarter of the bytes.
 INT8_FP32_MIN_POSITIONS = 24
 
-# Positions per sequence from which bf16 products sum in fp32. The fp32 route beats the emulated bf16 kernel from
-# (`python bench/matmul.py`, AVX2) between 8 and 16 rows on one thread for both OPT-2.7B's 2560x10240 layer and the
-# vision encoder's 1408x6144, on two threads between 16 and 32 for the first, 8 and 16 for the second. Decoding
-# steps stay native whatever the batch.
+# Positions per sequence from which bf16 products sum in fp32. On an AVX2 CPU the fp32 route beats the emulated
+# bf16 kernel from somewhere between 8 and 32 rows, depending on the layer and the thread count (`bench/matmul.py`).
+# Decoding steps stay native whatever the batch.
 BF16_FP32_MIN_POSITIONS = 24
 
 

@@ -161,7 +161,7 @@ def closed_loop_batches(
 def test_batcher_keeps_closed_loop_clients_together() -> None:
     """8 clients that each send again as soon as they are answered must share full batches. If the wait counted
     from arrival only, a request that queued during a batch would leave alone right after it, and the server would
-    alternate batches of 1 and 7 for ever (seen in bench/serve_load.py: mean batch 4.2 of 8)."""
+    alternate batches of 1 and 7 for ever (bench/serve_load.py shows it as a mean batch near 4 of 8)."""
     # client 0's batch leaves at 0.2 s and runs 0.3 s; the others arrive while it runs
     assert closed_loop_batches(0.3, others_at=0.25, resend=0.005, max_wait_ms=200) == [1, 8, 8, 8, 7]
 
@@ -170,7 +170,7 @@ def test_batcher_keeps_closed_loop_clients_together() -> None:
 def test_batcher_auto_wait_lets_slow_clients_rejoin(monkeypatch, max_wait_ms) -> None:
     """Clients that need 30 ms to send again (HTTP, JSON, image decoding under load) miss a fixed 10 ms wait and
     the batches stay split; the default wait, a share of the last batch's time, lets them rejoin. If this fails
-    with None, a full-size server batches 4 of 8 requests (bench/serve_load.py --full, 10 ms)."""
+    with None, a full-size server's batches split the same way (bench/serve_load.py --full)."""
     monkeypatch.setattr(batcher_module, "AUTO_WAIT_SHARE", 0.5)  # 0.2 s batches -> 100 ms (the server: 2%)
     # client 0's batch leaves at 25 ms (the floor: no batch before it) and runs 0.2 s; the others arrive meanwhile
     calls = closed_loop_batches(0.2, others_at=0.05, resend=0.03, max_wait_ms=max_wait_ms)
@@ -180,7 +180,7 @@ def test_batcher_auto_wait_lets_slow_clients_rejoin(monkeypatch, max_wait_ms) ->
 def test_batcher_default_wait_covers_a_clients_turnaround_between_fast_batches() -> None:
     """With batches of a few tens of ms (the tiny model, or a GPU) the share of the batch's time is below the floor,
     so the floor must cover the time over which the clients of a batch send again (here 5 to 19 ms after their
-    answers). If this fails, fast batches split (with a 10 ms floor the tiny server batched 4.1 of 8 requests)."""
+    answers). If this fails, fast batches split (bench/serve_load.py on the tiny model shows it)."""
     assert closed_loop_batches(0.03, others_at=0.05, resend=0.005, spread=0.002, max_wait_ms=None) == [1, 8, 8, 8, 7]
 
 

@@ -77,7 +77,7 @@ def test_quick_build_runs_every_phase(tmp_path):
 
 
 def test_committed_miniature_sees_held_out_images():
-    """If this fails, `make demo` (the README's first command) shows a model that does not see. Its captions and
+    """If this fails, `blip2 demo` (the README's first command) shows a model that does not see. Its captions and
     answers on images it never trained on (16 new renders of seen colour-shape pairs, 16 of held-out pairs) are
     checked against the scenes they were rendered from, and the committed checkpoint must stay small."""
     assert sum(f.stat().st_size for f in EXAMPLE.rglob("*") if f.is_file()) <= 20 * 2**20

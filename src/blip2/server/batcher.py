@@ -10,10 +10,9 @@ left alone. Under load batches fill themselves, and an idle server adds at most 
 
 `max_wait_ms=None` (the server's default) waits `AUTO_WAIT_SHARE` of the last batch's time, between
 `AUTO_WAIT_MIN_S` and `AUTO_WAIT_MAX_S`: a client answered by a batch needs some tens of milliseconds to send again
-(HTTP, JSON, image decoding, here on 2 cores), and a wait shorter than that splits the batches. Measured with
-`bench/serve_load.py` and 8 clients on 2 cores: at full size a fixed 10 ms gave a mean batch of 4.4 of 8, the share
-(250 ms there) 8.0; on the tiny model (batches of ~25 ms) a 10 ms floor gave 4.1 of 8 and 41-43 requests/s, a
-25 ms floor 6.9-7.1 of 8 and 64-70 requests/s, with a lower median latency too (106-111 against 191-198 ms).
+(HTTP, JSON, image decoding, more on a busy CPU), and a wait shorter than that splits the batches. The floor covers
+the clients of a fast batch (a tiny model, a GPU); the share covers those of a slow one, where sending again takes
+longer. `bench/serve_load.py` measures the batch sizes and rates this gives; the figures are in docs/speed.md.
 
 Batching never changes an answer (`Blip2.generate` is batch-invariant), with one exception handled here: a seeded
 sampling request runs alone, because the random stream of a batch depends on its other members.
