@@ -168,6 +168,11 @@ def make_bert_tokenizer(folder: str | os.PathLike) -> PreTrainedTokenizerFast:
     return fast
 
 
+# ---- tiny model configs: every test's tiny towers have these sizes (one place to change them) ----------------------
+# Width 32, 4 heads, an FFN of 37 (not a multiple of anything, so a transposed weight cannot fit by accident).
+TINY_QFORMER = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 37}
+
+
 def _vision_config(image_size: int) -> Blip2VisionConfig:
     return Blip2VisionConfig(
         hidden_size=32,
@@ -181,14 +186,39 @@ def _vision_config(image_size: int) -> Blip2VisionConfig:
 
 
 def _qformer_config(**extra: object) -> Blip2QFormerConfig:
-    return Blip2QFormerConfig(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=37,
-        cross_attention_frequency=2,
-        **extra,
-    )
+    return Blip2QFormerConfig(**TINY_QFORMER, cross_attention_frequency=2, **extra)
+
+
+def tiny_opt_config(vocab_size: int, **overrides: object) -> OPTConfig:
+    """A 2-layer OPT of width 32 (bos 2, pad 1, eos 2 as OPT's tokenizer, unless overridden)."""
+    kw: dict[str, object] = {
+        "hidden_size": 32,
+        "word_embed_proj_dim": 32,
+        "ffn_dim": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "bos_token_id": 2,
+        "pad_token_id": 1,
+        "eos_token_id": 2,
+    }
+    return OPTConfig(vocab_size=vocab_size, **{**kw, **overrides})
+
+
+def tiny_t5_config(vocab_size: int, **overrides: object) -> T5Config:
+    """A 2+2-layer T5 of width 32, untied lm_head as flan-t5 (pad 0, eos 1, decoder start 0, unless overridden)."""
+    kw: dict[str, object] = {
+        "d_model": 32,
+        "d_kv": 8,
+        "d_ff": 37,
+        "num_layers": 2,
+        "num_decoder_layers": 2,
+        "num_heads": 4,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "decoder_start_token_id": 0,
+        "tie_word_embeddings": False,
+    }
+    return T5Config(vocab_size=vocab_size, **{**kw, **overrides})
 
 
 def _processor(tokenizer: PreTrainedTokenizerFast, image_size: int, num_query_tokens: int) -> Blip2Processor:
@@ -273,18 +303,8 @@ def make_opt_checkpoint(
     """Tiny random blip2-opt checkpoint (weights, config, tokenizer, processor); eos is "\\n" as in blip2-opt-2.7b."""
     folder = Path(folder)
     tokenizer = make_opt_tokenizer(folder)
-    text_config = OPTConfig(
-        vocab_size=_round8(len(tokenizer)),
-        hidden_size=32,
-        word_embed_proj_dim=32,
-        ffn_dim=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=512,
-        bos_token_id=2,
-        pad_token_id=1,
-        eos_token_id=newline_id(tokenizer),
-        prefix="</s>",
+    text_config = tiny_opt_config(
+        _round8(len(tokenizer)), max_position_embeddings=512, eos_token_id=newline_id(tokenizer), prefix="</s>"
     )
     config = Blip2Config(
         vision_config=_vision_config(image_size),
@@ -308,21 +328,7 @@ def make_t5_checkpoint(
     """Tiny random blip2-flan-t5 checkpoint; untied lm_head as flan-t5 (HF turns gated-gelu into gelu_new)."""
     folder = Path(folder)
     tokenizer = make_t5_tokenizer(folder)
-    text_config = T5Config(
-        vocab_size=_round8(len(tokenizer)),
-        d_model=32,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-        bos_token_id=1,
-        tie_word_embeddings=False,
-    )
+    text_config = tiny_t5_config(_round8(len(tokenizer)), feed_forward_proj="gated-gelu", bos_token_id=1)
     config = Blip2Config(
         vision_config=_vision_config(image_size),
         qformer_config=_qformer_config(),
