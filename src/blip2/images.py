@@ -163,7 +163,7 @@ def _guarded(decode: Callable[[], Image.Image], name: str, max_pixels: int) -> I
     """Run `decode` with the decoders' messages collected; every failure becomes one `ImageError` naming `name`."""
     with _quiet() as said:
         try:
-            # max_pixels is checked by _decoded, so PIL's own warning (at 89 MP) is noise; its hard error is not.
+            # max_pixels is checked by _decoded, so PIL's own warning (at 89 MP) says nothing new; its hard error does.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image, error = decode(), None
         except Exception as exc:  # noqa: BLE001 - PIL plugins raise OSError, SyntaxError, ValueError, struct.error, ...
