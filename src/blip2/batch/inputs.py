@@ -48,6 +48,7 @@ class Item:
     size: int = 0
     data: bytes | None = None  # tar member bytes (compressed tars)
     question: str | None = None  # per-image question from a JSONL/CSV list
+    origin: str | None = None  # "list.txt:3" for an entry of a list file, named when the file is missing
 
     @property
     def relpath(self) -> str:
@@ -153,7 +154,7 @@ def _list(path: Path) -> Iterator[Item]:
         if not entry:
             raise ConfigError(f"{path}:{line_no}: no image path (expected one of the fields {', '.join(PATH_FIELDS)})")
         full = _abs(base / entry)
-        yield Item(key=full, path=full, root=root, question=question or None)
+        yield Item(key=full, path=full, root=root, question=question or None, origin=f"{path}:{line_no}")
 
 
 def _list_entries(path: Path, text: str) -> Iterator[tuple[int, str, str | None]]:
@@ -223,7 +224,12 @@ def _tar(path: Path, not_images: list[str]) -> Iterator[Item]:
 def read_item(item: Item, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """The item's image, decoded; `ImageError` names the item's key."""
     if item.member is None:
-        return load_image(item.path, max_pixels=max_pixels, name=item.key)
+        try:
+            return load_image(item.path, max_pixels=max_pixels, name=item.key)
+        except ImageError as e:
+            if e.kind != "missing" or item.origin is None:
+                raise
+            raise ImageError(f"{e} (listed at {item.origin})", kind=e.kind) from e
     data = item.data
     if data is None:
         try:

@@ -33,7 +33,7 @@ from .engine import BatchOptions, Summary, now
 from .inputs import Item, iter_items
 from .ledger import append_jsonl
 
-ITEM_FIELDS = ("key", "path", "root", "member", "offset", "size", "data", "question")
+ITEM_FIELDS = ("key", "path", "root", "member", "offset", "size", "data", "question", "origin")
 
 
 class Captioner:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..durable import atomic_write
 from ..errors import ConfigError
 from ..pipeline import Blip2
 from ..pipeline import load as load_model
@@ -20,7 +21,7 @@ from . import ledger as L
 from .decode import decoded, default_workers
 from .engine import BatchOptions, Result, Summary, default_batch_size, generate_batch, now, split_options
 from .inputs import Item, iter_items
-from .sidecar import compose, read_text, sidecar_path, write_atomic
+from .sidecar import compose, read_text, sidecar_path
 
 
 class BatchRun:
@@ -67,8 +68,10 @@ class BatchRun:
     # ---- the run ---------------------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Result]:
         start = time.perf_counter()
-        items = list(iter_items(self.inputs, self.opts.recursive))
-        self.summary.total = len(items)
+        not_images: list[str] = []
+        items = list(iter_items(self.inputs, self.opts.recursive, not_images))
+        self.summary.total = len(items) + len(not_images)
+        self.summary.not_images = len(not_images)
         ledger = self._open_ledger()
         try:
             todo, sidecars = yield from self._plan(items, ledger)
@@ -216,7 +219,7 @@ class BatchRun:
     def _write_sidecars(self, writes: Sequence[tuple[str, str, str]], ledger: L.Ledger | None) -> None:
         for key, path, text in writes:
             try:
-                write_atomic(Path(path), text)
+                atomic_write(path, text)  # a kill leaves the old caption or the new one; the rerun replays it
             except OSError as e:  # disk full, read-only folder: stopping beats losing captions silently
                 raise ConfigError(f"{path}: cannot write the caption of {key} ({e})") from e
         if ledger is not None and writes:

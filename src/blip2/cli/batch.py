@@ -242,6 +242,8 @@ def run_batch(
         summary = _run_ray(images, model, opts, v)
     else:
         summary = _run_local(images, model, opts, as_json)
+    if summary.failed and summary.done + summary.resumed + summary.skipped == 0 and not opts.persistent:
+        sys.exit(2)  # every image failed and each has had its one line: a summary would only repeat them
     click.echo(f"done: {summary.line()}", err=True)
     if summary.failed and summary.errors_file:
         click.echo(f"errors: {summary.failed} images skipped, reasons in {summary.errors_file}", err=True)
