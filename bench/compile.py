@@ -60,7 +60,7 @@ def measure(sides: dict, args: argparse.Namespace) -> None:
     gen = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens)
 
     def run(m, prompt: str) -> tuple[float, list[int]]:
-        ids, mask = m._tokenize([prompt])
+        ids, mask = m.tokenize([prompt])
         t0 = time.perf_counter()
         tokens, _ = m.model.generate(prefix, ids, mask, **gen)
         return time.perf_counter() - t0, tokens[0].tolist()

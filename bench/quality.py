@@ -59,7 +59,7 @@ def run_side(folder: str, dtype: str, out: str, tokens: int) -> None:
             if isinstance(mod, StoredLinear):
                 mod.min_positions = sys.maxsize
     ims = images(len(PROMPTS))
-    ids, mask = m._tokenize(PROMPTS)
+    ids, mask = m.tokenize(PROMPTS)
     extra = {}
     if m.model.is_encoder_decoder:
         start = torch.full((len(PROMPTS), 1), m.model.language_model.config.decoder_start_token_id)

@@ -18,7 +18,7 @@ from blip2.errors import CheckpointError, ConfigError
 
 def _logits(folder, images):
     m = blip2.load(folder, device="cpu", dtype="fp32")
-    ids, mask = m._tokenize(["a photo of"])
+    ids, mask = m.tokenize(["a photo of"])
     with torch.no_grad():
         return m.model(ids, mask, pixel_values=m.pixel_values([images["rgb"]])).logits
 

@@ -30,7 +30,7 @@ def test_cuda_logits_and_tokens_match_reference(opt_ckpt, images, dtype):
     inputs["pixel_values"] = ours.pixel_values(imgs).to(torch_dtype)
     with torch.no_grad():
         want = ref(**inputs).logits.float()
-        ids, mask = ours._tokenize(prompts)
+        ids, mask = ours.tokenize(prompts)
         got = ours.model(ids, mask, pixel_values=inputs["pixel_values"]).logits.float()
     real = torch.cat([torch.ones(2, ours.config.num_query_tokens), mask.cpu()], 1).bool()  # padding: meaningless
     torch.testing.assert_close(got.cpu()[real], want.cpu()[real], atol=2e-2, rtol=2e-2)
@@ -44,7 +44,7 @@ def test_cuda_int8_runs_and_stays_close(opt_ckpt, images):
     """If this fails, `--dtype int8` on a GPU crashes or computes another network than on the CPU."""
     cpu = blip2.load(opt_ckpt, device="cpu", dtype="int8")
     gpu = blip2.load(opt_ckpt, device="cuda", dtype="int8")
-    ids, mask = cpu._tokenize(["a photo of"])
+    ids, mask = cpu.tokenize(["a photo of"])
     with torch.no_grad():
         a = cpu.model(ids, mask, pixel_values=cpu.pixel_values([images["rgb"]])).logits
         b = gpu.model(ids.cuda(), mask.cuda(), pixel_values=gpu.pixel_values([images["rgb"]])).logits.float().cpu()

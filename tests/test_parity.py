@@ -38,7 +38,7 @@ def test_logits_match_reference(pair, images, n):
     ours, ref, proc = pair
     imgs, prompts = _images(images, n), PROMPTS[:n]
     inputs = _ref_inputs(proc, imgs, prompts)
-    ids, mask = ours._tokenize(prompts)
+    ids, mask = ours.tokenize(prompts)
     kw = {}
     if ours.model.is_encoder_decoder:
         kw["decoder_input_ids"] = torch.tensor([[0, 5, 9, 17]] * n)

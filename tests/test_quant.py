@@ -22,7 +22,7 @@ def opt_pair(opt_ckpt):
 
 
 def _lm_logits(m, images):
-    ids, mask = m._tokenize(["a photo of", "Question: what is it? Answer:"])
+    ids, mask = m.tokenize(["a photo of", "Question: what is it? Answer:"])
     extra = {}
     if m.model.is_encoder_decoder:  # decoder input: the start token, then the prompt again
         start = torch.full((2, 1), m.model.language_model.config.decoder_start_token_id)

@@ -83,8 +83,9 @@ class Blip2Model(nn.Module):
         return self.language_projection(q)
 
     # ---- language side ----------------------------------------------------------------------------------------
-    def _lm_inputs(self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
-        """`[prefix; embed(ids)]` and its mask; the queries come first, before any left padding and BOS."""
+    def lm_inputs(self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        """`[prefix; embed(ids)]` and its mask; the queries come first, before any left padding and BOS. Public: a
+        chat (pipeline.Chat) builds its first turn's LM input with it."""
         embed = self.language_model.get_input_embeddings()
         text = embed(input_ids)  # (B, T, d)
         if attention_mask is None:
@@ -121,7 +122,7 @@ class Blip2Model(nn.Module):
             if pixel_values is None:
                 raise ValueError("give pixel_values or prefix")
             prefix = self.image_prefix(pixel_values)
-        inputs_embeds, mask = self._lm_inputs(prefix, input_ids, attention_mask)
+        inputs_embeds, mask = self.lm_inputs(prefix, input_ids, attention_mask)
         if self.is_encoder_decoder:
             out = self.language_model(
                 inputs_embeds=inputs_embeds,
@@ -148,7 +149,7 @@ class Blip2Model(nn.Module):
         passes it. Returns the new tokens (B * num_return_sequences, T_new) and one score per sequence: the beam
         score with beam search, else the summed log-probability of the chosen tokens.
         """
-        inputs_embeds, mask = self._lm_inputs(prefix, input_ids, attention_mask)
+        inputs_embeds, mask = self.lm_inputs(prefix, input_ids, attention_mask)
         gen = {**self._decoding_kwargs(), **gen, "return_dict_in_generate": True, "output_scores": True}
         if self.is_encoder_decoder:
             out = self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **gen)

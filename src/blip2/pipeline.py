@@ -26,8 +26,9 @@ from PIL import Image
 from .checkpoint import cpu_has_native_bf16, load_model, resolve_dtype
 from .errors import ConfigError, GenerationError
 from .model import Blip2Model, sequence_scores
-from .processing import ImageTransform, chat_prompt, load_image, vqa_prompt
+from .processing import QFORMER_TEXT_TOKENS, ImageTransform, chat_prompt, load_image, vqa_prompt
 from .quant import SCHEMES, bf16_sums_in_fp32
+from .scoring import itc_similarity, itm_logits, match_probability
 
 ImageInput = str | os.PathLike | bytes | Image.Image
 
@@ -164,8 +165,35 @@ class Blip2:
         return out
 
     # ---- generation -----------------------------------------------------------------------------------------------
-    def _tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    # ---- text: the public processor of prompts, tokens and texts --------------------------------------------------
+    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """LM prompts -> (ids, attention mask), both (B, T) on the model's device, padded on the side the LM
+        expects (left for decoder-only LMs, so every prompt ends where generation starts)."""
         enc = self.tokenizer(list(prompts), padding=True, return_tensors="pt")
+        return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+
+    def decode(self, tokens: torch.Tensor, scores: torch.Tensor) -> list[Generation]:
+        """Generated ids (B, T) and their scores (B,) -> one `Generation` per row: special tokens dropped, the text
+        stripped."""
+        out = []
+        specials = set(self.tokenizer.all_special_ids)
+        for row, score in zip(tokens.tolist(), scores.tolist()):
+            kept = [t for t in row if t not in specials]
+            text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+            out.append(Generation(text=text, tokens=kept, score=float(score)))
+        return out
+
+    def require_text_side(self) -> None:
+        """Raise `ConfigError` unless the checkpoint has a Q-Former text side (ITC/ITM: blip2-itm-vit-g, stage 1)."""
+        if not hasattr(self.model, "itm_head"):
+            raise ConfigError(f"{self.name}: this checkpoint has no Q-Former text side (use e.g. blip2-itm-vit-g)")
+
+    def text_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts for the Q-Former's text side -> (ids, attention mask) (B, T) on the model's device, truncated to
+        `QFORMER_TEXT_TOKENS` as LAVIS's retrieval models."""
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=QFORMER_TEXT_TOKENS, return_tensors="pt"
+        )
         return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
 
     @torch.no_grad()
@@ -211,8 +239,8 @@ class Blip2:
             return self._generate(prefix, list(prompts), opts)
 
     def _generate(self, prefix: torch.Tensor, prompts: list[str], opts: GenerationOptions) -> list[Generation]:
-        ids, mask = self._tokenize(prompts)
-        return self._decode(*self.model.generate(prefix, ids, mask, **opts.hf_kwargs()))
+        ids, mask = self.tokenize(prompts)
+        return self.decode(*self.model.generate(prefix, ids, mask, **opts.hf_kwargs()))
 
     @contextlib.contextmanager
     def _seeded(self, seed: int | None) -> Iterator[None]:
@@ -221,15 +249,6 @@ class Blip2:
             if seed is not None:
                 torch.manual_seed(seed)
             yield
-
-    def _decode(self, tokens: torch.Tensor, scores: torch.Tensor) -> list[Generation]:
-        out = []
-        specials = set(self.tokenizer.all_special_ids)
-        for row, score in zip(tokens.tolist(), scores.tolist()):
-            kept = [t for t in row if t not in specials]
-            text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
-            out.append(Generation(text=text, tokens=kept, score=float(score)))
-        return out
 
     def caption(self, image: ImageInput | Sequence[ImageInput], prompt: str | None = None, **gen: Any):
         """A caption, or with `prompt` the continuation of it. A list of images gives a list of strings."""
@@ -250,42 +269,33 @@ class Blip2:
         return Chat(self, image, context=context)
 
     # ---- retrieval ------------------------------------------------------------------------------------------------
-    def _require_text_side(self) -> None:
-        if not hasattr(self.model, "itm_head"):
-            raise ConfigError(f"{self.name}: this checkpoint has no Q-Former text side (use e.g. blip2-itm-vit-g)")
-
-    def _text_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=35, return_tensors="pt")
-        return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
-
     @torch.no_grad()
     def embed_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """(B, Nq, E) normalised query embeddings."""
-        self._require_text_side()
+        self.require_text_side()
         return self.model.image_embeddings(self.model.encode_image(self.pixel_values(list(images)))).float()
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """(B, E) normalised text embeddings."""
-        self._require_text_side()
-        return self.model.text_embeddings(*self._text_ids(texts)).float()
+        self.require_text_side()
+        return self.model.text_embeddings(*self.text_ids(texts)).float()
 
     @torch.no_grad()
     def similarity(self, images: Sequence[ImageInput], texts: Sequence[str]) -> torch.Tensor:
-        """ITC (Ni, Nt): cosine similarity, max over the query embeddings."""
-        img, txt = self.embed_images(images), self.embed_texts(texts)
-        return torch.einsum("iqe,te->itq", img, txt).amax(dim=-1)
+        """ITC (Ni, Nt): cosine similarity, max over the query embeddings (`scoring.itc_similarity`)."""
+        return itc_similarity(self.embed_images(images), self.embed_texts(texts))
 
     @torch.no_grad()
     def match(self, images: Sequence[ImageInput], texts: Sequence[str]) -> torch.Tensor:
-        """ITM (Ni, Nt): probability that each text describes each image."""
-        self._require_text_side()
+        """ITM (Ni, Nt): probability that each text describes each image (`scoring.match_probability`)."""
+        self.require_text_side()
         image_embeds = self.model.encode_image(self.pixel_values(list(images)))  # (Ni, N, Dv)
-        ids, mask = self._text_ids(texts)
+        ids, mask = self.text_ids(texts)
         ni, nt = image_embeds.shape[0], ids.shape[0]
         pairs_img = image_embeds.repeat_interleave(nt, dim=0)  # (Ni*Nt, N, Dv): image i with every text
-        logits = self.model.itm_logits(pairs_img, ids.repeat(ni, 1), mask.repeat(ni, 1))
-        return logits.float().softmax(dim=-1)[:, 1].reshape(ni, nt)
+        logits = itm_logits(self.model, pairs_img, ids.repeat(ni, 1), mask.repeat(ni, 1))  # (Ni*Nt, 2)
+        return match_probability(logits).reshape(ni, nt)
 
 
 def load(
@@ -356,13 +366,13 @@ class Chat:
     def ask(self, question: str, **gen: Any) -> str:
         opts = replace(GenerationOptions(), **gen)
         prompt = self.prompt_for(question)
-        ids, mask = self.m._tokenize([prompt])
+        ids, mask = self.m.tokenize([prompt])
         with self.m._seeded(opts.seed):
             if self.m.model.is_encoder_decoder or opts.num_beams > 1 or opts.num_return_sequences > 1:
                 tokens, scores = self.m.model.generate(self.prefix, ids, mask, **opts.hf_kwargs())
             else:
                 tokens, scores = self._generate_cached(ids, opts)
-        self.last = self.m._decode(tokens, scores)[0]  # the full Generation (tokens, score) of this answer
+        self.last = self.m.decode(tokens, scores)[0]  # the full Generation (tokens, score) of this answer
         self.history.append((question.strip(), self.last.text))
         return self.last.text
 
@@ -383,7 +393,7 @@ class Chat:
             self._kv.crop(keep - self._kv.get_seq_length())  # negative: drop the tail after the common prefix
             out = model.language_model.generate(input_ids=full, attention_mask=ones, cache=self._kv, **gen)
         else:
-            embeds, _ = model._lm_inputs(self.prefix, ids, None)
+            embeds, _ = model.lm_inputs(self.prefix, ids, None)
             out = model.language_model.generate(input_ids=full, inputs_embeds=embeds, attention_mask=ones, **gen)
         self._kv = out.cache
         self._kv_ids = out.sequences[0, : self._kv.get_seq_length()].tolist()

@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
+    "QFORMER_TEXT_TOKENS",
     "VQA_TEMPLATE",
     "ImageTransform",
     "chat_prompt",
@@ -56,6 +57,7 @@ PROCESSOR_CONFIG = "processor_config.json"  # transformers 5 nests the image set
 
 VQA_TEMPLATE = "Question: {} Answer:"
 _CHAT_TURN = "Question: {} Answer: {}."
+QFORMER_TEXT_TOKENS = 35  # a Q-Former text (ITC, ITM) is cut to this many tokens, as LAVIS's max_txt_len
 
 
 def _one_line(exc: BaseException) -> str:

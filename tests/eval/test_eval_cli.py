@@ -286,7 +286,7 @@ def test_retrieval_recall_equals_recall_of_api_similarity_and_itm_reranking(itm_
     sim = m.similarity(paths, split.texts).numpy()
     with torch.no_grad():  # every pair's positive ITM logit in one pass
         feats = m.model.encode_image(m.pixel_values(paths))
-        ids, mask = m._text_ids(split.texts)
+        ids, mask = m.text_ids(split.texts)
         n_i, n_t = len(paths), len(split.texts)
         logits = m.model.itm_logits(feats.repeat_interleave(n_t, 0), ids.repeat(n_i, 1), mask.repeat(n_i, 1))
         itm = logits[:, 1].reshape(n_i, n_t).numpy()

@@ -206,7 +206,7 @@ def _itm_plus_itc(m: blip2.Blip2, images: list, query: str, itc: torch.Tensor) -
     """ITM positive logit (itm_head logit[:, 1], averaged over queries) + ITC, computed directly."""
     with torch.no_grad():
         image_embeds = m.model.encode_image(m.pixel_values(images))
-        ids, mask = m._text_ids([query] * len(images))
+        ids, mask = m.text_ids([query] * len(images))
         logits = m.model.itm_logits(image_embeds, ids, mask)[:, 1]
     return (logits.float() + itc).tolist()
 
@@ -244,7 +244,7 @@ def test_image_to_text_and_image_to_image(m: blip2.Blip2, indexed: tuple[Path, l
     reranked = search_texts_for_image(m, keys[0], texts, k=4, rerank=4)
     with torch.no_grad():
         image_embeds = m.model.encode_image(m.pixel_values([keys[0]])).expand(4, -1, -1)
-        itm = m.model.itm_logits(image_embeds, *m._text_ids(texts))[:, 1]
+        itm = m.model.itm_logits(image_embeds, *m.text_ids(texts))[:, 1]
     assert [r.target for r in reranked] == [texts[i] for i in sorted(range(4), key=lambda i: -float(itm[i] + sims[i]))]
 
     args = ["search", "--image", keys[0], "--texts", QUERIES[0], "--texts", texts_file, QUERIES[2], "--json"]

@@ -7,8 +7,8 @@ from it, in an order that makes a replay safe:
 
 1. ledger commit: the batch's captions and errors, and for each sidecar the *complete* text it is to hold
    (computed from its old content for `append`/`prepend`, so replaying the write cannot append twice);
-2. sidecars: written to a temp file, fsynced, `os.replace`d; then marked done in the ledger;
-3. JSONL manifest and error log: appended, flushed, fsynced.
+2. sidecars: written atomically (`durable.atomic_write`: temp file, fsync, `os.replace`); then marked done;
+3. JSONL manifest and error log: appended, flushed, fsynced (`durable.append_jsonl`).
 
 On restart the ledger's finished keys are skipped, unfinished sidecar writes are replayed, and each JSONL file is
 reconciled: a torn last line (killed mid-write) is truncated and the ledger rows the file lacks are appended, so the
@@ -25,7 +25,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..durable import append_jsonl, atomic_path, canonical, check_settings
+from ..durable import repair_jsonl as durable_repair
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -68,18 +69,16 @@ class Ledger:
         self._check_fingerprint(fingerprint)
 
     def _check_fingerprint(self, fingerprint: dict) -> None:
-        wanted = json.dumps(fingerprint, sort_keys=True)
         row = self.db.execute("SELECT v FROM meta WHERE k = 'fingerprint'").fetchone()
         if row is None:
-            self.db.execute("INSERT INTO meta VALUES ('fingerprint', ?)", (wanted,))
+            self.db.execute("INSERT INTO meta VALUES ('fingerprint', ?)", (canonical(fingerprint),))
             return
-        if row[0] != wanted:
-            old = json.loads(row[0])
-            diff = {k: (old.get(k), v) for k, v in fingerprint.items() if old.get(k) != v}
-            raise ConfigError(
-                f"{self.path}: progress of a run with other settings ({diff}, as (before, now)); "
-                f"rerun with the same settings to resume, or move the outputs and this file away to start over"
-            )
+        check_settings(
+            json.loads(row[0]),
+            fingerprint,
+            self.path,
+            "rerun with the same settings to resume, or move the outputs and this file away to start over",
+        )
 
     def close(self) -> None:
         self.db.close()
@@ -149,38 +148,10 @@ def error_row(r: Record) -> dict:
     return {"path": r.key, "error": r.error, "time": r.time}
 
 
-def append_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    """Append whole lines in one write, then flush and fsync: a kill can tear at most the last line."""
-    if not rows:
-        return
-    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
-    with open(path, "ab") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def repair_jsonl(path: Path) -> set[str]:
-    """Truncate a torn tail (anything from the first line that is not whole, valid JSON); return the keys kept."""
-    if not path.exists():
-        return set()
-    keys: set[str] = set()
-    good = 0
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                if not line.endswith(b"\n"):
-                    raise ValueError("torn line")
-                keys.add(json.loads(line)["path"])
-            except (ValueError, KeyError, TypeError):
-                break
-            good += len(line)
-    if good != path.stat().st_size:
-        with open(path, "r+b") as f:
-            f.truncate(good)
-            f.flush()
-            os.fsync(f.fileno())
-    return keys
+    """Truncate a torn tail (`durable.repair_jsonl`: from the first line that is not whole, valid JSON with a
+    "path"); return the paths kept."""
+    return {r["path"] for r in durable_repair(path, lambda r: isinstance(r, dict) and "path" in r)}
 
 
 def reconcile_jsonl(path: Path, ledger: Ledger, status: str, meta: dict) -> None:
@@ -194,36 +165,29 @@ def reconcile_jsonl(path: Path, ledger: Ledger, status: str, meta: dict) -> None
 
 
 def export_parquet(path: Path, ledger: Ledger, meta: dict, chunk: int = 50_000) -> None:
-    """Write every captioned image to Parquet, atomically (temp file, then `os.replace`)."""
+    """Write every captioned image to Parquet, atomically (`durable.atomic_path`: temp file, fsync, `os.replace`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    writer = None
-    batch: list[dict] = []
+    with atomic_path(path) as tmp:
+        writer = None
+        batch: list[dict] = []
 
-    def flush() -> None:
-        nonlocal writer
-        table = pa.Table.from_pylist(batch, schema=writer.schema if writer else None)
-        if writer is None:
-            writer = pq.ParquetWriter(tmp, table.schema)
-        writer.write_table(table)
-        batch.clear()
-
-    for r in ledger.records("done"):
-        batch.append(manifest_row(r, meta))
-        if len(batch) >= chunk:
-            flush()
-    if batch or writer is None:
-        if not batch:  # an empty run still gets a readable (empty) file
-            batch.append(manifest_row(Record("", "done", ""), meta))
-            table = pa.Table.from_pylist(batch).slice(0, 0)
+        def flush() -> None:
+            nonlocal writer
+            table = pa.Table.from_pylist(batch, schema=writer.schema if writer else None)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
             batch.clear()
-            writer = pq.ParquetWriter(tmp, table.schema)
-        else:
+
+        for r in ledger.records("done"):
+            batch.append(manifest_row(r, meta))
+            if len(batch) >= chunk:
+                flush()
+        if batch:
             flush()
-    writer.close()
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        if writer is None:  # an empty run still gets a readable (empty) file, with a manifest row's columns
+            empty = pa.Table.from_pylist([manifest_row(Record("", "done", ""), meta)]).slice(0, 0)
+            writer = pq.ParquetWriter(tmp, empty.schema)
+        writer.close()

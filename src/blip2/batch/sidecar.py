@@ -44,17 +44,3 @@ def compose(old: str | None, caption: str, existing: str, separator: str) -> str
     if existing == "prepend":
         return caption + separator + old + "\n"
     raise ConfigError(f"existing must be one of {', '.join(EXISTING)}; got {existing!r}")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Temp file in the same folder, fsync, `os.replace`: a reader sees the old file or the new one, never half.
-
-    The temp name is fixed per target, so a temp file left by a killed run is simply overwritten by the rerun.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.blip2tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

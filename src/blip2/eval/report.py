@@ -1,4 +1,5 @@
-"""Results on disk: JSON written atomically (a crash never leaves half a file) and a plain-text table for people.
+"""Results on disk: JSON written atomically (`durable.atomic_write`: a crash never leaves half a file) and a
+plain-text table for people.
 
 `save_eval` writes `<name>_predictions.json`, `<name>_results.json` and `<name>_results.txt` side by side, so
 every score can be traced back to the answers that produced it.
@@ -8,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from blip2.durable import atomic_write
 from blip2.eval._common import EvalError
 
 
@@ -34,20 +34,6 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows within one filesystem
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json_atomic(path: str | Path, data: Any) -> Path:
     """Write `data` as indented UTF-8 JSON via a temp file in the same folder and a rename; returns the path."""
     p = Path(path)
@@ -55,7 +41,7 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
         text = json.dumps(_jsonable(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     except (TypeError, ValueError) as e:
         raise EvalError(f"{p}: results are not JSON-serialisable ({e})") from None
-    _write_atomic(p, text)
+    atomic_write(p, text)
     return p
 
 
@@ -114,5 +100,5 @@ def save_eval(
         paths["predictions"] = write_json_atomic(out / f"{name}_predictions.json", predictions)
     paths["results"] = write_json_atomic(out / f"{name}_results.json", results)
     paths["table"] = out / f"{name}_results.txt"
-    _write_atomic(paths["table"], format_table(results, title or name))
+    atomic_write(paths["table"], format_table(results, title or name))
     return paths

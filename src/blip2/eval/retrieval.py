@@ -14,6 +14,7 @@ import numpy as np
 
 from blip2.eval._common import EvalError, field, read_json
 from blip2.eval.caption import normalize_caption
+from blip2.scoring import rerank_rows
 
 # Score LAVIS gives every pair outside a query's top-k: below any ITM logit + cosine, so those pairs rank last.
 NON_CANDIDATE_SCORE = -100.0
@@ -113,11 +114,6 @@ def recall_at_k(
     return out
 
 
-def _topk(row: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest entries (order irrelevant: each gets its own re-ranked score)."""
-    return np.argpartition(-row, k - 1)[:k] if k < len(row) else np.arange(len(row))
-
-
 def _itm_scores(itm_fn: ItmFn, img_idx: np.ndarray, txt_idx: np.ndarray) -> np.ndarray:
     scores = np.asarray(itm_fn(img_idx, txt_idx), dtype=np.float64).reshape(-1)
     if scores.shape != (len(img_idx),):
@@ -126,8 +122,8 @@ def _itm_scores(itm_fn: ItmFn, img_idx: np.ndarray, txt_idx: np.ndarray) -> np.n
 
 
 def rerank_topk(itc: np.ndarray, itm_fn: ItmFn, k: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """LAVIS re-ranking: for each image its top-k texts by ITC, and for each text its top-k images, are scored
-    `ITM + ITC`; every other pair gets -100.
+    """LAVIS re-ranking (`blip2.scoring.rerank_rows`): for each image its top-k texts by ITC, and for each text its
+    top-k images, are scored `ITM + ITC`; every other pair gets -100.
 
     itc: (Ni, Nt) ITC similarity. itm_fn(image_indices, text_indices) -> (P,) ITM score of each pair (LAVIS uses
     the positive ITM logit averaged over queries); it is called once per image row and once per text column with
@@ -138,13 +134,10 @@ def rerank_topk(itc: np.ndarray, itm_fn: ItmFn, k: int = 128) -> tuple[np.ndarra
         raise EvalError(f"itc must be a non-empty 2-D (images, texts) matrix, got shape {sim.shape}")
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
         raise EvalError(f"k = {k!r}: the number of re-ranked candidates must be a positive integer")
-    n_img, n_txt = sim.shape
-    scores_i2t = np.full((n_img, n_txt), NON_CANDIDATE_SCORE)
-    for i in range(n_img):
-        cand = _topk(sim[i], min(k, n_txt))
-        scores_i2t[i, cand] = _itm_scores(itm_fn, np.full(len(cand), i), cand) + sim[i, cand]
-    scores_t2i = np.full((n_txt, n_img), NON_CANDIDATE_SCORE)
-    for t in range(n_txt):
-        cand = _topk(sim[:, t], min(k, n_img))
-        scores_t2i[t, cand] = _itm_scores(itm_fn, cand, np.full(len(cand), t)) + sim[cand, t]
+    scores_i2t = rerank_rows(
+        sim, int(k), lambda i, cand: _itm_scores(itm_fn, np.full(len(cand), i), cand), NON_CANDIDATE_SCORE
+    )
+    scores_t2i = rerank_rows(
+        sim.T, int(k), lambda t, cand: _itm_scores(itm_fn, cand, np.full(len(cand), t)), NON_CANDIDATE_SCORE
+    )
     return scores_i2t, scores_t2i

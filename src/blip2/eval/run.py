@@ -6,11 +6,12 @@ Defaults are LAVIS's evaluation configs (`lavis/projects/blip2/eval/`) and the p
 5 beams, 30 new tokens at most, 8 at least (`caption_coco_*_eval.yaml`); VQA uses 5 beams, 10 new tokens at most,
 1 at least, length penalty -1 and the prompt "Question: {} Answer:" (paper; LAVIS's YAML says "Short answer:").
 
-Resuming: each batch's predictions are appended to `<out>/<name>_predictions.partial.jsonl` (flushed and fsynced)
-after a first line holding the settings (model, dtype, prompt, generation options). A rerun with the same settings
-predicts only what is missing; a torn last line (the process died mid-write) is cut off and redone; different
-settings are an error, so one file never mixes two configurations. The partial file stays after the final files
-are written, so a rerun only re-scores (e.g. once SPICE's models are installed); delete it to start over.
+Resuming (`blip2.durable`): each batch's predictions are appended to `<out>/<name>_predictions.partial.jsonl`
+(flushed and fsynced) after a first line holding the settings (model, dtype, prompt, generation options). A rerun
+with the same settings predicts only what is missing; a torn last line (the process died mid-write) is cut off and
+redone; different settings are a `ConfigError` naming them, so one file never mixes two configurations. The
+partial file stays after the final files are written, so a rerun only re-scores (e.g. once SPICE's models are
+installed); delete it to start over.
 
 Missing or unreadable images: caption and VQA skip them and go on. They are listed in `<name>_skipped.json`,
 counted in the results (`n_skipped`, `skipped.images`) and never written to the partial file, so a rerun tries them
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from blip2.durable import append_jsonl, atomic_path, atomic_write, check_settings, repair_jsonl
 from blip2.errors import ImageError
 from blip2.eval._common import EvalError, read_json
 from blip2.eval._common import field as get_field
@@ -37,6 +39,7 @@ from blip2.eval.caption import caption_scores, load_caption_references
 from blip2.eval.report import format_table, save_eval, to_records, write_json_atomic
 from blip2.eval.retrieval import load_retrieval_annotations, recall_at_k, rerank_topk
 from blip2.eval.vqa import gqa_accuracy, load_gqa_answers, load_vqa_annotations, load_vqa_questions, vqa_accuracy
+from blip2.scoring import itc_similarity, itm_logits, match_logit
 
 if TYPE_CHECKING:
     import torch
@@ -158,7 +161,9 @@ class ImageFinder:
 
 # ---- resumable predictions -------------------------------------------------------------------------------------------
 class PartialPredictions:
-    """An append-only JSON-lines file: a `{"settings": ...}` line, then one `{key: id, value: text}` per prediction."""
+    """An append-only JSON-lines file: a `{"settings": ...}` line, then one `{key: id, value: text}` per prediction.
+
+    A torn tail is cut off (`durable.repair_jsonl`); other settings are refused (`durable.check_settings`)."""
 
     def __init__(self, path: Path, settings: Mapping[str, Any], key: str, value: str) -> None:
         self.path = path
@@ -166,58 +171,24 @@ class PartialPredictions:
         self.key, self.value = key, value
 
     def open(self) -> dict[Any, str]:
-        """Predictions made so far (creating the file if needed); a torn last line is cut off the file."""
-        if not self.path.exists():
-            self._write_lines([{"settings": self.settings}], mode="w")
+        """Predictions made so far (creating the file if needed); a torn tail is cut off the file."""
+        records = repair_jsonl(self.path, lambda r: isinstance(r, dict))
+        if not records:
+            atomic_write(self.path, json.dumps({"settings": self.settings}, ensure_ascii=False) + "\n")
             return {}
-        data = self.path.read_bytes()
-        complete = data[: data.rfind(b"\n") + 1]
-        if len(complete) < len(data):
-            with open(self.path, "r+b") as f:  # cut the torn line so new records start on a fresh line
-                f.truncate(len(complete))
-                f.flush()
-                os.fsync(f.fileno())
-        lines = complete.decode("utf-8", errors="replace").splitlines()
-        if not lines:
-            self._write_lines([{"settings": self.settings}], mode="w")
-            return {}
-        self._check_settings(self._parse(lines[0], 1))
+        old = records[0].get("settings")
+        if not isinstance(old, dict):
+            raise EvalError(f"{self.path}: first line is not a settings record; delete the file or use another --out")
+        check_settings(old, self.settings, self.path, "delete it or use another --out")
         done: dict[Any, str] = {}
-        for n, line in enumerate(lines[1:], start=2):
-            record = self._parse(line, n)
-            if not isinstance(record, dict) or self.key not in record or not isinstance(record.get(self.value), str):
+        for n, record in enumerate(records[1:], start=2):
+            if self.key not in record or not isinstance(record.get(self.value), str):
                 raise EvalError(f"{self.path}, line {n}: expected {{{self.key!r}: ..., {self.value!r}: text}}")
             done[record[self.key]] = record[self.value]
         return done
 
     def append(self, predictions: Sequence[tuple[Any, str]]) -> None:
-        self._write_lines([{self.key: k, self.value: v} for k, v in predictions], mode="a")
-
-    def _parse(self, line: str, n: int) -> Any:
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError:
-            raise EvalError(f"{self.path}, line {n}: not JSON; the partial file is damaged, delete it") from None
-
-    def _check_settings(self, header: Any) -> None:
-        old = header.get("settings") if isinstance(header, dict) else None
-        if not isinstance(old, dict):
-            raise EvalError(f"{self.path}: first line is not a settings record; delete the file or use another --out")
-        if old != self.settings:
-            keys = sorted({*old, *self.settings})
-            diff = [
-                f"{k}: {old.get(k)!r} → {self.settings.get(k)!r}" for k in keys if old.get(k) != self.settings.get(k)
-            ]
-            raise EvalError(
-                f"{self.path}: made with other settings ({'; '.join(diff)}); delete it or use another --out"
-            )
-
-    def _write_lines(self, records: list[dict[str, Any]], mode: str) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, mode, encoding="utf-8") as f:
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.path, [{self.key: k, self.value: v} for k, v in predictions])
 
 
 @dataclass
@@ -271,7 +242,8 @@ def _generate(
                     good.append(j)
             if good:
                 m = m or load()
-                gens = m.generate([decoded[j.image] for j in good], [j.prompt for j in good], opts)
+                pixels = [m.transform([decoded[j.image]])[0] for j in good]  # decoded once, above; (3, S, S) each
+                gens = m.generate(pixels, [j.prompt for j in good], opts)
                 new = [(j.key, g.text) for j, g in zip(good, gens, strict=True)]
                 partial.append(new)
                 run.predictions.update(new)
@@ -480,7 +452,7 @@ def _encode_images(m: Blip2, paths: Sequence[Path], batch_size: int) -> tuple[to
     The same numbers as `m.embed_images`, but the ViT runs once for both uses."""
     import torch
 
-    m._require_text_side()
+    m.require_text_side()
     feats, embeds = [], []
     with torch.no_grad(), _progress(len(paths), "images", "img") as bar:
         for batch in _batches(paths, batch_size):
@@ -489,19 +461,6 @@ def _encode_images(m: Blip2, paths: Sequence[Path], batch_size: int) -> tuple[to
             feats.append(f.cpu())
             bar.update(len(batch))
     return torch.cat(feats), torch.cat(embeds)
-
-
-def _itc(image_embeds: torch.Tensor, text_embeds: torch.Tensor, device: Any, chunk: int = 64) -> np.ndarray:
-    """(Ni, Nt) max over queries of the cosine, as `Blip2.similarity`, on the model's device; chunked so the
-    (Ni, Nt, Nq) tensor never exists at once (COCO 5k: 5000 x 25000 x 32 floats would be 16 GB)."""
-    import torch
-
-    txt = text_embeds.to(device)
-    rows = [
-        torch.einsum("iqe,te->itq", image_embeds[s : s + chunk].to(device), txt).amax(dim=-1).cpu()
-        for s in range(0, len(image_embeds), chunk)
-    ]
-    return torch.cat(rows).numpy()
 
 
 def itm_scorer(m: Blip2, feats: torch.Tensor, texts: Sequence[str], batch_size: int) -> Callable[..., np.ndarray]:
@@ -514,12 +473,12 @@ def itm_scorer(m: Blip2, feats: torch.Tensor, texts: Sequence[str], batch_size: 
         with torch.no_grad():
             for s in range(0, len(img_idx), batch_size):
                 ii, tt = img_idx[s : s + batch_size], txt_idx[s : s + batch_size]
-                ids, mask = m._text_ids([texts[int(t)] for t in tt])
+                ids, mask = m.text_ids([texts[int(t)] for t in tt])
                 if len(ii) and (ii == ii[0]).all():  # one image's candidates: copy its features once, then expand
                     image_embeds = feats[int(ii[0])].to(m.device).expand(len(ii), -1, -1)
                 else:
                     image_embeds = feats[torch.as_tensor(np.asarray(ii), dtype=torch.long)].to(m.device)
-                out.append(m.model.itm_logits(image_embeds, ids, mask)[:, 1].float().cpu().numpy())
+                out.append(match_logit(itm_logits(m.model, image_embeds, ids, mask)).cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0)
 
     return score
@@ -556,7 +515,7 @@ def evaluate_retrieval(
     feats, image_embeds = _encode_images(m, paths, batch_size)
     with torch.no_grad():
         text_embeds = torch.cat([m.embed_texts(b) for b in _batches(split.texts, batch_size)])  # (Nt, E)
-    itc = _itc(image_embeds, text_embeds, m.device)
+    itc = itc_similarity(image_embeds, text_embeds, chunk=64, device=m.device).numpy()  # (Ni, Nt), as m.similarity
     results: dict[str, Any] = {"n_images": len(paths), "n_texts": len(split.texts), "k_test": k_test}
     results["itc"] = recall_at_k(itc, split.img2txt, split.txt2img)
     i2t, t2i = itc, itc.T
@@ -589,13 +548,8 @@ def evaluate_retrieval(
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # streamed: COCO's three matrices are gigabytes
         np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 __all__ = [

@@ -16,7 +16,8 @@ into Python objects. Layout (little-endian):
     64-byte aligned   emb      float16 (n, Nq, D)      the stored embeddings
     64-byte aligned   mean     float16 (n, D)          L2-normalised mean over the Nq query vectors
 
-The cache is written to a temporary name and renamed, so readers see an old or a new file, never a torn one.
+The cache is written to a temporary name and renamed (`durable.atomic_path`), so readers see an old or a new
+file, never a torn one.
 
 With faiss installed, exact text search also keeps `<db>.i8`, an int8 copy of the embeddings that pre-filters the
 scan with a proven error bound (its format in int8file.py, the bound in `scoring.Int8Search`); an index without
@@ -35,7 +36,7 @@ import struct
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -43,6 +44,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from blip2.durable import atomic_path
 from blip2.errors import Blip2Error
 from blip2.retrieval.int8file import load_int8, write_int8
 from blip2.retrieval.scoring import EmbeddingShapeError, Int8Search, int8_kernel_is_exact, search_blocks
@@ -421,7 +423,6 @@ class Index:
 
     def _write_cache(self) -> None:
         """Write the cache from one consistent snapshot of the database, then rename it into place."""
-        tmp = self.cache_path.with_name(f"{self.cache_path.name}.tmp{os.getpid()}")
         with self._guard("cache rebuild failed"):
             self._conn.execute("BEGIN")  # one read snapshot: generation, count and rows agree
             try:
@@ -432,14 +433,14 @@ class Index:
                     _CACHE_MAGIC, _CACHE_VERSION, 0, gen, n, self.num_query, self.dim, self._uid.encode()
                 )
                 try:
-                    with open(tmp, "wb") as f:
-                        f.write(header.ljust(_HEADER_SIZE, b"\0"))
-                        f.truncate(size)
-                    if n:
-                        self._fill_cache(tmp, n, emb_off, mean_off)
-                    os.replace(tmp, self.cache_path)
+                    # a cache, checked against the database when mapped (no fsync); several processes may build it
+                    with atomic_path(self.cache_path, fsync=False, unique=True) as tmp:
+                        with open(tmp, "wb") as f:
+                            f.write(header.ljust(_HEADER_SIZE, b"\0"))
+                            f.truncate(size)
+                        if n:
+                            self._fill_cache(tmp, n, emb_off, mean_off)
                 except OSError as e:
-                    tmp.unlink(missing_ok=True)
                     raise IndexFileError(f"{self.cache_path}: cannot write the search cache: {e}") from None
             finally:
                 self._conn.execute("COMMIT")
@@ -590,14 +591,8 @@ class Index:
                 index = faiss.IndexHNSWFlat(self.dim, 32, faiss.METRIC_INNER_PRODUCT)
             index.add(mean)
             header = _FAISS_HEADER.pack(_FAISS_MAGIC, cache.generation, self._uid.encode())
-            tmp = self.faiss_path.with_name(f"{self.faiss_path.name}.tmp{os.getpid()}")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(header)
-                    f.write(faiss.serialize_index(index).tobytes())
-                os.replace(tmp, self.faiss_path)
-            except OSError:
-                tmp.unlink(missing_ok=True)  # the faiss file is only a cache; search works without it
+            with suppress(OSError), atomic_path(self.faiss_path, fsync=False, unique=True) as tmp:
+                tmp.write_bytes(header + faiss.serialize_index(index).tobytes())  # a cache: search works without it
         self._faiss = (cache.generation, index)
         return index
 

@@ -3,19 +3,19 @@
 Layout: a faiss index file (memory-mapped where faiss can), then scale float32 (D,), bounds float32 (n, 3) and a
 128-byte footer (magic b"BLIP2I8\0", version, generation, n, Nq, D, uid, the offset of the trailer). It is
 derived from the `<db>.emb` cache (index.py), rebuilt whenever its footer does not name that cache, and written
-to a temporary name and renamed, so a reader sees an old or a new file, never a torn one. The error bound that
-makes the pre-filter exact is in `scoring.Int8Search`.
+to a temporary name and renamed (`durable.atomic_path`), so a reader sees an old or a new file, never a torn one.
+The error bound that makes the pre-filter exact is in `scoring.Int8Search`.
 """
 
 from __future__ import annotations
 
-import os
 import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from blip2.durable import atomic_path
 from blip2.retrieval.scoring import int8_faiss_index, int8_faiss_read, int8_faiss_write, int8_quantize, int8_scale
 
 _MAGIC = b"BLIP2I8\0"
@@ -58,15 +58,13 @@ def write_int8(path: Path, uid: str, generation: int, emb: np.ndarray) -> Int8Pa
     scale, bounds = int8_scale(emb), np.empty((n, 3), np.float32)
     int8_quantize(emb, scale, codes, bounds)
     del codes  # a view into the index
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
-        int8_faiss_write(index, tmp)
-        trailer = tmp.stat().st_size
-        footer = _FOOTER.pack(_MAGIC, _VERSION, 0, generation, n, num_query, dim, uid.encode(), trailer)
-        with open(tmp, "ab") as f:
-            f.write(scale.tobytes() + bounds.tobytes() + footer.ljust(_FOOTER_SIZE, b"\0"))
-        os.replace(tmp, path)
-    except (OSError, RuntimeError):
-        tmp.unlink(missing_ok=True)  # only a cache: search works from memory
+        with atomic_path(path, fsync=False, unique=True) as tmp:  # a cache: rebuilt when torn, so no fsync
+            int8_faiss_write(index, tmp)
+            trailer = tmp.stat().st_size
+            footer = _FOOTER.pack(_MAGIC, _VERSION, 0, generation, n, num_query, dim, uid.encode(), trailer)
+            with open(tmp, "ab") as f:
+                f.write(scale.tobytes() + bounds.tobytes() + footer.ljust(_FOOTER_SIZE, b"\0"))
+    except (OSError, RuntimeError):  # only a cache: search works from memory
         return index, scale, bounds
     return load_int8(path, uid, generation, n, num_query, dim) or (index, scale, bounds)

@@ -1,9 +1,10 @@
-"""ITC scoring and exact top-k search over image embeddings.
+"""ITC scoring and exact top-k search over image embeddings: what searching an index adds to `blip2.scoring`.
 
 A BLIP-2 image embedding is Nq query vectors of size D (Nq=32, D=256 for the released models), L2-normalised;
 a text embedding is one D vector. The ITC similarity of an image and a text is the **maximum over the Nq query
 vectors** of their dot product (cosine, no temperature), as in `Blip2ForImageTextRetrieval` and LAVIS
-`compute_sim_matrix`.
+`compute_sim_matrix`; `itc_scores` is `blip2.scoring.itc_similarity` with shape checks and numpy inputs. The exact
+paths below take the same maximum over scores summed in float64 (`exact_scores`), which a search must certify.
 
 `search_blocks` scans a large float16 matrix block by block with a bounded memory footprint. On a CPU the fastest
 exact way to do that is not to convert each block to float32 (the conversion costs ~4x the scan itself): torch's
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from blip2.errors import Blip2Error
+from blip2.scoring import itc_similarity
 
 __all__ = ["EmbeddingShapeError", "Int8Search", "exact_scores", "itc_scores", "search_blocks", "topk_images"]
 
@@ -69,8 +71,7 @@ def itc_scores(image_emb: ArrayLike, text_emb: ArrayLike) -> Tensor:
     txt, single = _check_texts(text_emb, img.shape[2])
     if img.shape[1] < 1:
         raise EmbeddingShapeError(f"image embedding needs at least one query vector, got shape {tuple(img.shape)}")
-    sims = torch.einsum("iqd,td->iqt", img.float(), txt.to(img.device))  # (Ni, Nq, Nt)
-    scores = sims.amax(dim=1)  # (Ni, Nt)
+    scores = itc_similarity(img.float(), txt.to(img.device))  # (Ni, Nt)
     return scores[:, 0] if single else scores
 
 

@@ -6,7 +6,7 @@ then, with `rerank=K`, the top K candidates are re-scored with the ITM head: `sc
 the similarity. Re-ranked results come first; candidates beyond K (and images that cannot be opened any more)
 follow in ITC order with their ITC score. Re-ranking re-opens the images from the paths stored in the index (tar
 members from their shard). Image-to-text ranks given texts for one image the same way; image-to-image compares the
-mean-pooled query embeddings (`Index.search_by_image`).
+mean-pooled query embeddings (`Index.search_by_image`). The scores and the re-ranking rule are `blip2.scoring`'s.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import scoring
 from ..errors import ImageError
+from ..scoring import itc_similarity, match_logit, rerank_list
 
 if TYPE_CHECKING:
     from ..pipeline import Blip2, ImageInput
@@ -65,25 +67,17 @@ def open_indexed(key: str) -> ImageInput:
 
 def itm_logits(m: Blip2, image_embeds: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
     """Positive-class ITM logit of the pairs (image_embeds[i] (N, Dv), texts[i]) -> float32 (B,), as LAVIS."""
-    ids, mask = m._text_ids(texts)
+    ids, mask = m.text_ids(texts)
     with torch.no_grad():
-        out = [
-            m.model.itm_logits(image_embeds[s : s + ITM_CHUNK], ids[s : s + ITM_CHUNK], mask[s : s + ITM_CHUNK])
-            for s in range(0, len(texts), ITM_CHUNK)
-        ]
-    return torch.cat(out).float()[:, 1].cpu()
+        return match_logit(scoring.itm_logits(m.model, image_embeds, ids, mask, chunk=ITM_CHUNK)).cpu()
 
 
 def _rerank(ranked: list[Ranked], itm: Sequence[float | None], top: int) -> list[Ranked]:
     """Re-score the first `top` results that have an ITM logit; they come first, the rest follow in ITC order."""
-    head, tail = [], []
-    for i, r in enumerate(ranked):
-        logit = itm[i] if i < len(itm) else None
-        if i < top and logit is not None:
-            head.append(Ranked(r.target, logit + r.itc, r.itc, logit, r.id))
-        else:
-            tail.append(r)
-    return sorted(head, key=lambda r: -r.score) + tail
+    return [
+        Ranked(ranked[i].target, score, ranked[i].itc, logit, ranked[i].id)
+        for i, score, logit in rerank_list([r.itc for r in ranked], itm, top)
+    ]
 
 
 def _warn(message: str) -> None:
@@ -132,8 +126,8 @@ def search_texts_for_image(
     """Image-to-text: rank `texts` for one image by ITC, the top `rerank` re-scored with ITM; k results."""
     with torch.no_grad():
         image_embeds = m.model.encode_image(m.pixel_values([image]))  # (1, N, Dv)
-        img = m.model.image_embeddings(image_embeds).float()[0]  # (Nq, E)
-    itc = (img @ m.embed_texts(texts).T).amax(dim=0)  # (Nt,)
+        img = m.model.image_embeddings(image_embeds).float()  # (1, Nq, E)
+    itc = itc_similarity(img, m.embed_texts(texts))[0]  # (Nt,)
     order = sorted(range(len(texts)), key=lambda i: (-float(itc[i]), i))[: max(k, rerank)]
     ranked = [Ranked(texts[i], float(itc[i]), float(itc[i])) for i in order]
     if not rerank:

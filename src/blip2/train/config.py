@@ -20,12 +20,12 @@ linear warmup, peak LR 1e-4, 32 text tokens); sizes are for a small run, not for
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..config import QFormerConfig
+from ..durable import canonical
 from ..errors import ConfigError
 
 
@@ -145,12 +145,16 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def fingerprint(self) -> str:
+    def resume_settings(self) -> dict[str, Any]:
         """The settings that must not change across a resume (bookkeeping ones may)."""
         d = self.to_dict()
         for key in ("stop_at_step", "progress", "log_every", "save_every", "resume", "num_workers", "out", "threads"):
             d.pop(key)
-        return json.dumps(d, sort_keys=True, default=str)
+        return d
+
+    def fingerprint(self) -> str:
+        """`resume_settings` as canonical JSON, stored with a checkpoint (`durable.check_settings` compares them)."""
+        return canonical(self.resume_settings())
 
 
 def _make(cls: type, raw: Any, where: str) -> Any:

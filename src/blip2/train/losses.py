@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..scoring import itc_similarity
+
 IGNORE = -100  # cross-entropy's ignore_index: padding, prompts and image positions carry no loss
 
 
@@ -91,15 +93,15 @@ def itc_loss(
 ) -> ItcOutput:
     """Contrastive loss between L2-normalised query embeddings (B, Nq, E) and text CLS embeddings (B, E).
 
-    The similarity of an image and a text is the best-matching query: `max_q <image_q, text>`. Pair i of this
-    process is the target at column `rank * B + i` of the gathered batch.
+    The similarity of an image and a text is the best-matching query: `max_q <image_q, text>`
+    (`scoring.itc_similarity`). Pair i of this process is the target at column `rank * B + i` of the gathered batch.
     """
     rank, _ = rank_and_world()
     B = image_feats.shape[0]
     image_all = gather(image_feats, gather_with_grad)  # (B*W, Nq, E)
     text_all = gather(text_feats, gather_with_grad)  # (B*W, E)
-    sim_i2t = torch.einsum("bqe,te->btq", image_feats, text_all).amax(dim=-1) / temp  # (B, B*W)
-    sim_t2i = torch.einsum("be,tqe->btq", text_feats, image_all).amax(dim=-1) / temp  # (B, B*W)
+    sim_i2t = itc_similarity(image_feats, text_all) / temp  # (B, B*W)
+    sim_t2i = itc_similarity(image_all, text_feats).T / temp  # (B*W, B) -> (B, B*W)
     targets = torch.arange(rank * B, rank * B + B, device=image_feats.device)
     loss = (
         F.cross_entropy(sim_i2t.float(), targets, label_smoothing=label_smoothing)

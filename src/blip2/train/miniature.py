@@ -26,6 +26,8 @@ import numpy as np
 import torch
 
 from ..config import VisionConfig
+from ..durable import atomic_write
+from ..scoring import itc_similarity, itm_logits, match_logit, rerank_rows
 from .shapes import (
     ATTRIBUTES,
     HELD_OUT,
@@ -109,7 +111,7 @@ def make_towers(work: Path, r: Recipe) -> dict:
     make_lm_tokenizer(work / "lm")
     pretrain_lm(AutoTokenizer.from_pretrained(work / "lm"), work / "lm", r.lm_steps, seed=r.seed)
     info["lm_seconds"] = round(time.perf_counter() - t0)
-    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write(info_path, json.dumps(info, indent=2) + "\n")  # the phase's done mark: whole or absent
     return info
 
 
@@ -221,20 +223,23 @@ def eval_retrieval(m, items: Sequence[tuple[str, Scene]], k: int = 8) -> dict:
     pixels = m.pixel_values([p for p, _ in items])
     image_embeds = m.model.encode_image(pixels)  # (N, Ntok, Dv)
     img = m.model.image_embeddings(image_embeds)  # (N, Nq, E)
-    ids, mask = m._text_ids(texts)
+    ids, mask = m.text_ids(texts)
     txt = m.model.text_embeddings(ids, mask)  # (T, E)
-    sim = torch.einsum("iqe,te->itq", img, txt).amax(-1)  # (N, T)
+    sim = itc_similarity(img, txt)  # (N, T)
 
-    def itm(i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return m.model.itm_logits(image_embeds[i], ids[t], mask[t])[:, 1]
+    def itm(i: np.ndarray, t: np.ndarray) -> np.ndarray:
+        i, t = torch.as_tensor(i), torch.as_tensor(t)
+        return match_logit(itm_logits(m.model, image_embeds[i], ids[t], mask[t])).cpu().numpy()
 
     def rerank(scores: torch.Tensor, row_ids: torch.Tensor, rows_are_images: bool) -> torch.Tensor:
         """The best of each row's top k by ITM logit + ITC similarity (LAVIS' re-ranking score)."""
-        top = scores.topk(k, dim=1).indices  # (R, k)
-        rows = row_ids[:, None].expand_as(top)  # image or caption index of each row
-        i, t = (rows, top) if rows_are_images else (top, rows)
-        itm_scores = itm(i.reshape(-1), t.reshape(-1)).reshape(top.shape)
-        return top.gather(1, (itm_scores + scores.gather(1, top)).argmax(1, keepdim=True)).squeeze(1)
+        ids_of = row_ids.numpy()  # image or caption index of each row
+
+        def row_itm(r: int, cand: np.ndarray) -> np.ndarray:
+            rows = np.full(len(cand), ids_of[r])
+            return itm(rows, cand) if rows_are_images else itm(cand, rows)
+
+        return torch.from_numpy(rerank_rows(scores.float().cpu().numpy(), k, row_itm).argmax(1))
 
     i2t_itc = (sim.argmax(1) == truth).float().mean().item()
     i2t_itm = (rerank(sim, torch.arange(len(items)), True) == truth).float().mean().item()

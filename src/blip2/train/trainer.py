@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import load_model, resolve_dtype
+from ..durable import append_jsonl, atomic_write, check_settings, recover_dir, repair_jsonl, replace_dir
 from ..errors import ConfigError
 from .config import TrainConfig
 from .data import Batches, Stage1Collate, Stage2Collate, TrainTransform, WebDatasetSource, read_source
@@ -152,7 +153,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(folder: Path, acc, model: nn.Module, opt, sched, step: int, cfg: TrainConfig) -> None:
-    """Write to `checkpoint.tmp` and swap it in, so a run killed while saving keeps the previous checkpoint."""
+    """Write to `checkpoint.tmp` and swap it in (`durable.replace_dir`): a run killed while saving keeps the previous
+    checkpoint."""
     from safetensors.torch import save_file
 
     tmp = folder.with_name(folder.name + ".tmp")
@@ -170,12 +172,7 @@ def save_checkpoint(folder: Path, acc, model: nn.Module, opt, sched, step: int, 
         (tmp / "state.json").write_text(json.dumps(state) + "\n")
     acc.wait_for_everyone()
     if acc.is_main_process:
-        old = folder.with_name(folder.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, folder)  # fsynced, then renamed in; a kill mid-swap is finished by `recover_dir`
     acc.wait_for_everyone()
 
 
@@ -184,11 +181,8 @@ def load_checkpoint(folder: Path, model: nn.Module, opt, sched, cfg: TrainConfig
     from safetensors.torch import load_file
 
     state = json.loads((folder / "state.json").read_text())
-    if state["fingerprint"] != cfg.fingerprint():
-        raise ConfigError(
-            f"{folder}: saved by a run with other settings; resuming would not continue it. "
-            "Use another 'out', or set resume: false to start over"
-        )
+    advice = "resuming would not continue it; use another 'out', or set resume: false to start over"
+    check_settings(json.loads(state["fingerprint"]), cfg.resume_settings(), folder, advice)
     if state["world"] != world:
         raise ConfigError(f"{folder}: saved by {state['world']} processes, resumed with {world}; use the same number")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -211,9 +205,9 @@ class RunLog:
         self.path, self.every, self.active, self.writer = out / "log.jsonl", every, active, None
         if not active:
             return
-        if self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+        if self.path.exists():  # a torn last line (killed mid-write) goes too
+            kept = [r for r in repair_jsonl(self.path) if r["step"] <= start]
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -224,8 +218,7 @@ class RunLog:
     def write(self, record: dict[str, float]) -> None:
         if not self.active:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(self.path, [record], fsync=False)  # bookkeeping: a resume rewrites it from the checkpoint
         if self.writer is not None and record["step"] % self.every == 0:
             for key, value in record.items():
                 if key != "step":
@@ -265,13 +258,16 @@ def train(config: TrainConfig | dict | str | Path, vision: nn.Module | None = No
     ckpt = out / "checkpoint"
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
+        atomic_write(out / "config.json", json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     model, tokenizer = build_model(cfg, vision)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.lr)
     step, rng = 0, None
+    if acc.is_main_process:
+        recover_dir(ckpt, ckpt.with_name(ckpt.name + ".tmp"))  # a save killed between its two renames
+    acc.wait_for_everyone()
     if cfg.resume and (ckpt / "state.json").is_file():
         step, rng = load_checkpoint(ckpt, model, opt, sched, cfg, rank, world)
     model, opt = acc.prepare(model, opt)
