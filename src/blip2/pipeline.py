@@ -30,7 +30,9 @@ from .processing import QFORMER_TEXT_TOKENS, ImageTransform, chat_prompt, load_i
 from .quant import SCHEMES, bf16_sums_in_fp32
 from .scoring import itc_similarity, itm_logits, match_probability
 
-ImageInput = str | os.PathLike | bytes | Image.Image
+# A path, encoded bytes, a PIL image, or pixels already prepared by `Blip2.transform`: a (3, S, S) float tensor (the
+# server and the batch engines decode each image once, in their own threads or workers, and pass the pixels).
+ImageInput = str | os.PathLike | bytes | Image.Image | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,11 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
 
 def _image_key(image: ImageInput) -> str:
     h = hashlib.sha1()
-    if isinstance(image, Image.Image):
+    if isinstance(image, torch.Tensor):
+        pixels = image.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"pixels{tuple(pixels.shape)}".encode())
+        h.update(pixels.numpy().tobytes())
+    elif isinstance(image, Image.Image):
         h.update(f"{image.mode}{image.size}".encode())
         h.update(image.tobytes())
     elif isinstance(image, bytes):
@@ -146,7 +152,16 @@ class Blip2:
 
     # ---- images ---------------------------------------------------------------------------------------------------
     def pixel_values(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        return self.transform([load_image(im) for im in images]).to(self.device, self.dtype)
+        """(B, 3, S, S): each image decoded once (`blip2.images.load_image`) and transformed; prepared pixels as
+        they are."""
+        pixels = [im if isinstance(im, torch.Tensor) else self.transform([load_image(im)])[0] for im in images]
+        for im in pixels:
+            if im.shape != (3, self.transform.size, self.transform.size):
+                raise ConfigError(
+                    f"pixels of shape {tuple(im.shape)}; this model takes (3, {self.transform.size}, "
+                    f"{self.transform.size}) from its transform"
+                )
+        return torch.stack(pixels).to(self.device, self.dtype)
 
     @torch.no_grad()
     def image_prefix(self, images: Sequence[ImageInput]) -> torch.Tensor:
