@@ -97,6 +97,19 @@ def test_caption_every_image_bad_exits_2_without_loading_output(opt_ckpt, images
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("name, content", [("notes.jpg", "my notes"), ("notes.txt", "these are my notes\n")])
+def test_one_bad_file_is_exactly_one_line(opt_ckpt, tmp_path, name, content):
+    """Otherwise `blip2 caption notes.txt` (a list file that names no image) or a text file named .jpg would print
+    a summary and more errors after the one line that says what is wrong."""
+    bad = tmp_path / name
+    bad.write_text(content)
+    result = run("caption", *model_args(opt_ckpt), bad)
+    assert_clean_failure(result)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and name in lines[0], result.stderr
+    assert result.stdout == ""
+
+
 def test_caption_on_t5_checkpoint_equals_api(t5_ckpt, images):
     """Otherwise Flan-T5 checkpoints would caption differently from the API on the command line."""
     paths = [images["rgb"], images["rgba"]]
