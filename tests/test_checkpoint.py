@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import Blip2ForConditionalGeneration
 
@@ -132,6 +133,22 @@ def test_saved_model_loads_in_transformers_and_here(opt_ckpt, tmp_path, images):
     original = Blip2ForConditionalGeneration.from_pretrained(opt_ckpt)
     for (k, a), (_, b) in zip(ref.state_dict().items(), original.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_saving_again_into_a_folder_replaces_its_shards(opt_ckpt, tmp_path):
+    """If this fails, a single-file save over a sharded one leaves the old index behind, and loading reads the old
+    shards instead of the new file."""
+    m, _ = load_model(opt_ckpt)
+    folder = save_model(m, tmp_path / "saved", max_shard_bytes=100_000)
+    assert len(list(folder.glob("model-*.safetensors"))) > 1
+    with torch.no_grad():
+        m.query_tokens.add_(1.0)
+    save_model(m, folder)
+    assert sorted(f.name for f in folder.glob("model*")) == ["model.safetensors"]
+    again, _ = load_model(folder)
+    assert torch.equal(again.query_tokens, m.query_tokens)
+    with safe_open(folder / "model.safetensors", framework="pt") as st:
+        assert st.metadata() == {"format": "pt"}  # as transformers writes it
 
 
 def _to_lavis(state: dict) -> dict:

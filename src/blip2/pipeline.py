@@ -23,11 +23,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .checkpoint import cpu_has_native_bf16, load_model, resolve_dtype
+from .checkpoint import load_model
+from .dtype_policy import placement
 from .errors import ConfigError, GenerationError
 from .model import Blip2Model, sequence_scores
 from .processing import QFORMER_TEXT_TOKENS, ImageTransform, chat_prompt, load_image, vqa_prompt
-from .quant import SCHEMES, bf16_sums_in_fp32
+from .quant import bf16_sums_in_fp32
 from .scoring import itc_similarity, itm_logits, match_probability
 
 # A path, encoded bytes, a PIL image, or pixels already prepared by `Blip2.transform`: a (3, S, S) float tensor (the
@@ -89,19 +90,6 @@ class Generation:
     text: str
     tokens: list[int]
     score: float  # log-probability of the tokens (beam search: the length-penalised beam score)
-
-
-def pick_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) != "auto":
-        try:
-            return torch.device(device)
-        except RuntimeError as e:
-            raise ConfigError(f"device {device!r} is not a valid torch device ({e})") from e
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def _image_key(image: ImageInput) -> str:
@@ -327,17 +315,14 @@ def load(
     shapes; later ones reuse that."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    dev = pick_device(device)
-    quantize = None
-    if dtype in SCHEMES:  # quantized weights (quant.py); the arithmetic stays fp32 on a CPU, fp16 on a GPU
-        quantize, dtype = dtype, ("fp32" if dev.type == "cpu" else "fp16")
-    dt = resolve_dtype(dtype, dev)
-    m, folder = load_model(model, dt, quantize)
+    where = placement(device, dtype)  # device, dtypes and kernels: dtype_policy decides them all
+    dev = where.device
+    m, folder = load_model(model, where.dtype, where.quantize)
     if m.language_model is not None and (folder / "generation_config.json").is_file():
         m.language_model.generation_config = GenerationConfig.from_pretrained(folder)
     m.to(dev)
     m.compile_decoding = compile
-    if dt == torch.bfloat16 and dev.type == "cpu" and not cpu_has_native_bf16():
+    if where.bf16_sums_in_fp32:
         bf16_sums_in_fp32(m)  # same arithmetic as the emulated bf16 kernel, faster (quant.StoredLinear, docs/dtypes.md)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)

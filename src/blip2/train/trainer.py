@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import load_model, resolve_dtype
+from ..checkpoint import load_model
+from ..dtype_policy import resolve_dtype
 from ..durable import append_jsonl, atomic_write, check_settings, recover_dir, repair_jsonl, replace_dir
 from ..errors import ConfigError
 from .config import TrainConfig

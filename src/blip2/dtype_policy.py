@@ -1,0 +1,109 @@
+"""Which device a model runs on and in which dtypes: the one place that decides.
+
+* device "auto": CUDA if present, then Apple's MPS, else the CPU;
+* dtype "auto": fp16 on CUDA, bf16 on a CPU with native bf16 matmuls (AVX512-BF16 or AMX), else fp32. The
+  detection can be forced with `BLIP2_CPU_BF16=0|1` (tests run every CPU kind's choices on any machine with it);
+* under fp16 the Q-Former and its queries stay fp32, as `transformers` keeps them (`_keep_in_fp32_modules`, which
+  it applies to fp16 only: in bf16 they are bf16 like the rest);
+* dtype "int8" (weight-only quantization, quant.py): the arithmetic stays fp32 on a CPU, fp16 on a GPU;
+* dtype bf16 on a CPU without bf16 instructions: the bf16 layers sum in fp32 where that pays
+  (`quant.bf16_sums_in_fp32`), since PyTorch emulates bf16 GEMMs there at about a fifth of the fp32 speed.
+
+`placement(device, dtype)` applies all of these to a user's two strings; the loaders, the pipeline and the trainer
+ask it (or the functions below) rather than deciding again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+from .quant import SCHEMES
+
+CPU_BF16_ENV = "BLIP2_CPU_BF16"
+FP32_MODULES = ("query_tokens", "qformer.")  # parameter-name prefixes kept in fp32 when the model is fp16
+DTYPE_NAMES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how a loaded model runs."""
+
+    device: torch.device
+    dtype: torch.dtype  # of the arithmetic, and of every layer that `quantize` leaves alone
+    quantize: str | None = None  # a quant.SCHEMES name: the layers it names are converted while loading
+    bf16_sums_in_fp32: bool = False  # apply `quant.bf16_sums_in_fp32` after loading
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """A torch device from a name, or the best one present for "auto"."""
+    if str(device) != "auto":
+        try:
+            return torch.device(device)
+        except RuntimeError as e:
+            raise ConfigError(f"device {device!r} is not a valid torch device ({e})") from e
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on a CPU with native bf16 matmuls (AVX512-BF16 or AMX).
+
+    `BLIP2_CPU_BF16=1` or `=0` overrides the detection: the tests use it to run every CPU kind's choices on any
+    machine, and a user can use it to try the other choice.
+    """
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise ConfigError(f"{CPU_BF16_ENV}={forced!r}: expected 0 or 1")
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """A dtype name (fp32, fp16, bf16 and their long forms) or "auto" for `device`; see the module's docstring."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype]
+    if dtype != "auto":
+        raise ConfigError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPE_NAMES)}")
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def target_dtype(key: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of parameter `key` in a model loaded in `dtype`: the fp32-under-fp16 rule."""
+    return torch.float32 if dtype == torch.float16 and key.startswith(FP32_MODULES) else dtype
+
+
+def placement(device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> Placement:
+    """The device, dtypes and kernels for a user's `device` and `dtype` (a dtype name, "auto", or "int8")."""
+    dev = pick_device(device)
+    quantize = None
+    if isinstance(dtype, str) and dtype in SCHEMES:
+        quantize, dtype = dtype, (torch.float32 if dev.type == "cpu" else torch.float16)
+    dt = resolve_dtype(dtype, dev)
+    sums_in_fp32 = dt == torch.bfloat16 and dev.type == "cpu" and not cpu_has_native_bf16()
+    return Placement(dev, dt, quantize, sums_in_fp32)
