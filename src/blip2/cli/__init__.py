@@ -19,6 +19,7 @@ COMMANDS: list[tuple[str, list[str]]] = [
     ("train", ["train"]),
     ("retrieval", ["index", "search"]),
     ("miniature", ["demo", "miniature"]),
+    ("doctor", ["doctor"]),
 ]
 
 

@@ -1,0 +1,186 @@
+"""What this machine can do, measured: memory bandwidth, GEMM rates per dtype, and how fast each kernel that the CPU
+routes choose between runs on BLIP-2's layer shapes. `blip2 doctor` prints it.
+
+Figures come from short timed runs (a few seconds in all), never from CPU flags: two CPUs with the same flags differ
+in cores, caches and memory channels. Each figure is the best of a few runs, after a warm-up.
+
+- `copy_gbs`: bytes read plus bytes written per second by a large tensor copy; `read_gbs`: bytes read per second
+  by a large sum. A memory-bound kernel (decoding: few rows times a big weight) can read its weights at most at
+  about `read_gbs`.
+- `gemm_gflops`: fp32, bf16 (native on AVX512-BF16/AMX CPUs, emulated elsewhere) and int8 x int8 (`torch._int_mm`)
+  GEMMs at the vision encoder's size (257 rows, 1408 -> 6144).
+- `kernels`: milliseconds of each product that `quant.py` can route a language-model layer (2560 -> 10240, OPT-2.7B's
+  fc1) through, at 1 to 257 rows, with the weight bytes each reads per second.
+- `crossover`: from how many rows per sequence the fp32 product on widened weights beats the narrow kernel, by
+  measurement, beside the thresholds `quant.py` uses.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ROWS = (1, 4, 8, 24, 64, 257)  # decoding 1-8 sequences, the thresholds' region, a prompt's prefill, one image
+LM_SHAPE = (2560, 10240)  # in, out: OPT-2.7B's fc1
+VISION_GEMM = (257, 1408, 6144)  # rows, in, out: one image through EVA ViT-g's fc1
+
+
+def best_seconds(fn: Callable[[], Any], repeat: int = 3, budget_s: float = 2.0) -> float:
+    """The fastest of `repeat` timed calls after one warm-up; fewer calls when one alone takes over `budget_s`."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    best = first
+    for _ in range(repeat if first < budget_s else 0):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The SIMD flags that decide which kernels PyTorch can use (AVX2, AVX-512 and its bf16/VNNI parts, AMX)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    present = set(line.split(":", 1)[-1].split())
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16")
+    return [f for f in wanted if f in present] + sorted(f for f in present if f.startswith("amx_") and f != "amx_bf16")
+
+
+@torch.no_grad()
+def memory(mib: int = 256) -> dict[str, float]:
+    a = torch.ones(mib << 18)  # float32: mib MiB
+    b = torch.empty_like(a)
+    nbytes = a.numel() * 4
+    return {
+        "copy_gbs": 2 * nbytes / best_seconds(lambda: b.copy_(a)) / 1e9,
+        "read_gbs": nbytes / best_seconds(lambda: a.sum()) / 1e9,
+    }
+
+
+@torch.no_grad()
+def gemm(rows: int, k: int, n: int) -> dict[str, float]:
+    flop = 2 * rows * k * n
+    x, w = torch.randn(rows, k), torch.randn(n, k)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    xi, wi = torch.randint(-127, 127, (rows, k), dtype=torch.int8), torch.randint(-127, 127, (k, n), dtype=torch.int8)
+    return {
+        "fp32": flop / best_seconds(lambda: F.linear(x, w)) / 1e9,
+        "bf16": flop / best_seconds(lambda: F.linear(xb, wb)) / 1e9,
+        "int8": flop / best_seconds(lambda: torch._int_mm(xi, wi)) / 1e9,
+    }
+
+
+@torch.no_grad()
+def kernels(k: int, n: int, rows: tuple[int, ...] = ROWS) -> dict[int, dict[str, float]]:
+    """Milliseconds per product of each route for an (n, k) weight at each row count."""
+    from .quant import _widened_mm
+
+    w = torch.randn(n, k)
+    scale = w.abs().amax(1) / 127
+    wq = (w / scale[:, None]).round().to(torch.int8)
+    wb, sb = w.bfloat16(), scale.bfloat16()
+    out: dict[int, dict[str, float]] = {}
+    for m in rows:
+        x = torch.randn(m, k)
+        xb = x.bfloat16()
+        routes = {
+            "fp32": lambda x=x: F.linear(x, w),
+            "bf16": lambda xb=xb: F.linear(xb, wb),
+            "bf16 widened to fp32": lambda x=x: _widened_mm(x, wb, None, None),
+            "int8": lambda xb=xb: torch._weight_int8pack_mm(xb, wq, sb),
+            "int8 widened to fp32": lambda x=x: _widened_mm(x, wq, scale, None),
+        }
+        out[m] = {name: best_seconds(fn) * 1e3 for name, fn in routes.items()}
+    return out
+
+
+def crossover(times: dict[int, dict[str, float]], narrow: str, wide: str) -> int | None:
+    """The fewest rows from which `wide` is faster than `narrow` at that row count and every larger one measured."""
+    rows = sorted(times)
+    for i, m in enumerate(rows):
+        if all(times[r][wide] < times[r][narrow] for r in rows[i:]):
+            return m
+    return None
+
+
+def report(
+    lm_shape: tuple[int, int] = LM_SHAPE, vision: tuple[int, int, int] = VISION_GEMM, memory_mib: int = 256
+) -> dict[str, Any]:
+    """Everything `blip2 doctor` prints, as a dict (JSON-ready). Smaller shapes make a quick check."""
+    from . import quant
+    from .dtype_policy import cpu_has_native_bf16, resolve_dtype
+
+    k, n = lm_shape
+    times = kernels(k, n)
+    weight_bytes = {"fp32": 4, "bf16": 2, "bf16 widened to fp32": 2, "int8": 1, "int8 widened to fp32": 1}
+    read = {m: {r: weight_bytes[r] * k * n / (ms / 1e3) / 1e9 for r, ms in t.items()} for m, t in times.items()}
+    return {
+        "cpu": cpu_name(),
+        "flags": cpu_flags(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "memory": memory(memory_mib),
+        "gemm_gflops": gemm(*vision),
+        "gemm_shape": list(vision),
+        "kernel_shape": [k, n],
+        "kernels_ms": times,
+        "weight_read_gbs": read,
+        "crossover": {
+            "int8": {
+                "measured": crossover(times, "int8", "int8 widened to fp32"),
+                "used": quant.INT8_FP32_MIN_POSITIONS,
+            },
+            "bf16": {
+                "measured": crossover(times, "bf16", "bf16 widened to fp32"),
+                "used": quant.BF16_FP32_MIN_POSITIONS,
+            },
+        },
+        "dtype_auto": str(resolve_dtype("auto", torch.device("cpu"))).replace("torch.", ""),
+        "native_bf16_flags": cpu_has_native_bf16(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def format_report(r: dict[str, Any]) -> str:
+    mem, g = r["memory"], r["gemm_gflops"]
+    lines = [
+        f"cpu        {r['cpu']} ({r['cpu_count']} cores, torch {r['torch']} on {r['threads']} threads)",
+        f"flags      {' '.join(r['flags']) or '(none of the SIMD flags PyTorch uses)'}",
+        f"memory     copy {mem['copy_gbs']:.1f} GB/s (read + write), read {mem['read_gbs']:.1f} GB/s",
+        f"GEMM       {'x'.join(map(str, r['gemm_shape']))}: fp32 {g['fp32']:.0f}, bf16 {g['bf16']:.0f}, "
+        f"int8 {g['int8']:.0f} GFLOP/s",
+        f"dtype      auto = {r['dtype_auto']} on the CPU (native bf16 by its flags: {r['native_bf16_flags']})",
+        f"kernels    {r['kernel_shape'][0]} -> {r['kernel_shape'][1]}, ms per product (weight GB/s read):",
+    ]
+    names = list(next(iter(r["kernels_ms"].values())))
+    lines.append("    rows  " + "".join(f"{n:>24}" for n in names))
+    for m, t in r["kernels_ms"].items():
+        cells = "".join(f"{t[n]:>12.2f} ({r['weight_read_gbs'][m][n]:>6.1f})    " for n in names)
+        lines.append(f"    {m:>4}  {cells}")
+    for kind, c in r["crossover"].items():
+        lines.append(
+            f"route      {kind}: fp32 on widened weights is faster from {c['measured'] or 'no measured'} rows per "
+            f"sequence here; quant.py widens from {c['used']}"
+        )
+    return "\n".join(lines)
