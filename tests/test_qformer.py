@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fixtures
 import torch
 
 import blip2
@@ -11,14 +12,7 @@ from blip2.qformer import QFormer, build_attention_mask
 
 def _qformer(text: bool = True) -> QFormer:
     torch.manual_seed(0)
-    cfg = QFormerConfig(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=37,
-        encoder_hidden_size=24,
-        use_qformer_text_input=text,
-    )
+    cfg = QFormerConfig(**fixtures.TINY_QFORMER, encoder_hidden_size=24, use_qformer_text_input=text)
     q = QFormer(cfg).eval()
     with torch.no_grad():
         for p in q.parameters():

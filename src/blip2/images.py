@@ -36,6 +36,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .defaults import MAX_PIXELS
 from .errors import ImageError
 
 __all__ = ["DEFAULT_MAX_PIXELS", "image_suffixes", "is_image_suffix", "load_image", "sniff_format", "to_rgb"]
@@ -44,7 +45,7 @@ log = logging.getLogger("blip2.images")
 
 # 100 megapixels (e.g. 10000 x 10000) is far beyond any photo worth captioning at 224 px, and decoding it
 # already costs ~300 MB of RGB; anything larger is treated as a decompression bomb.
-DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_MAX_PIXELS = MAX_PIXELS
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
 

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import load_model
+from .defaults import BATCH_SIZE, CONTEXT_TOKENS, GENERATION, VQA_MAX_NEW_TOKENS
 from .dtype_policy import placement
 from .errors import ConfigError, GenerationError
 from .model import Blip2Model, sequence_scores
@@ -38,19 +39,19 @@ ImageInput = str | os.PathLike | bytes | Image.Image | torch.Tensor
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """Every generation option, in one place. Defaults: greedy, up to 30 new tokens (LAVIS uses 5 beams)."""
+    """Every generation option, in one place. Defaults: `blip2.defaults.GENERATION` (greedy; LAVIS uses 5 beams)."""
 
-    max_new_tokens: int = 30
-    min_new_tokens: int = 0
-    num_beams: int = 1
-    do_sample: bool = False
-    top_p: float = 1.0
-    temperature: float = 1.0
-    repetition_penalty: float = 1.0
-    length_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    num_return_sequences: int = 1
-    seed: int | None = None
+    max_new_tokens: int = GENERATION["max_new_tokens"]
+    min_new_tokens: int = GENERATION["min_new_tokens"]
+    num_beams: int = GENERATION["num_beams"]
+    do_sample: bool = GENERATION["do_sample"]
+    top_p: float = GENERATION["top_p"]
+    temperature: float = GENERATION["temperature"]
+    repetition_penalty: float = GENERATION["repetition_penalty"]
+    length_penalty: float = GENERATION["length_penalty"]
+    no_repeat_ngram_size: int = GENERATION["no_repeat_ngram_size"]
+    num_return_sequences: int = GENERATION["num_return_sequences"]
+    seed: int | None = GENERATION["seed"]
 
     def __post_init__(self) -> None:
         checks = [
@@ -82,7 +83,7 @@ class GenerationOptions:
         return kw
 
 
-VQA_OPTIONS = GenerationOptions(max_new_tokens=10)
+VQA_OPTIONS = GenerationOptions(max_new_tokens=VQA_MAX_NEW_TOKENS)
 
 
 @dataclass
@@ -205,7 +206,7 @@ class Blip2:
         images: Sequence[ImageInput],
         prompts: Sequence[str] | None = None,
         options: GenerationOptions | None = None,
-        batch_size: int = 8,
+        batch_size: int = BATCH_SIZE,
         **gen: Any,
     ) -> list[Generation]:
         """One generation per (image, prompt) pair (x num_return_sequences), in batches of `batch_size` pairs.
@@ -268,7 +269,7 @@ class Blip2:
         texts = [g.text for g in self.generate(images, [vqa_prompt(q) for q in questions], VQA_OPTIONS, **gen)]
         return texts[0] if single else texts
 
-    def chat(self, image: ImageInput, context: int = 512) -> Chat:
+    def chat(self, image: ImageInput, context: int = CONTEXT_TOKENS) -> Chat:
         return Chat(self, image, context=context)
 
     # ---- retrieval ------------------------------------------------------------------------------------------------
@@ -336,13 +337,13 @@ def load(
 class Chat:
     """A conversation about one image; `ask` keeps the history as `Question: q Answer: a.` turns.
 
-    The prompt fits a context budget (default 512 tokens, counting the query tokens); the oldest turns go first
+    The prompt fits a context budget (default `CONTEXT_TOKENS`, counting the query tokens); the oldest turns go first
     and the current question is never cut. With a decoder-only LM and greedy or sampled decoding (one sequence),
     the key/value cache of the previous turn is kept: the next turn runs only the tokens after the longest common
     prefix, so the image and the shared history are not recomputed.
     """
 
-    def __init__(self, model: Blip2, image: ImageInput, context: int = 512) -> None:
+    def __init__(self, model: Blip2, image: ImageInput, context: int = CONTEXT_TOKENS) -> None:
         self.m = model
         self.context = context
         self.history: list[tuple[str, str]] = []

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from blip2.defaults import VQA_TEMPLATE
 from blip2.errors import ConfigError
 from blip2.images import DEFAULT_MAX_PIXELS, load_image, to_rgb
 
@@ -55,7 +56,6 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 PROCESSOR_CONFIG = "processor_config.json"  # transformers 5 nests the image settings here
 
-VQA_TEMPLATE = "Question: {} Answer:"
 _CHAT_TURN = "Question: {} Answer: {}."
 QFORMER_TEXT_TOKENS = 35  # a Q-Former text (ITC, ITM) is cut to this many tokens, as LAVIS's max_txt_len
 

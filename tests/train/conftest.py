@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import OPTConfig, OPTForCausalLM, T5Config, T5ForConditionalGeneration
+from transformers import OPTForCausalLM, T5ForConditionalGeneration
 
-QFORMER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37}
+QFORMER = {**fixtures.TINY_QFORMER, "num_hidden_layers": 2}
 
 
 @pytest.fixture(autouse=True)
@@ -58,37 +58,14 @@ class Tiny:
 
 def _opt_lm(folder: Path) -> None:
     tok = fixtures.make_opt_tokenizer(folder)
-    cfg = OPTConfig(
-        vocab_size=fixtures._round8(len(tok)),
-        hidden_size=32,
-        word_embed_proj_dim=32,
-        ffn_dim=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        bos_token_id=2,
-        pad_token_id=1,
-        eos_token_id=2,
-    )
-    lm = OPTForCausalLM(cfg)
+    lm = OPTForCausalLM(fixtures.tiny_opt_config(fixtures._round8(len(tok))))
     fixtures.rerandomise(lm, 1)  # peaked logits: generated text differs between images
     lm.save_pretrained(folder)
 
 
 def _t5_lm(folder: Path) -> None:
     tok = fixtures.make_t5_tokenizer(folder)
-    cfg = T5Config(
-        vocab_size=fixtures._round8(len(tok)),
-        d_model=32,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-        tie_word_embeddings=False,
-    )
-    lm = T5ForConditionalGeneration(cfg)
+    lm = T5ForConditionalGeneration(fixtures.tiny_t5_config(fixtures._round8(len(tok)), feed_forward_proj="relu"))
     fixtures.rerandomise(lm, 2)
     lm.save_pretrained(folder)
 

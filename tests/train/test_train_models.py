@@ -210,14 +210,7 @@ def test_fresh_qformer_is_the_no_stage1_baseline(tiny):
 def test_qformer_from_bert_equals_bert_on_text(tiny, tmp_path):
     """If this fails, initialising the Q-Former from bert-base-uncased (LAVIS) maps weights to the wrong places."""
     tok = AutoTokenizer.from_pretrained(tiny.bert)
-    bert_cfg = BertConfig(
-        vocab_size=len(tok) - 1,  # BERT has no [DEC]
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        max_position_embeddings=64,
-    )
+    bert_cfg = BertConfig(vocab_size=len(tok) - 1, **QFORMER, max_position_embeddings=64)  # BERT has no [DEC]
     torch.manual_seed(0)
     bert = BertForMaskedLM(bert_cfg).eval()
     with torch.no_grad():

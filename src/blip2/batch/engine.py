@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
+from ..defaults import MAX_PIXELS, SIDECAR_EXISTING, SIDECAR_EXT, SIDECAR_SEPARATOR
 from ..errors import ConfigError
 from ..pipeline import VQA_OPTIONS, Blip2, Generation, GenerationOptions
-from ..processing import DEFAULT_MAX_PIXELS
 from .sidecar import EXISTING
 
 MANIFEST_SUFFIXES = (".jsonl", ".parquet")
@@ -35,9 +35,9 @@ class BatchOptions:
     out: Sequence[str | os.PathLike[str]] = ()  # manifests: .jsonl and/or .parquet
     sidecar: bool = False  # a caption file beside each image
     sidecar_dir: str | os.PathLike[str] | None = None  # ... or under this folder, mirroring the inputs
-    ext: str = "txt"
-    existing: str = "skip"  # for sidecars: skip | overwrite | append | prepend
-    separator: str = ", "  # between the old text and the caption for append / prepend
+    ext: str = SIDECAR_EXT
+    existing: str = SIDECAR_EXISTING[0]  # for sidecars: skip | overwrite | append | prepend
+    separator: str = SIDECAR_SEPARATOR  # between the old text and the caption for append / prepend
     prefix: str = ""
     suffix: str = ""
     prompt: str | None = None
@@ -48,7 +48,7 @@ class BatchOptions:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False  # decode with a static KV cache and a compiled step (pipeline.load): long runs only
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = MAX_PIXELS
     errors: str | os.PathLike[str] | None = None  # default: errors.jsonl beside the output
     state: str | os.PathLike[str] | None = None  # the progress ledger; default: beside the output
     progress: bool = False

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..defaults import SIDECAR_EXISTING
 from ..errors import ConfigError
 from .inputs import Item
 
-EXISTING = ("skip", "overwrite", "append", "prepend")
+EXISTING = SIDECAR_EXISTING  # what to do with a caption file that exists; the first is the default
 
 
 def sidecar_path(item: Item, ext: str, sidecar_dir: str | os.PathLike[str] | None) -> Path:

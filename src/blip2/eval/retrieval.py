@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from blip2.defaults import EVAL_K_TEST
 from blip2.eval._common import EvalError, field, read_json
 from blip2.eval.caption import normalize_caption
 from blip2.scoring import rerank_rows
@@ -121,7 +122,7 @@ def _itm_scores(itm_fn: ItmFn, img_idx: np.ndarray, txt_idx: np.ndarray) -> np.n
     return scores
 
 
-def rerank_topk(itc: np.ndarray, itm_fn: ItmFn, k: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def rerank_topk(itc: np.ndarray, itm_fn: ItmFn, k: int = EVAL_K_TEST) -> tuple[np.ndarray, np.ndarray]:
     """LAVIS re-ranking (`blip2.scoring.rerank_rows`): for each image its top-k texts by ITC, and for each text its
     top-k images, are scored `ITM + ITC`; every other pair gets -100.
 

@@ -31,6 +31,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from blip2.defaults import (
+    EVAL_BATCH_SIZE,
+    EVAL_CAPTION,
+    EVAL_K_TEST,
+    EVAL_RETRIEVAL_BATCH_SIZE,
+    EVAL_VQA,
+    VQA_TEMPLATE,
+)
 from blip2.durable import append_jsonl, atomic_path, atomic_write, check_settings, repair_jsonl
 from blip2.errors import ImageError
 from blip2.eval._common import EvalError, read_json
@@ -46,11 +54,10 @@ if TYPE_CHECKING:
 
     from blip2.pipeline import Blip2, GenerationOptions
 
-# LAVIS caption_coco_{opt2.7b,opt6.7b,flant5xl}_eval.yaml: num_beams 5, max_len 30, min_len 8.
-CAPTION_DEFAULTS: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}
-# Paper §4.2 ("beam size 5, length-penalty -1") and LAVIS vqav2/okvqa/gqa zero-shot YAML: max_len 10, min_len 1.
-VQA_DEFAULTS: dict[str, Any] = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0}
-VQA_PROMPT = "Question: {} Answer:"  # the paper's template; LAVIS's YAML uses "Question: {} Short answer:"
+# The tasks' generation settings (LAVIS's COCO caption eval; the paper's zero-shot VQA): blip2.defaults gives sources.
+CAPTION_DEFAULTS: Mapping[str, Any] = EVAL_CAPTION
+VQA_DEFAULTS: Mapping[str, Any] = EVAL_VQA
+VQA_PROMPT = VQA_TEMPLATE  # the paper's template; LAVIS's YAML uses "Question: {} Short answer:"
 # Tried in order when no --image-pattern is given: the VQAv2/COCO-2014 names (with the split from the question file's
 # `data_subtype`, else val2014/train2014/test2015, in the folder or a split sub-folder), COCO-2017 names, then plain.
 COCO_SPLITS = ("val2014", "train2014", "test2015")
@@ -293,7 +300,7 @@ def evaluate_caption(
     *,
     options: Mapping[str, Any] | None = None,
     prompt: str | None = None,
-    batch_size: int = 16,
+    batch_size: int = EVAL_BATCH_SIZE,
     spice: bool = True,
     meteor: bool = True,
     image_pattern: str | None = None,
@@ -399,7 +406,7 @@ def evaluate_vqa(
     gqa: bool = False,
     options: Mapping[str, Any] | None = None,
     prompt: str = VQA_PROMPT,
-    batch_size: int = 16,
+    batch_size: int = EVAL_BATCH_SIZE,
     image_pattern: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
@@ -494,8 +501,8 @@ def evaluate_retrieval(
     images: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    k_test: int = 128,
-    batch_size: int = 32,
+    k_test: int = EVAL_K_TEST,
+    batch_size: int = EVAL_RETRIEVAL_BATCH_SIZE,
     device: str = "auto",
     dtype: str = "auto",
 ) -> EvalOutput:

@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from blip2.defaults import TOP_K
 from blip2.durable import atomic_path
 from blip2.errors import Blip2Error
 from blip2.retrieval.int8file import load_int8, write_int8
@@ -497,7 +498,7 @@ class Index:
             yield ids[start : start + rows], torch.from_numpy(emb[start : start + rows])
 
     def search(
-        self, text_emb: Any, k: int = 10, *, approximate: bool = False, candidates: int | None = None
+        self, text_emb: Any, k: int = TOP_K, *, approximate: bool = False, candidates: int | None = None
     ) -> list[list[Hit]]:
         """Top-k images for each text by ITC similarity (max over query vectors), best first.
 
@@ -526,7 +527,7 @@ class Index:
                 results[j] = r
         return [self._hits(r) for r in results]
 
-    def search_by_image(self, image_emb: Any, k: int = 10) -> list[Hit]:
+    def search_by_image(self, image_emb: Any, k: int = TOP_K) -> list[Hit]:
         """Top-k images most like an image embedding (Nq, D): cosine of the L2-normalised mean query vectors."""
         img = torch.as_tensor(np.asarray(image_emb) if not isinstance(image_emb, torch.Tensor) else image_emb)
         if tuple(img.shape) != (self.num_query, self.dim):

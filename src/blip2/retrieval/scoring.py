@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from blip2.defaults import TOP_K
 from blip2.errors import Blip2Error
 from blip2.scoring import itc_similarity
 
@@ -75,7 +76,7 @@ def itc_scores(image_emb: ArrayLike, text_emb: ArrayLike) -> Tensor:
     return scores[:, 0] if single else scores
 
 
-def topk_images(image_emb: ArrayLike, text_emb: ArrayLike, k: int = 10) -> tuple[Tensor, Tensor]:
+def topk_images(image_emb: ArrayLike, text_emb: ArrayLike, k: int = TOP_K) -> tuple[Tensor, Tensor]:
     """The k best images for each text by ITC similarity.
 
     Returns (scores, indices), both (Nt, min(k, Ni)), best first; indices are rows of `image_emb`.
@@ -159,7 +160,7 @@ def _scan_block_fp32(emb: Tensor, ids: np.ndarray, texts: Tensor, tops: list[_Ru
 
 
 def search_blocks(
-    text_emb: ArrayLike, blocks: Iterable[tuple[ArrayLike, ArrayLike]], k: int = 10, *, max_norm: float = 1.0
+    text_emb: ArrayLike, blocks: Iterable[tuple[ArrayLike, ArrayLike]], k: int = TOP_K, *, max_norm: float = 1.0
 ) -> list[tuple[int, float]] | list[list[tuple[int, float]]]:
     """Exact ITC top-k over embeddings that arrive in blocks, with memory bounded by one block.
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import scoring
+from ..defaults import TOP_K
 from ..errors import ImageError
 from ..scoring import itc_similarity, match_logit, rerank_list
 
@@ -88,7 +89,7 @@ def search_text(
     m: Blip2,
     index: Index,
     query: str,
-    k: int = 10,
+    k: int = TOP_K,
     rerank: int = 0,
     approximate: bool = False,
     on_skip: Callable[[str], None] = _warn,
@@ -121,7 +122,7 @@ def search_text(
 
 
 def search_texts_for_image(
-    m: Blip2, image: ImageInput, texts: Sequence[str], k: int = 10, rerank: int = 0
+    m: Blip2, image: ImageInput, texts: Sequence[str], k: int = TOP_K, rerank: int = 0
 ) -> list[Ranked]:
     """Image-to-text: rank `texts` for one image by ITC, the top `rerank` re-scored with ITM; k results."""
     with torch.no_grad():
@@ -137,7 +138,7 @@ def search_texts_for_image(
     return _rerank(ranked, logits, rerank)[:k]
 
 
-def search_like(m: Blip2, index: Index, image: ImageInput, k: int = 10) -> list[Ranked]:
+def search_like(m: Blip2, index: Index, image: ImageInput, k: int = TOP_K) -> list[Ranked]:
     """Image-to-image: cosine of the mean-pooled query embeddings (`Index.search_by_image`)."""
     hits = index.search_by_image(m.embed_images([image])[0], k)
     return [Ranked(h.path, h.score, h.score, None, h.id) for h in hits]

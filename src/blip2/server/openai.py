@@ -6,8 +6,8 @@ Conventions (also in the module docs of `app`):
   to the `Question: ... Answer:` prompt only perturbs its answers;
 - consecutive messages of one role are joined with a space (clients often send the image and the text apart);
 - user/assistant pairs become the history of `processing.chat_prompt` ("Question: q Answer: a." turns, oldest dropped
-  first to fit 512 - num_query_tokens tokens); the last user message is the question; if its text is empty the
-  answer is a plain caption;
+  first to fit CONTEXT_TOKENS - num_query_tokens tokens); the last user message is the question; if its text is
+  empty the answer is a plain caption;
 - `temperature` absent or 0 means greedy; `temperature` > 0 or `top_p` < 1 means sampling (OpenAI's default is to
   sample, but BLIP-2's published results are greedy/beam, so greedy is the default here).
 """
@@ -21,12 +21,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ..defaults import CONTEXT_TOKENS as CONTEXT_TOKENS  # the chat budget; app.py reads it from here
+from ..defaults import MAX_NEW_TOKENS
 from ..errors import GenerationError
 from ..pipeline import Generation, GenerationOptions
 from .schema import ApiError, ChatRequest, ImagePart, ImageURL, SamplingFields, SimpleRequest, TextPart
 
-CONTEXT_TOKENS = 512  # BLIP-2's LM context as the chat budget: query tokens + prompt text
-DEFAULT_MAX_TOKENS = 30  # GenerationOptions' default; the VQA route uses 10 as the Python API does
+DEFAULT_MAX_TOKENS = MAX_NEW_TOKENS  # GenerationOptions' default; the VQA route uses VQA_MAX_NEW_TOKENS as the API does
 
 
 @dataclass

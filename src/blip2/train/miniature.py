@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..config import VisionConfig
+from ..defaults import MINIATURE_EXPORT, MINIATURE_WORK
 from ..durable import atomic_write
 from ..scoring import itc_similarity, itm_logits, match_logit, rerank_rows
 from .shapes import (
@@ -342,7 +343,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--work", default="build/miniature", show_default=True, type=click.Path(file_okay=False))
+@click.option("--work", default=MINIATURE_WORK, show_default=True, type=click.Path(file_okay=False))
 @click.option("--export", "export_dir", default=None, type=click.Path(file_okay=False))
 @click.option("--quick", is_flag=True, help="A few steps of everything: checks the pipeline, learns nothing.")
 def build(work: str, export_dir: str | None, quick: bool) -> None:
@@ -387,7 +388,7 @@ def build(work: str, export_dir: str | None, quick: bool) -> None:
 
 
 @cli.command("demo")
-@click.argument("folder", default="examples/miniature", type=click.Path(exists=True, file_okay=False))
+@click.argument("folder", default=MINIATURE_EXPORT, type=click.Path(exists=True, file_okay=False))
 def demo_command(folder: str) -> None:
     """Caption, question and chat with the exported miniature model, offline."""
     demo(Path(folder), echo=click.echo)
