@@ -75,7 +75,7 @@ class Int8Linear(nn.Module):
             y = mm(rows, self.weight, self.scale.to(torch.bfloat16))
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         else:  # no int8-weight kernel (CUDA, odd widths): dequantize per call; memory as int8, not faster
-            y = F.linear(x, self.weight.to(x.dtype) * self.scale[:, None].to(x.dtype))
+            y = _linear_rows(x, self.weight.to(x.dtype) * self.scale[:, None].to(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -119,18 +119,26 @@ class StoredLinear(nn.Linear):
         widen = _widening_applies(x)
         if x.dtype == self.weight.dtype:  # bf16 in, bf16 out: fp32 sums only where they pay
             if not widen or _positions(x) < self.min_positions:
-                return F.linear(x, self.weight, self.bias)
+                return _linear_rows(x, self.weight, self.bias)
             compute = torch.float32
         else:
             compute = x.dtype
         bias = None if self.bias is None else self.bias.to(compute)
         if not widen:
-            return F.linear(x.to(compute), self.weight.to(compute), bias).to(x.dtype)
+            return _linear_rows(x.to(compute), self.weight.to(compute), bias).to(x.dtype)
         y = _widened_mm(x.reshape(-1, self.in_features).to(compute), self.weight, None, bias)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, stored {self.storage}"
+
+
+def _linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` on x's rows as one (N, in) matrix. On a non-contiguous (B, T, in) input, such as the last position
+    `h[:, -1:]` of a prompt's hidden states, `F.linear` itself runs a batched product on the weight expanded B times
+    (language.head_takes_contiguous_rows says what that costs); a 2-D view of the rows folds into one product."""
+    y = F.linear(x.reshape(-1, x.shape[-1]), weight, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 _scratch = threading.local()
