@@ -30,7 +30,8 @@ from ..defaults import (
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-BATCH_NAMES = (
+# The batch options handed to the engine as they are; the rest are for the Ray pool or decided in `run_batch`.
+ENGINE_NAMES = (
     "out",
     "sidecar",
     "sidecar_dir",
@@ -43,14 +44,9 @@ BATCH_NAMES = (
     "recursive",
     "workers",
     "compile",
-    "engine",
-    "address",
-    "num_workers",
-    "shard_size",
     "errors",
-    "max_pixels",
-    "progress",
 )
+BATCH_NAMES = (*ENGINE_NAMES, "engine", "address", "num_workers", "shard_size", "max_pixels", "progress")
 
 _OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (
@@ -205,24 +201,7 @@ def run_batch(
         batch_size = None  # let the engine pick by device (a GPU wants more than a CPU)
     v = {k: values.get(k) for k in BATCH_NAMES}
     progress = sys.stderr.isatty() if v["progress"] is None else v["progress"]
-    options = {
-        k: v[k]
-        for k in (
-            "out",
-            "sidecar",
-            "sidecar_dir",
-            "ext",
-            "existing",
-            "separator",
-            "prefix",
-            "suffix",
-            "question",
-            "recursive",
-            "workers",
-            "compile",
-            "errors",
-        )
-    }
+    options = {k: v[k] for k in ENGINE_NAMES}
     if v["max_pixels"] is not None:
         options["max_pixels"] = v["max_pixels"]
     opts = split_options(

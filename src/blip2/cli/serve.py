@@ -8,14 +8,25 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import fields
+from typing import Any, TypeVar
 
 import click
 
 from ..defaults import AUTO_WAIT_MAX_S, AUTO_WAIT_MIN_S, AUTO_WAIT_SHARE, HOST, PORT, ServerSettings
 from .options import model_options
 
+F = TypeVar("F", bound=Callable[..., Any])
+
 DEFAULTS = {f.name: f.default for f in fields(ServerSettings)}  # the options' defaults: ServerSettings' own
+
+
+def setting_option(name: str, type_: click.ParamType, help_: str) -> Callable[[F], F]:
+    """The option for the ServerSettings field `name` (`--max-queue` for `max_queue`), its default the field's."""
+    return click.option(
+        "--" + name.replace("_", "-"), type=type_, default=DEFAULTS[name], show_default=True, help=help_
+    )
 
 
 @click.command()
@@ -32,13 +43,7 @@ DEFAULTS = {f.name: f.default for f in fields(ServerSettings)}  # the options' d
     default=DEFAULTS["served_name"],
     help="Model name reported by the API [the model folder's name].",
 )
-@click.option(
-    "--max-batch-size",
-    type=click.IntRange(min=1),
-    default=DEFAULTS["max_batch_size"],
-    show_default=True,
-    help="Most requests per model call; 1 runs them one by one.",
-)
+@setting_option("max_batch_size", click.IntRange(min=1), "Most requests per model call; 1 runs them one by one.")
 @click.option(
     "--max-wait-ms",
     type=click.FloatRange(min=0),
@@ -47,12 +52,8 @@ DEFAULTS = {f.name: f.default for f in fields(ServerSettings)}  # the options' d
     f"[default: {AUTO_WAIT_SHARE:.0%} of the last batch's time, between {AUTO_WAIT_MIN_S * 1000:g} and "
     f"{AUTO_WAIT_MAX_S * 1000:g} ms].",
 )
-@click.option(
-    "--max-queue",
-    type=click.IntRange(min=1),
-    default=DEFAULTS["max_queue"],
-    show_default=True,
-    help="Requests allowed to wait; beyond it the server answers 503 with Retry-After.",
+@setting_option(
+    "max_queue", click.IntRange(min=1), "Requests allowed to wait; beyond it the server answers 503 with Retry-After."
 )
 @click.option(
     "--api-key",
@@ -67,48 +68,18 @@ DEFAULTS = {f.name: f.default for f in fields(ServerSettings)}  # the options' d
     default=DEFAULTS["allow_remote_images"],
     help="Fetch http(s) image URLs (public addresses only); otherwise only data: URIs are accepted.",
 )
-@click.option(
-    "--max-body-mb",
-    type=click.FloatRange(min=0, min_open=True),
-    default=DEFAULTS["max_body_mb"],
-    show_default=True,
-    help="Largest request body (413 above).",
+@setting_option("max_body_mb", click.FloatRange(min=0, min_open=True), "Largest request body (413 above).")
+@setting_option("max_image_mb", click.FloatRange(min=0, min_open=True), "Largest remote image download.")
+@setting_option(
+    "remote_timeout_s", click.FloatRange(min=0, min_open=True), "Total time allowed for a remote image download."
 )
-@click.option(
-    "--max-image-mb",
-    type=click.FloatRange(min=0, min_open=True),
-    default=DEFAULTS["max_image_mb"],
-    show_default=True,
-    help="Largest remote image download.",
+@setting_option(
+    "max_image_pixels",
+    click.IntRange(min=1),
+    "Largest decoded image (width x height); larger ones are refused as decompression bombs.",
 )
-@click.option(
-    "--remote-timeout-s",
-    type=click.FloatRange(min=0, min_open=True),
-    default=DEFAULTS["remote_timeout_s"],
-    show_default=True,
-    help="Total time allowed for a remote image download.",
-)
-@click.option(
-    "--max-image-pixels",
-    type=click.IntRange(min=1),
-    default=DEFAULTS["max_image_pixels"],
-    show_default=True,
-    help="Largest decoded image (width x height); larger ones are refused as decompression bombs.",
-)
-@click.option(
-    "--max-tokens-limit",
-    type=click.IntRange(min=1),
-    default=DEFAULTS["max_tokens_limit"],
-    show_default=True,
-    help="Largest max_tokens a request may ask for (400 above).",
-)
-@click.option(
-    "--max-history-turns",
-    type=click.IntRange(min=0),
-    default=DEFAULTS["max_history_turns"],
-    show_default=True,
-    help="Most question/answer turns in a chat request (400 above).",
-)
+@setting_option("max_tokens_limit", click.IntRange(min=1), "Largest max_tokens a request may ask for (400 above).")
+@setting_option("max_history_turns", click.IntRange(min=0), "Most question/answer turns in a chat request (400 above).")
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )

@@ -45,3 +45,14 @@ def top_list(data: Any, key: str, path: str | Path) -> list:
     if not isinstance(items, list):
         raise EvalError(f"{path}: '{key}' is a {type(items).__name__}, expected a list")
     return items
+
+
+def karpathy_entry(ann: Any, i: int, path: str | Path) -> tuple[Any, list[str]]:
+    """Entry `i` of a Karpathy-style list: its `image` and its captions (`caption`: a text or a non-empty list)."""
+    where = f"entry [{i}]"
+    image = field(ann, "image", path, where)
+    caption = field(ann, "caption", path, where)
+    captions = [caption] if isinstance(caption, str) else caption
+    if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+        raise EvalError(f"{path}: {where}.caption must be text or a non-empty list of texts, got {caption!r}")
+    return image, captions

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blip2.eval._common import EvalError, read_json, top_list
+from blip2.eval._common import EvalError, karpathy_entry, read_json, top_list
 from blip2.eval._common import field as get_field
 
 ImageKey = int | str
@@ -67,12 +67,7 @@ def _coco_references(data: dict, path: str | Path) -> CaptionReferences:
 def _karpathy_references(data: list, path: str | Path) -> CaptionReferences:
     refs = CaptionReferences()
     for i, ann in enumerate(data):
-        where = f"entry [{i}]"
-        image = get_field(ann, "image", path, where)
-        caption = get_field(ann, "caption", path, where)
-        captions = [caption] if isinstance(caption, str) else caption
-        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
-            raise EvalError(f"{path}: {where}.caption must be text or a non-empty list of texts, got {caption!r}")
+        image, captions = karpathy_entry(ann, i, path)
         # Without an image_id (LAVIS coco_karpathy_test.json) the image path is the key predictions must use.
         key = ann.get("image_id", image)
         refs.captions.setdefault(key, []).extend(captions)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from blip2.defaults import EVAL_K_TEST
-from blip2.eval._common import EvalError, field, read_json
+from blip2.eval._common import EvalError, karpathy_entry, read_json
 from blip2.eval.caption import normalize_caption
 from blip2.scoring import rerank_rows
 
@@ -42,12 +42,7 @@ def load_retrieval_annotations(path: str | Path, *, normalize: bool = True, max_
         raise EvalError(f"{path}: expected a non-empty JSON list of {{'image', 'caption'}} entries")
     out = RetrievalSet([], [], [], [])
     for i, ann in enumerate(data):
-        where = f"entry [{i}]"
-        image = field(ann, "image", path, where)
-        caption = field(ann, "caption", path, where)
-        captions = [caption] if isinstance(caption, str) else caption
-        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
-            raise EvalError(f"{path}: {where}.caption must be text or a non-empty list of texts, got {caption!r}")
+        image, captions = karpathy_entry(ann, i, path)
         out.images.append(str(image))
         out.img2txt.append([])
         for c in captions:

@@ -13,7 +13,7 @@ import itertools
 import json
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -235,6 +235,23 @@ def scene_batches(scenes: list[Scene], batch: int, seed: int) -> Iterator[tuple[
         yield transform([render(s, rng) for s in chosen]), chosen
 
 
+def _fit(
+    params: list[nn.Parameter], loss: Callable[[], torch.Tensor], steps: int, lr: float, decay: float, what: str
+) -> None:
+    """`steps` AdamW steps on `loss()` (a fresh batch's loss each call) under a one-cycle schedule; logs every 200."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        value = loss()
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        sched.step()
+        if step % 200 == 0 or step == steps:
+            _log(f"  {what} step {step}/{steps} loss {value.item():.3f} ({time.perf_counter() - t0:.0f}s)")
+
+
 def pretrain_vision(cfg: VisionConfig, steps: int, batch: int = 64, lr: float = 2e-3, seed: int = 0):
     """A tiny EVA ViT trained to name the four attributes (linear heads on the mean token), then frozen.
 
@@ -249,24 +266,17 @@ def pretrain_vision(cfg: VisionConfig, steps: int, batch: int = 64, lr: float = 
     with torch.no_grad():
         vit.embeddings.position_embedding.normal_(0, 0.02)
     heads = nn.ModuleDict({k: nn.Linear(cfg.hidden_size, len(v)) for k, v in ATTRIBUTES.items()})
-    params = list(vit.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     data = scene_batches(all_scenes(), batch, seed)
-    t0 = time.perf_counter()
-    for step in range(1, steps + 1):
+
+    def loss() -> torch.Tensor:
         pixels, scenes = next(data)
         feats = vit(pixels).mean(dim=1)  # (B, D)
-        loss = sum(
+        return sum(
             F.cross_entropy(heads[k](feats), torch.tensor([v.index(getattr(s, k)) for s in scenes]))
             for k, v in ATTRIBUTES.items()
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 200 == 0 or step == steps:
-            _log(f"  vision step {step}/{steps} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)")
+
+    _fit(list(vit.parameters()) + list(heads.parameters()), loss, steps, lr, 0.05, "vision")
     vit.eval().requires_grad_(False)
     return vit, heads.eval()
 
@@ -317,20 +327,14 @@ def pretrain_lm(tokenizer, folder: Path, steps: int, batch: int = 32, lr: float 
         dropout=0.0,
     )
     lm = OPTForCausalLM(cfg)
-    opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = random.Random(seed)
-    t0 = time.perf_counter()
-    lm.train()
-    for step in range(1, steps + 1):
+
+    def loss() -> torch.Tensor:
         ids, labels = packed_batch(tokenizer, rng, batch, 96)
-        loss = lm(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 200 == 0 or step == steps:
-            _log(f"  LM step {step}/{steps} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)")
+        return lm(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+
+    lm.train()
+    _fit(list(lm.parameters()), loss, steps, lr, 0.01, "LM")
     lm.eval()
     lm.generation_config.eos_token_id = newline
     lm.save_pretrained(folder)
