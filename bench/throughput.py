@@ -105,7 +105,7 @@ def checkpoint(args: argparse.Namespace, tmp: Path) -> Path:
 
 
 def main() -> None:
-    from blip2.batch.decode import default_workers
+    from blip2.imagemap import default_workers
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint folder [a tiny random one]")

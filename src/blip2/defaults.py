@@ -52,6 +52,8 @@ SIDECAR_EXISTING = ("skip", "overwrite", "append", "prepend")
 SIDECAR_SEPARATOR = ", "  # between the old text and the caption for append / prepend
 RAY_NUM_WORKERS = 1  # model actors
 RAY_SHARD_SIZE = 1000  # images per output shard, the unit of resume
+RAY_DECODE_THREADS = 4  # decoding threads per Ray model actor (PIL releases the GIL)
+MAX_DECODE_WORKERS = 8  # decoding processes at most (cores - 1 below that): beyond it the model is the bottleneck
 TOP_K = 10  # search results
 
 # ---- evaluation ------------------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@
 Nothing here imports Ray; `blip2.batch.ray_engine` does, and only the `--engine ray` path imports that.
 """
 
+from ..sources import Item, expand_braces, iter_items
 from .engine import BatchOptions, Result, Summary, generate_batch
-from .inputs import Item, expand_braces, iter_items
 from .run import BatchRun, caption_images
 
 __all__ = [

@@ -20,23 +20,20 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from ..defaults import BATCH_SIZE, RAY_DECODE_THREADS, RAY_NUM_WORKERS, RAY_SHARD_SIZE
+from ..durable import atomic_path, atomic_write, check_settings
 from ..errors import ConfigError
+from ..imagemap import ImageMapActor, item_row, ray_map
 from ..pipeline import GenerationOptions
+from ..sources import Item, iter_items
 from .engine import BatchOptions, Summary, now
-from .inputs import Item, iter_items
-from .ledger import append_jsonl
-
-ITEM_FIELDS = ("key", "path", "root", "member", "offset", "size", "data", "question", "origin")
 
 
-class Captioner:
+class Captioner(ImageMapActor):
     """A Ray Data actor: one loaded model; a batch of item rows in, caption rows out."""
 
     def __init__(
@@ -50,33 +47,24 @@ class Captioner:
         prefix: str,
         suffix: str,
         max_pixels: int,
-        threads: int = 4,
+        threads: int = RAY_DECODE_THREADS,
         compile: bool = False,
     ) -> None:
-        from ..pipeline import load
-
-        self.m = load(model, device=device, dtype=dtype, compile=compile)
+        super().__init__(model, device, dtype, max_pixels, threads, compile)
         self.opts = GenerationOptions(**generation)
         self.prompt, self.question, self.prefix, self.suffix = prompt, question, prefix, suffix
-        self.max_pixels = max_pixels
-        self.pool = ThreadPoolExecutor(max(1, threads))
 
     def __call__(self, batch: Any) -> Any:
         """A pyarrow batch of item rows in, a pyarrow table of caption rows out (fixed schema: no type guessing)."""
         import pyarrow as pa
-        import torch
 
         from ..processing import vqa_prompt
         from .engine import generate_batch
-        from .inputs import prepare
 
-        rows = batch.to_pylist()
-        items = [Item(**{f: row[f] for f in ITEM_FIELDS}) for row in rows]
-        prepared = list(self.pool.map(lambda it: prepare(it, self.m.transform, self.max_pixels), items))
-        good = [i for i, px in enumerate(prepared) if not isinstance(px, str)]
+        b = self.decode(batch)
         prompts = []
-        for i in good:
-            q = items[i].question or self.question
+        for i in b.good:
+            q = b.items[i].question or self.question
             prompts.append(vqa_prompt(q) if q else (self.prompt or ""))
         out = [
             {
@@ -85,14 +73,13 @@ class Captioner:
                 "caption": None,
                 "score": None,
                 "prompt": None,
-                "error": px if isinstance(px, str) else None,
+                "error": error,
                 "time": now(),
             }
-            for it, row, px in zip(items, rows, prepared)
+            for it, row, error in zip(b.items, b.rows, b.errors)
         ]
-        if good:
-            pixels = torch.from_numpy(np.stack([prepared[i] for i in good]))  # (B, 3, S, S)
-            for i, prompt, g in zip(good, prompts, generate_batch(self.m, pixels, prompts, self.opts)):
+        if b.good:
+            for i, prompt, g in zip(b.good, prompts, generate_batch(self.m, b.pixels, prompts, self.opts)):
                 out[i].update(caption=self.prefix + g.text + self.suffix, score=g.score, prompt=prompt)
         return pa.Table.from_pylist(out, schema=OUT_SCHEMA())
 
@@ -122,8 +109,8 @@ class RayRun:
         model: str,
         options: BatchOptions,
         address: str | None = None,
-        num_workers: int = 1,
-        shard_size: int = 1000,
+        num_workers: int = RAY_NUM_WORKERS,
+        shard_size: int = RAY_SHARD_SIZE,
     ) -> None:
         if len(options.out) != 1:
             raise ConfigError(
@@ -153,11 +140,11 @@ class RayRun:
         path = self.out / "_run.json"
         wanted = self.fingerprint()
         if path.exists():
-            old = json.loads(path.read_text(encoding="utf-8"))
-            if old != json.loads(json.dumps(wanted)):
-                raise ConfigError(f"{path}: shards of a run with other settings; use another --out to start over")
+            check_settings(
+                json.loads(path.read_text(encoding="utf-8")), wanted, path, "use another --out to start over"
+            )
         else:
-            _write_atomic(path, json.dumps(wanted, indent=2).encode("utf-8"))
+            atomic_write(path, json.dumps(wanted, indent=2))
 
     def _finished(self) -> tuple[dict[str, bool], int]:
         """Keys in finished shard files (True where the image failed), and the next free shard number."""
@@ -190,43 +177,28 @@ class RayRun:
         return self.summary
 
     def _run_ray(self, todo: list[Item], first_shard: int) -> None:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False)
-        rows = [
-            {**{f: getattr(it, f) for f in ITEM_FIELDS}, "shard": first_shard + i // self.shard_size}
-            for i, it in enumerate(todo)
-        ]
+        rows = [{**item_row(it), "shard": first_shard + i // self.shard_size} for i, it in enumerate(todo)]
         sizes: dict[int, int] = {}
         for r in rows:
             sizes[r["shard"]] = sizes.get(r["shard"], 0) + 1
-        bs = self.opts.batch_size or 8
-        gpus = ray.cluster_resources().get("GPU", 0)
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // bs)))
-        ds = ds.map_batches(
-            Captioner,
-            fn_constructor_kwargs=self._actor_kwargs(gpus),
-            batch_size=bs,
-            compute=ray.data.ActorPoolStrategy(size=self.num_workers),
-            num_gpus=1 if gpus >= 1 else 0,
-            num_cpus=1,
-            batch_format="pyarrow",
+        bs = self.opts.batch_size or BATCH_SIZE
+        tables = ray_map(
+            rows, Captioner, self._actor_kwargs(), address=self.address, num_workers=self.num_workers, batch_size=bs
         )
         pending: dict[int, list[dict]] = {}
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in tables:
             for row in batch.to_pylist():
                 shard = row.pop("shard")
                 pending.setdefault(shard, []).append(row)
                 if len(pending[shard]) == sizes[shard]:
                     self._write_shard(shard, pending.pop(shard))
 
-    def _actor_kwargs(self, gpus: float) -> dict[str, Any]:
+    def _actor_kwargs(self) -> dict[str, Any]:
+        """The `Captioner`'s arguments; a device of "auto" becomes cuda when the cluster has GPUs (`ray_map`)."""
         o = self.opts
-        device = o.device if o.device != "auto" else ("cuda" if gpus >= 1 else "cpu")
         return {
             "model": self.model,
-            "device": device,
+            "device": o.device,
             "dtype": o.dtype,
             "compile": o.compile,
             "generation": asdict(o.generation),
@@ -253,17 +225,13 @@ class RayRun:
         ]
         path = self.out / f"part-{shard:05d}.{self.fmt}"
         if self.fmt == "jsonl":
-            data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-            _write_atomic(path, data)
+            atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         else:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            tmp = path.with_name(f".{path.name}.tmp")
-            pq.write_table(pa.Table.from_pylist(rows), tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                pq.write_table(pa.Table.from_pylist(rows), tmp)
         done = sum(r["error"] is None for r in rows)
         self.summary.done += done
         self.summary.failed += len(rows) - done
@@ -277,11 +245,8 @@ class RayRun:
             for r in _read_shard(part)
             if r["error"]
         ]
-        tmp = errors.with_name(f".{errors.name}.tmp")
-        tmp.unlink(missing_ok=True)
-        append_jsonl(tmp, rows)
         if rows:
-            os.replace(tmp, errors)
+            atomic_write(errors, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             self.summary.errors_file = str(errors)
 
 
@@ -293,12 +258,3 @@ def _read_shard(path: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
     return [dict(r, key=r["path"]) for r in pq.read_table(path, columns=["path", "error", "time"]).to_pylist()]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

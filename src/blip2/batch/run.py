@@ -9,18 +9,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from ..durable import atomic_write
 from ..errors import ConfigError
+from ..imagemap import Batch, default_workers, image_batches
 from ..pipeline import Blip2
 from ..pipeline import load as load_model
 from ..processing import vqa_prompt
+from ..sources import Item, iter_items
 from . import ledger as L
-from .decode import decoded, default_workers
 from .engine import BatchOptions, Result, Summary, default_batch_size, generate_batch, now, split_options
-from .inputs import Item, iter_items
 from .sidecar import compose, read_text, sidecar_path
 
 
@@ -152,36 +149,25 @@ class BatchRun:
         start = time.perf_counter()
         bs = self.opts.batch_size or default_batch_size(m.device)
         workers = default_workers() if self.opts.workers is None else self.opts.workers
-        window = max(2 * bs, 2 * workers * bs)  # enough decoded images for the next batch or two, per worker
-        stream = decoded(todo, m.transform, self.opts.max_pixels, workers, window)
-        good: list[tuple[Item, np.ndarray]] = []
-        bad: list[L.Record] = []
+        batches = image_batches(todo, m.transform, self.opts.max_pixels, bs, workers)
         with tqdm(total=len(todo), unit="img", disable=not self.opts.progress, dynamic_ncols=True) as bar:
-            for item, pixels in stream:
-                if isinstance(pixels, str):
-                    bad.append(L.Record(item.key, "failed", now(), error=pixels))
-                else:
-                    good.append((item, pixels))
-                if len(good) >= bs or len(bad) >= bs:
-                    yield from self._flush(m, good, bad, sidecars, ledger, bar)
-            if good or bad:
-                yield from self._flush(m, good, bad, sidecars, ledger, bar)
+            for batch in batches:
+                yield from self._flush(m, batch, sidecars, ledger, bar)
         self.summary.caption_seconds = time.perf_counter() - start
 
     def _prompt(self, item: Item) -> str:
         question = item.question or self.opts.question
         return vqa_prompt(question) if question else (self.opts.prompt or "")
 
-    def _flush(self, m: Blip2, good: list, bad: list, sidecars: dict, ledger: L.Ledger | None, bar):
+    def _flush(self, m: Blip2, batch: Batch, sidecars: dict, ledger: L.Ledger | None, bar):
         """Caption one batch, then record it, with the failures decoded since the last batch."""
         records: list[L.Record] = []
-        if good:
+        if batch.items:
             o = self.opts
-            prompts = [self._prompt(item) for item, _ in good]
-            pixels = torch.from_numpy(np.stack([px for _, px in good]))  # (B, 3, S, S) float32
-            gens = generate_batch(m, pixels, prompts, o.generation)
+            prompts = [self._prompt(item) for item in batch.items]
+            gens = generate_batch(m, batch.pixels, prompts, o.generation)  # pixels: (B, 3, S, S) float32
             t = now()
-            for (item, _), prompt, g in zip(good, prompts, gens):
+            for item, prompt, g in zip(batch.items, prompts, gens):
                 caption = o.prefix + g.text + o.suffix
                 sc = sidecars.get(item.key)
                 text = None
@@ -191,9 +177,7 @@ class BatchRun:
                 records.append(
                     L.Record(item.key, "done", t, caption, g.score, prompt, None, None if sc is None else str(sc), text)
                 )
-        records += bad
-        good.clear()
-        bad.clear()
+        records += [L.Record(item.key, "failed", now(), error=reason) for item, reason in batch.failures]
         yield from self._persist(records, ledger)
         bar.update(len(records))
         if self.summary.failed:

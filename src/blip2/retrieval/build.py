@@ -4,10 +4,11 @@
     summary = index_images(m, ["photos/"], "photos.sqlite", recursive=True)
     print(summary.line())
 
-Inputs are what batch captioning reads (folders, path lists in txt/JSONL/CSV, WebDataset tars: `iter_items`), decoded
-ahead of the model in worker processes (`decoded`). Each row is keyed by the item's key (the absolute path, or
-`tar path/member`) and holds the sha256 of the image bytes, the size and mtime (a tar member: its size and the tar's
-mtime) and the (Nq, E) float16 embedding: the same (Nq, E) normalised query embeddings as `Blip2.embed_images`.
+Inputs are what batch captioning reads (folders, path lists in txt/JSONL/CSV, WebDataset tars: `blip2.sources`),
+decoded ahead of the model in worker processes by the image-map engine (`blip2.imagemap`), as batch captioning does.
+Each row is keyed by the item's key (the absolute path, or `tar path/member`) and holds the sha256 of the image bytes,
+the size and mtime (a tar member: its size and the tar's mtime) and the (Nq, E) float16 embedding: the same (Nq, E)
+normalised query embeddings as `Blip2.embed_images`.
 
 - **Incremental:** an image is embedded only when its key is new or its size or mtime differ from the stored row.
   Files that failed are tried again on every run (they fail cheaply, while decoding), so a repaired file is picked
@@ -19,8 +20,8 @@ mtime) and the (Nq, E) float16 embedding: the same (Nq, E) normalised query embe
 - **Resumable:** every batch is one transaction; a killed run loses at most the batch in flight, and a rerun skips
   every image already written.
 
-Ray (`index_images_ray`): the driver lists and filters the inputs exactly as above, Ray Data runs `Embedder` actors
-(one model each) over batches of items, and each actor returns an Arrow table with the columns of `row_schema()`
+Ray (`index_images_ray`): the driver lists and filters the inputs exactly as above, `imagemap.ray_map` runs `Embedder`
+actors (one model each) over batches of items, and each actor returns an Arrow table with the columns of `row_schema()`
 (path, sha256, size, mtime, embedding bytes, error): the layout of a Parquet shard. The driver writes every returned
 table straight into the SQLite file, one transaction per table (`import_table`), rather than writing Parquet shards
 and importing them afterwards: one file format and one resume rule for both engines, and nothing to clean up.
@@ -29,22 +30,20 @@ and importing them afterwards: one file format and one resume rule for both engi
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from ..batch.decode import decoded, default_workers
-from ..batch.inputs import Item, iter_items, prepare
+from ..defaults import BATCH_SIZE, MAX_PIXELS, RAY_NUM_WORKERS
 from ..errors import ConfigError
-from ..processing import DEFAULT_MAX_PIXELS
+from ..imagemap import Batch, ImageMapActor, default_workers, image_batches, item_row, ray_map
+from ..sources import Item, iter_items
 from .index import Index, IndexRow
 
 if TYPE_CHECKING:
@@ -61,7 +60,6 @@ __all__ = [
     "row_schema",
 ]
 
-ITEM_FIELDS = tuple(f.name for f in dataclasses.fields(Item))
 _HASH_CHUNK = 1 << 20
 
 
@@ -197,11 +195,11 @@ def index_images(
     db: str | os.PathLike[str],
     *,
     recursive: bool = False,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     workers: int | None = None,
     prune: bool = True,
     progress: bool = False,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int = MAX_PIXELS,
 ) -> Summary:
     """Embed the new and changed images of `inputs` into the index `db` (created if missing); see the module doc.
 
@@ -239,37 +237,30 @@ def _embed_local(
     max_pixels: int,
     progress: bool,
 ) -> None:
-    bs = max(1, batch_size)
     stat = {t.item.key: t for t in todo}
-    window = max(2 * bs, 2 * workers * bs)  # enough decoded images for the next batch or two, per worker
-    batch: list[tuple[_Todo, np.ndarray]] = []
+    # Failures do not cut a batch short: every batch the model sees is full, as it was before any failed.
+    batches = image_batches((t.item for t in todo), m.transform, max_pixels, batch_size, workers, short_batches=False)
     with _progress(len(todo), progress) as bar:
-        for item, pixels in decoded((t.item for t in todo), m.transform, max_pixels, workers, window):
-            if isinstance(pixels, str):
-                _fail(index, summary, item.key, pixels)
-                bar.update(1)
-                continue
-            batch.append((stat[item.key], pixels))
-            if len(batch) >= bs:
-                _write_batch(m, index, batch, summary)
-                bar.update(len(batch))
-                batch = []
-        if batch:
-            _write_batch(m, index, batch, summary)
+        for batch in batches:
+            for item, reason in batch.failures:
+                _fail(index, summary, item.key, reason)
+            if batch.items:
+                _write_batch(m, index, batch, stat, summary)
             bar.update(len(batch))
 
 
-def _write_batch(m: Blip2, index: Index, batch: list[tuple[_Todo, np.ndarray]], summary: Summary) -> None:
+def _write_batch(m: Blip2, index: Index, batch: Batch, stat: dict[str, _Todo], summary: Summary) -> None:
     """Embed one batch and write it in one transaction (the unit a killed run can lose)."""
-    emb = embed_pixels(m, torch.from_numpy(np.stack([px for _, px in batch])))  # (B, Nq, E)
+    emb = embed_pixels(m, batch.pixels)  # (B, Nq, E)
     rows = []
-    for (t, _), e in zip(batch, emb, strict=True):
+    for item, e in zip(batch.items, emb, strict=True):
+        t = stat[item.key]
         try:
-            digest = sha256_of(t.item)
+            digest = sha256_of(item)
         except OSError as err:  # gone between decoding and hashing
-            _fail(index, summary, t.item.key, f"{t.item.key}: unreadable ({err})")
+            _fail(index, summary, item.key, f"{item.key}: unreadable ({err})")
             continue
-        rows.append(IndexRow(t.item.key, e, digest, t.size, t.mtime))
+        rows.append(IndexRow(item.key, e, digest, t.size, t.mtime))
     summary.embedded += index.add_many(rows)
 
 
@@ -292,22 +283,13 @@ def row_schema() -> Any:
     )
 
 
-class Embedder:
+class Embedder(ImageMapActor):
     """A Ray Data actor: one loaded model; a pyarrow batch of item rows in, a `row_schema()` table out."""
-
-    def __init__(self, model: str, device: str, dtype: str, max_pixels: int, threads: int = 4) -> None:
-        from ..pipeline import load
-
-        self.m = load(model, device=device, dtype=dtype)
-        self.max_pixels = max_pixels
-        self.pool = ThreadPoolExecutor(max(1, threads))  # PIL releases the GIL while decoding
 
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
 
-        rows = batch.to_pylist()
-        items = [Item(**{f: row[f] for f in ITEM_FIELDS}) for row in rows]
-        prepared = list(self.pool.map(lambda it: prepare(it, self.m.transform, self.max_pixels), items))
+        b = self.decode(batch)
         out = [
             {
                 "path": it.key,
@@ -315,18 +297,17 @@ class Embedder:
                 "size": row["stat_size"],
                 "mtime": row["stat_mtime"],
                 "embedding": None,
-                "error": px if isinstance(px, str) else None,
+                "error": error,
             }
-            for it, row, px in zip(items, rows, prepared, strict=True)
+            for it, row, error in zip(b.items, b.rows, b.errors, strict=True)
         ]
-        good = [i for i, px in enumerate(prepared) if not isinstance(px, str)]
-        if good:
-            emb = embed_pixels(self.m, torch.from_numpy(np.stack([prepared[i] for i in good])))  # (B, Nq, E)
-            for i, e in zip(good, emb.numpy().astype(np.float16), strict=True):
+        if b.good:
+            emb = embed_pixels(self.m, b.pixels)  # (B, Nq, E)
+            for i, e in zip(b.good, emb.numpy().astype(np.float16), strict=True):
                 try:
-                    out[i].update(sha256=sha256_of(items[i]), embedding=e.tobytes())
+                    out[i].update(sha256=sha256_of(b.items[i]), embedding=e.tobytes())
                 except OSError as err:
-                    out[i].update(error=f"{items[i].key}: unreadable ({err})")
+                    out[i].update(error=f"{b.items[i].key}: unreadable ({err})")
         return pa.Table.from_pylist(out, schema=row_schema())
 
 
@@ -378,14 +359,14 @@ def index_images_ray(
     db: str | os.PathLike[str],
     *,
     recursive: bool = False,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     prune: bool = True,
     address: str | None = None,
-    num_workers: int = 1,
+    num_workers: int = RAY_NUM_WORKERS,
     device: str = "auto",
     dtype: str = "auto",
     progress: bool = False,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int = MAX_PIXELS,
 ) -> Summary:
     """`index_images` with an actor pool of `num_workers` models on a Ray cluster (joined at `address`, or local).
 
@@ -412,25 +393,8 @@ def index_images_ray(
 def _ray_tables(
     todo: list[_Todo], actor: dict[str, Any], address: str | None, num_workers: int, bs: int, progress: bool
 ) -> Iterable[Any]:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if actor["device"] == "auto":
-        actor = {**actor, "device": "cuda" if gpus >= 1 else "cpu"}
-    rows = [{**{f: getattr(t.item, f) for f in ITEM_FIELDS}, "stat_size": t.size, "stat_mtime": t.mtime} for t in todo]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // bs)))
-    ds = ds.map_batches(
-        Embedder,
-        fn_constructor_kwargs=actor,
-        batch_size=bs,
-        compute=ray.data.ActorPoolStrategy(size=num_workers),
-        num_gpus=1 if gpus >= 1 else 0,
-        num_cpus=1,
-        batch_format="pyarrow",
-    )
+    rows = [{**item_row(t.item), "stat_size": t.size, "stat_mtime": t.mtime} for t in todo]
     with _progress(len(rows), progress) as bar:
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for table in ray_map(rows, Embedder, actor, address=address, num_workers=num_workers, batch_size=bs):
             yield table
             bar.update(table.num_rows)
