@@ -36,11 +36,10 @@ def head_takes_contiguous_rows(lm: nn.Module) -> None:
     LLaMA, ... slice the prompt's hidden states to `h[:, -1:]`, a (B, 1, D) view with the prompt's stride. On it,
     with a frozen weight (as we load every model; `matmul` folds the batch into one product only for a weight that
     requires grad, as transformers' own models keep it), `F.linear` runs a batched product on the head's (D, V)
-    weight expanded B times. Where
-    the batched kernel copies that expansion, it is (8, 2560, 50272) for OPT-2.7B at 8 prompts: a profile in bf16
-    found 4.0 s of an 8.1 s batch there, against 14 ms for the product on contiguous rows (`bench/lm_head.py`
-    measures both on the running CPU). Copying the (B, 1, D) rows costs nothing by comparison; decoding steps'
-    inputs are contiguous already. Quantized heads (quant.Int8Linear) take their input as rows themselves."""
+    weight expanded B times. Where the batched kernel copies that expansion, it is (8, 2560, 50272) for OPT-2.7B at
+    8 prompts, most of a batch's time (`bench/lm_head.py` measures both products on the running CPU; figures in
+    docs/speed.md). Copying the (B, 1, D) rows costs nothing by comparison; decoding steps' inputs are contiguous
+    already. Quantized heads (quant.Int8Linear) take their input as rows themselves."""
     head = lm.get_output_embeddings()
     if isinstance(head, nn.Module) and _contiguous_input not in head._forward_pre_hooks.values():
         head.register_forward_pre_hook(_contiguous_input)

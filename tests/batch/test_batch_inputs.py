@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from batch_helpers import make_good, make_tar
 
-from blip2.batch.inputs import expand_braces, iter_items, read_item
 from blip2.errors import ConfigError
 from blip2.processing import load_image
+from blip2.sources import expand_braces, iter_items, read_item
 
 
 def test_expand_braces() -> None:

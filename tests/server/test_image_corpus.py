@@ -12,19 +12,20 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import blip2
 import httpx
 import numpy as np
 import pytest
+from click.testing import CliRunner
+from image_corpus import write_corpus
+from PIL import Image, ImageOps
+from server_helpers import assert_error, data_uri, user_message
+
+import blip2
 from blip2.cli import main
 from blip2.errors import ImageError
 from blip2.images import load_image
 from blip2.retrieval.build import index_images
 from blip2.retrieval.index import Index
-from click.testing import CliRunner
-from image_corpus import write_corpus
-from PIL import Image, ImageOps
-from server_helpers import assert_error, data_uri, user_message
 
 # What each failure's message says, by kind: the words a user acts on.
 SAYS = {

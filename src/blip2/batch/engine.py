@@ -3,7 +3,7 @@
     for r in caption_images(["photos/"], model="Salesforce/blip2-opt-2.7b", out=["captions.jsonl"]):
         print(r.path, r.caption or r.error)
 
-Images are decoded and preprocessed by worker processes (see `decode`) while the model captions the previous batch.
+Images are decoded and preprocessed by worker processes (`blip2.imagemap`) while the model captions the previous batch.
 The model side is the same computation as `Blip2.generate` (same pixels, prompts, padding and options), so a
 caption does not depend on the batch it landed in. Progress goes to a SQLite ledger first (see `ledger`), so a run
 killed at any moment resumes where it stopped, and every image is in the outputs exactly once.

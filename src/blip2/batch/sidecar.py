@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..defaults import SIDECAR_EXISTING
 from ..errors import ConfigError
-from .inputs import Item
+from ..sources import Item
 
 EXISTING = SIDECAR_EXISTING  # what to do with a caption file that exists; the first is the default
 

@@ -167,7 +167,7 @@ def batch_options(f: F) -> F:
 
 def batch_requested(images: Sequence[str], values: dict[str, Any]) -> bool:
     """Batch mode: an output or sidecar was asked for, or an input is a folder, a list, a tar shard or a pattern."""
-    from ..batch.inputs import LIST_SUFFIXES, TAR_SUFFIXES
+    from ..sources import LIST_SUFFIXES, TAR_SUFFIXES
 
     if values.get("out") or values.get("sidecar") or values.get("sidecar_dir") or values.get("engine") == "ray":
         return True

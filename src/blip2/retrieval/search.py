@@ -47,7 +47,7 @@ class Ranked:
 
 def open_indexed(key: str) -> ImageInput:
     """What the index stored as a path, ready for `load_image`: the file, or a tar member's bytes."""
-    from ..batch.inputs import TAR_SUFFIXES
+    from ..sources import TAR_SUFFIXES
 
     if os.path.isfile(key):
         return key

@@ -31,6 +31,7 @@ from transformers.activations import ACT2FN
 from ..checkpoint import build_empty, iter_tensors, load_model, save_model, weight_files
 from ..config import Blip2Config, QFormerConfig, VisionConfig
 from ..errors import CheckpointError, ConfigError
+from ..language import head_takes_contiguous_rows
 from ..model import Blip2Model
 from ..processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..vision import VisionTransformer
@@ -141,6 +142,7 @@ def _assemble(cfg: Blip2Config, vision: nn.Module, language_model: nn.Module | N
     blip = build_empty(cfg)
     blip.vision_model = vision
     if language_model is not None:
+        head_takes_contiguous_rows(language_model)  # as for a loaded model: generation during training is fast too
         blip.language_model = language_model
     for name, child in blip.named_children():
         if name not in ("vision_model", "language_model"):
