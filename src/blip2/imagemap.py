@@ -14,7 +14,9 @@ the kernel to kill it when the parent dies, so a `kill -9` of the run leaves no 
 
 Ray (`ray_map`): the driver turns items into rows (`item_row`), Ray Data feeds batches of rows to a pool of actors
 (subclasses of `ImageMapActor`: one model each, one GPU each when the cluster has GPUs), which decode their batch
-with a few threads (`decode_rows`; PIL releases the GIL) and return an Arrow table; the driver writes the tables.
+in a thread pool (`decode_rows`; the decodes of one process take turns, since `blip2.images` keeps what decoder
+libraries print off the terminal through the process's one stderr, while the reading and preprocessing around
+them overlap) and return an Arrow table; the driver writes the tables.
 Nothing here imports Ray or pyarrow until a Ray function runs.
 """
 
@@ -216,7 +218,7 @@ class ImageMapActor:
 
         self.m: Blip2 = load(model, device=device, dtype=dtype, compile=compile)
         self.max_pixels = max_pixels
-        self.pool = ThreadPoolExecutor(max(1, threads))  # PIL releases the GIL while decoding
+        self.pool = ThreadPoolExecutor(max(1, threads))  # file reads and preprocessing overlap; decodes take turns
 
     def decode(self, batch: Any) -> RowBatch:
         return decode_rows(batch.to_pylist(), self.m.transform, self.max_pixels, self.pool)

@@ -1,24 +1,17 @@
 """Run by test_train_distributed: ITC in two gloo processes; each saves its loss and gradients to OUT/rank{r}.pt.
 
-Usage: python train_dist_worker.py OUT. This process is rank 0 and starts rank 1. `losses.py` is loaded from its
-file (it needs only torch): importing the `blip2` package would import transformers, seconds per process.
+Usage: python train_dist_worker.py OUT. This process is rank 0 and starts rank 1.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-_spec = importlib.util.spec_from_file_location(
-    "blip2_train_losses", Path(__file__).resolve().parents[2] / "src" / "blip2" / "train" / "losses.py"
-)
-losses = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(losses)
+from blip2.train import losses
 
 B, NQ, E = 3, 2, 8  # per process
 
