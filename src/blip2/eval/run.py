@@ -37,10 +37,10 @@ from blip2.defaults import (
     EVAL_K_TEST,
     EVAL_RETRIEVAL_BATCH_SIZE,
     EVAL_VQA,
+    MAX_PIXELS,
     VQA_TEMPLATE,
 )
 from blip2.durable import append_jsonl, atomic_path, atomic_write, check_settings, repair_jsonl
-from blip2.errors import ImageError
 from blip2.eval._common import EvalError, read_json
 from blip2.eval._common import field as get_field
 from blip2.eval.caption import caption_scores, load_caption_references
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     import torch
 
     from blip2.pipeline import Blip2, GenerationOptions
+    from blip2.processing import ImageTransform
 
 # The tasks' generation settings (LAVIS's COCO caption eval; the paper's zero-shot VQA): blip2.defaults gives sources.
 CAPTION_DEFAULTS: Mapping[str, Any] = EVAL_CAPTION
@@ -87,12 +88,23 @@ def task_options(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> Gener
     return GenerationOptions(**merged)
 
 
-def _loader(model: Any, device: str, dtype: str) -> tuple[str, Callable[[], Blip2]]:
-    """(name, lazy loader): the model loads only when something is left to predict."""
+@dataclass
+class _Loader:
+    """The model by name, loaded only when something is left to predict; its image transform, without loading it
+    (the images are decoded first: a rerun where only unreadable images are left needs no model)."""
+
+    name: str
+    load: Callable[[], Blip2]
+    transform: Callable[[], ImageTransform]
+
+
+def _loader(model: Any, device: str, dtype: str) -> _Loader:
+    from blip2.checkpoint import resolve
     from blip2.pipeline import Blip2, load
+    from blip2.processing import ImageTransform
 
     if isinstance(model, Blip2):
-        return model.name, lambda: model
+        return _Loader(model.name, lambda: model, lambda: model.transform)
     # A local folder is named by its absolute path, so `./ckpt` and `/abs/ckpt` resume the same partial file.
     name = str(Path(model).resolve()) if Path(model).exists() else str(model)
     cache: list[Blip2] = []
@@ -102,7 +114,10 @@ def _loader(model: Any, device: str, dtype: str) -> tuple[str, Callable[[], Blip
             cache.append(load(model, device=device, dtype=dtype))
         return cache[0]
 
-    return name, get
+    def transform() -> ImageTransform:
+        return cache[0].transform if cache else ImageTransform.from_pretrained(resolve(model))
+
+    return _Loader(name, get, transform)
 
 
 def _progress(total: int, desc: str, unit: str) -> Any:
@@ -218,10 +233,16 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
 
 
 def _generate(
-    load: Callable[[], Blip2], jobs: Sequence[_Job], opts: GenerationOptions, batch_size: int, partial, desc: str
+    model: _Loader, jobs: Sequence[_Job], opts: GenerationOptions, batch_size: int, partial, desc: str
 ) -> _Run:
-    """Predict every job not yet in `partial`, a batch at a time, appending each batch to it as it is done."""
-    from blip2.processing import load_image
+    """Predict every job not yet in `partial`, appending each batch of predictions to it as it is done.
+
+    Images go through the image-map engine (`blip2.imagemap`: decoded once each, in worker processes, while the
+    model predicts); each image's jobs (one caption, or all the questions about it) follow it into the model, in
+    batches of `batch_size` (image, prompt) pairs. An unreadable image skips its jobs, with the reason.
+    """
+    from blip2.imagemap import default_workers, image_batches
+    from blip2.sources import Item
 
     run = _Run(predictions=partial.open())
     known = {j.key for j in jobs}
@@ -229,32 +250,37 @@ def _generate(
     for j in jobs:
         if j.image is None:
             run.skipped[j.key] = {"file": None, "reason": j.reason}
-    todo = [j for j in jobs if j.image is not None and j.key not in run.predictions]
-    if not todo:
+    by_image: dict[str, list[_Job]] = {}
+    for j in jobs:
+        if j.image is not None and j.key not in run.predictions:
+            by_image.setdefault(str(j.image), []).append(j)
+    if not by_image:
         return run
-    m = None  # loaded at the first readable image: a rerun where only unreadable images are left needs no model
-    with _progress(len(todo), desc, "it") as bar:
-        for batch in _batches(todo, batch_size):
-            decoded: dict[Path, Any] = {}
-            good = []
-            for j in batch:
-                if j.image not in decoded:
-                    try:  # one unreadable image must not sink its batch
-                        decoded[j.image] = load_image(j.image)
-                    except ImageError as e:
-                        decoded[j.image] = e
-                if isinstance(decoded[j.image], ImageError):
-                    run.skipped[j.key] = {"file": str(j.image), "reason": str(decoded[j.image])}
-                else:
-                    good.append(j)
-            if good:
-                m = m or load()
-                pixels = [m.transform([decoded[j.image]])[0] for j in good]  # decoded once, above; (3, S, S) each
-                gens = m.generate(pixels, [j.prompt for j in good], opts)
-                new = [(j.key, g.text) for j, g in zip(good, gens, strict=True)]
-                partial.append(new)
-                run.predictions.update(new)
-            bar.update(len(batch))
+    items = [Item(key=path, path=path, root=str(Path(path).parent)) for path in by_image]
+    pending: list[tuple[_Job, Any]] = []  # (job, its image's (3, S, S) pixels)
+
+    def predict(pairs: list[tuple[_Job, Any]]) -> None:
+        m = model.load()
+        gens = m.generate([px for _, px in pairs], [j.prompt for j, _ in pairs], opts, batch_size=batch_size)
+        new = [(j.key, g.text) for (j, _), g in zip(pairs, gens, strict=True)]
+        partial.append(new)
+        run.predictions.update(new)
+        bar.update(len(pairs))
+
+    n_jobs = sum(len(js) for js in by_image.values())
+    with _progress(n_jobs, desc, "it") as bar:
+        for batch in image_batches(items, model.transform(), MAX_PIXELS, batch_size, default_workers()):
+            for item, reason in batch.failures:  # one unreadable image must not sink its batch
+                for j in by_image[item.key]:
+                    run.skipped[j.key] = {"file": item.key, "reason": reason}
+                bar.update(len(by_image[item.key]))
+            for i, item in enumerate(batch.items):
+                pending += [(j, batch.pixels[i]) for j in by_image[item.key]]
+            while len(pending) >= batch_size:
+                predict(pending[:batch_size])
+                pending = pending[batch_size:]
+        if pending:
+            predict(pending)
     return run
 
 
@@ -317,16 +343,16 @@ def evaluate_caption(
     if shutil.which("java") is None:  # fail before hours of generation, not after
         raise EvalError("caption metrics need Java on PATH (pycocoevalcap's PTBTokenizer); install a JRE")
     opts = task_options(CAPTION_DEFAULTS, options or {})
-    name, load = _loader(model, device, dtype)
+    loader = _loader(model, device, dtype)
     out = Path(out)
-    settings = _settings("caption", name, dtype, prompt or "", opts)
+    settings = _settings("caption", loader.name, dtype, prompt or "", opts)
     finder = ImageFinder(root, [image_pattern] if image_pattern else default_image_patterns())
     jobs = []
     for key in refs.captions:
         path, why = finder.find(key, None if image_pattern else refs.images.get(key))
         jobs.append(_Job(key, path, prompt or "", why))
     partial = PartialPredictions(out / "caption_predictions.partial.jsonl", settings, "image_id", "caption")
-    run = _generate(load, jobs, opts, batch_size, partial, "captions")
+    run = _generate(loader, jobs, opts, batch_size, partial, "captions")
     if not run.predictions:
         raise _nothing_scored(run, "caption")
     results = caption_scores(run.predictions, refs.captions, spice=spice, meteor=meteor)
@@ -431,16 +457,16 @@ def evaluate_vqa(
         )
     root = _images_dir(images)
     opts = task_options(VQA_DEFAULTS, options or {})
-    name, load = _loader(model, device, dtype)
+    loader = _loader(model, device, dtype)
     out, task = Path(out), "gqa" if gqa else "vqa"
-    settings = _settings(task, name, dtype, prompt, opts)
+    settings = _settings(task, loader.name, dtype, prompt, opts)
     finder = ImageFinder(root, [image_pattern] if image_pattern else default_image_patterns(splits))
     jobs = []
     for q in qs:
         path, why = finder.find(q.image_id, None if image_pattern else q.file_name)
         jobs.append(_Job(q.question_id, path, _format_prompt(prompt, q.question), why))
     partial = PartialPredictions(out / f"{task}_predictions.partial.jsonl", settings, "question_id", "answer")
-    run = _generate(load, jobs, opts, batch_size, partial, "answers")
+    run = _generate(loader, jobs, opts, batch_size, partial, "answers")
     if not run.predictions:
         raise _nothing_scored(run, "answer")
     if gqa:
@@ -459,11 +485,18 @@ def _encode_images(m: Blip2, paths: Sequence[Path], batch_size: int) -> tuple[to
     The same numbers as `m.embed_images`, but the ViT runs once for both uses."""
     import torch
 
+    from blip2.imagemap import default_workers, image_batches
+    from blip2.sources import Item
+
     m.require_text_side()
     feats, embeds = [], []
+    items = [Item(key=str(p), path=str(p), root=str(p.parent)) for p in paths]
+    batches = image_batches(items, m.transform, MAX_PIXELS, batch_size, default_workers(), short_batches=False)
     with torch.no_grad(), _progress(len(paths), "images", "img") as bar:
-        for batch in _batches(paths, batch_size):
-            f = m.model.encode_image(m.pixel_values(batch))  # (B, N, Dv)
+        for batch in batches:
+            if batch.failures:  # every image is a row and a column of the score matrices: none may be missing
+                raise EvalError(batch.failures[0][1])
+            f = m.model.encode_image(batch.pixels.to(m.device, m.dtype))  # (B, N, Dv)
             embeds.append(m.model.image_embeddings(f).float().cpu())  # (B, Nq, E)
             feats.append(f.cpu())
             bar.update(len(batch))
@@ -517,8 +550,8 @@ def evaluate_retrieval(
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise EvalError(f"{missing[0]}: image not found ({len(missing)} of {len(paths)} missing; retrieval needs all)")
-    name, load = _loader(model, device, dtype)
-    m = load()
+    loader = _loader(model, device, dtype)
+    m = loader.load()
     feats, image_embeds = _encode_images(m, paths, batch_size)
     with torch.no_grad():
         text_embeds = torch.cat([m.embed_texts(b) for b in _batches(split.texts, batch_size)])  # (Nt, E)
@@ -538,7 +571,7 @@ def evaluate_retrieval(
         results["itc_itm"] = recall_at_k(i2t, split.img2txt, split.txt2img, scores_t2i=t2i)
     else:
         results["skipped"] = {"itc_itm": "--k-test 0: no ITM re-ranking"}
-    results["settings"] = {"model": name, "dtype": dtype}
+    results["settings"] = {"model": loader.name, "dtype": dtype}
     out = Path(out)
     scores_path = out / "retrieval_scores.npz"
     _save_npz(scores_path, itc=itc, i2t=i2t, t2i=t2i)
