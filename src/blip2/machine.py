@@ -1,5 +1,5 @@
-"""What this machine can do, measured: memory bandwidth, GEMM rates per dtype, and how fast each kernel that the CPU
-routes choose between runs on BLIP-2's layer shapes. `blip2 doctor` prints it.
+"""What the running machine can do, measured: memory bandwidth, GEMM rates per dtype, and how fast each kernel that
+the CPU routes choose between runs on BLIP-2's layer shapes. `blip2 doctor` prints it.
 
 Figures come from short timed runs (a few seconds in all), never from CPU flags: two CPUs with the same flags differ
 in cores, caches and memory channels. Each figure is the best of a few runs, after a warm-up.

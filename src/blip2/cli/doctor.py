@@ -1,4 +1,4 @@
-"""`blip2 doctor`: what this machine can do (memory bandwidth, GEMM rates, the CPU kernels on BLIP-2's layer
+"""`blip2 doctor`: what the machine it runs on can do (memory bandwidth, GEMM rates, the CPU kernels on BLIP-2's layer
 shapes), measured in a few seconds, and which dtype and routes blip2 takes on it (`blip2.machine`)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of the table.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads [torch's default].")
 def doctor(as_json: bool, threads: int | None) -> None:
-    """Measure this machine's limits and the speed of each CPU kernel route on BLIP-2's layer shapes."""
+    """Measure the limits of the machine it runs on and the speed of each CPU kernel route on BLIP-2's layer shapes."""
     import torch
 
     from ..machine import format_report, report
