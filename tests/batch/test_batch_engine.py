@@ -152,6 +152,19 @@ def test_jsonl_and_parquet_manifests_and_resume(model, tmp_path: Path) -> None:
         list(caption_images([tmp_path / "in"], model=model, out=outs, prompt="a photo of", workers=0))
 
 
+def test_parquet_output_without_pyarrow_is_refused_before_any_work(monkeypatch, tmp_path: Path) -> None:
+    """Otherwise a core install (pyarrow comes with the ray extra) would caption a whole folder, then fail to write."""
+    import importlib.util
+
+    from blip2.batch import BatchOptions
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyarrow" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"r\.parquet: Parquet output needs pyarrow"):
+        BatchOptions(out=[tmp_path / "r.parquet"])
+    BatchOptions(out=[tmp_path / "r.jsonl"])  # JSONL needs nothing more
+
+
 def test_torn_jsonl_tail_is_repaired(model, tmp_path: Path) -> None:
     make_good(tmp_path / "in", 4)
     out = tmp_path / "r.jsonl"

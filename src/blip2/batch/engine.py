@@ -11,6 +11,7 @@ killed at any moment resumes where it stopped, and every image is in the outputs
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -59,6 +60,9 @@ class BatchOptions:
         for p in self.out:
             if p.suffix.lower() not in MANIFEST_SUFFIXES:
                 raise ConfigError(f"{p}: output must end in {' or '.join(MANIFEST_SUFFIXES)}")
+            if p.suffix.lower() == ".parquet" and importlib.util.find_spec("pyarrow") is None:
+                # said before the model loads and the images are captioned, not when the run ends
+                raise ConfigError(f"{p}: Parquet output needs pyarrow (pip install pyarrow, or the ray extra)")
         if self.existing not in EXISTING:
             raise ConfigError(f"existing must be one of {', '.join(EXISTING)}; got {self.existing!r}")
         if self.prompt and self.question:
