@@ -1,6 +1,11 @@
 """One family of errors, each message naming the file or value that was wrong."""
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (whitespace runs folded), or its type's name when it has none."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 class Blip2Error(Exception):
     """Base of every error this package raises on purpose."""
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .defaults import MAX_PIXELS
-from .errors import ImageError
+from .errors import ImageError, one_line
 
 __all__ = ["DEFAULT_MAX_PIXELS", "image_suffixes", "is_image_suffix", "load_image", "sniff_format", "to_rgb"]
 
@@ -127,7 +127,7 @@ def load_image(src: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: 
     except PermissionError as exc:
         raise ImageError(f"{label}: unreadable (permission denied)", kind="unreadable") from exc
     except OSError as exc:
-        raise ImageError(f"{label}: unreadable ({_one_line(exc)})", kind="unreadable") from exc
+        raise ImageError(f"{label}: unreadable ({one_line(exc)})", kind="unreadable") from exc
     with fp:
         if os.fstat(fp.fileno()).st_size == 0:
             raise ImageError(f"{label}: empty file (0 bytes), not an image", kind="empty")
@@ -135,10 +135,6 @@ def load_image(src: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: 
 
 
 # ---- the decode -----------------------------------------------------------------------------------------------------
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _open(fp: io.IOBase, name: str, max_pixels: int) -> Image.Image:
@@ -184,7 +180,7 @@ def _decoded(img: Image.Image, max_pixels: int) -> Image.Image:
     try:
         upright = ImageOps.exif_transpose(img)
     except Exception as exc:  # noqa: BLE001 - a damaged EXIF block: the pixels are fine, only the orientation is lost
-        warnings.warn(f"EXIF orientation unreadable, image kept as stored ({_one_line(exc)})", stacklevel=1)
+        warnings.warn(f"EXIF orientation unreadable, image kept as stored ({one_line(exc)})", stacklevel=1)
         upright = img
     return to_rgb(upright)
 
@@ -194,7 +190,7 @@ class _TooMany(Exception):
 
 
 def _failure(name: str, exc: BaseException, said: list[str], max_pixels: int) -> ImageError:
-    text = _one_line(exc)
+    text = one_line(exc)
     if isinstance(exc, (_TooMany, Image.DecompressionBombError)):
         return ImageError(
             f"{name}: too many pixels (limit {max_pixels}): too large to decode safely ({text})", kind="too_large"

@@ -168,7 +168,6 @@ class Blip2:
             self._cache.popitem(last=False)
         return out
 
-    # ---- generation -----------------------------------------------------------------------------------------------
     # ---- text: the public processor of prompts, tokens and texts --------------------------------------------------
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """LM prompts -> (ids, attention mask), both (B, T) on the model's device, padded on the side the LM
@@ -200,6 +199,7 @@ class Blip2:
         )
         return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
 
+    # ---- generation -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(
         self,

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from blip2.defaults import VQA_TEMPLATE
-from blip2.errors import ConfigError
+from blip2.errors import ConfigError, one_line
 from blip2.images import DEFAULT_MAX_PIXELS, load_image, to_rgb
 
 __all__ = [
@@ -58,10 +58,6 @@ PROCESSOR_CONFIG = "processor_config.json"  # transformers 5 nests the image set
 
 _CHAT_TURN = "Question: {} Answer: {}."
 QFORMER_TEXT_TOKENS = 35  # a Q-Former text (ITC, ITM) is cut to this many tokens, as LAVIS's max_txt_len
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -130,7 +126,7 @@ class ImageTransform:
             try:
                 cfg = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ConfigError(f"{path}: cannot read preprocessor config ({_one_line(exc)})") from exc
+                raise ConfigError(f"{path}: cannot read preprocessor config ({one_line(exc)})") from exc
             if section is not None and isinstance(cfg, dict):
                 if section not in cfg:
                     continue

@@ -55,7 +55,6 @@ from .schema import ApiError, ChatRequest, SimpleRequest, error_body
 
 log = logging.getLogger("blip2.server")
 STATIC = Path(__file__).parent / "static"
-VQA_MAX_TOKENS = VQA_MAX_NEW_TOKENS  # as the Python API's VQA_OPTIONS
 
 
 @dataclass
@@ -336,7 +335,7 @@ async def simple_route(state: State, request: Request, kind: str) -> dict[str, A
         question = (body.question or "").strip()
         if not question:
             raise ApiError(400, "vqa needs a non-empty 'question'", "no_question")
-        prompt, default_max = vqa_prompt(question), VQA_MAX_TOKENS
+        prompt, default_max = vqa_prompt(question), VQA_MAX_NEW_TOKENS  # as the API
     else:
         prompt, default_max = body.prompt or "", DEFAULT_MAX_TOKENS
     options = simple_options(body, default_max, s.max_tokens_limit)
