@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..durable import atomic_write
+from ..durable import append_jsonl, atomic_write
 from ..errors import ConfigError
 from ..imagemap import Batch, default_workers, image_batches
 from ..pipeline import Blip2
@@ -192,9 +192,9 @@ class BatchRun:
         failed = [r for r in records if r.status == "failed"]
         for p in self.opts.out:
             if p.suffix == ".jsonl":
-                L.append_jsonl(p, [L.manifest_row(r, self.meta()) for r in done])
+                append_jsonl(p, [L.manifest_row(r, self.meta()) for r in done])
         if ledger is not None:
-            L.append_jsonl(self.opts.errors_path(self.inputs), [L.error_row(r) for r in failed])
+            append_jsonl(self.opts.errors_path(self.inputs), [L.error_row(r) for r in failed])
         self.summary.done += len(done)
         self.summary.failed += len(failed)
         for r in records:
