@@ -11,6 +11,9 @@ import pytest
 # Set before transformers / huggingface_hub are imported by any test module, so nothing can reach the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# CPU routes by flags, not by timing this machine (blip2.routes): the same routes, and results, on every run;
+# tests/test_routes.py tests the measured choice with given timings
+os.environ.setdefault("BLIP2_ROUTES", "flags")
 
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:

@@ -1,13 +1,16 @@
 """Which device a model runs on and in which dtypes: the one place that decides.
 
 * device "auto": CUDA if present, then Apple's MPS, else the CPU;
-* dtype "auto": fp16 on CUDA, bf16 on a CPU with native bf16 matmuls (AVX512-BF16 or AMX), else fp32. The
-  detection can be forced with `BLIP2_CPU_BF16=0|1` (tests run every CPU kind's choices on any machine with it);
+* dtype "auto": fp16 on CUDA; on a CPU the fastest route, by measurement on the running machine (routes.py),
+  among those whose quality against fp32 is at least that of `transformers`' own bf16 (route_quality.py); fp32
+  elsewhere. `BLIP2_ROUTES=flags` decides by CPU flags instead (bf16 where AVX512-BF16 or AMX is listed, else
+  fp32), and `BLIP2_CPU_BF16=0|1` forces that flag (tests run every CPU kind's choices on any machine with it);
 * under fp16 the Q-Former and its queries stay fp32, as `transformers` keeps them (`_keep_in_fp32_modules`, which
   it applies to fp16 only: in bf16 they are bf16 like the rest);
 * dtype "int8" (weight-only quantization, quant.py): the arithmetic stays fp32 on a CPU, fp16 on a GPU;
-* dtype bf16 on a CPU without bf16 instructions: the bf16 layers sum in fp32 where that pays
-  (`quant.bf16_sums_in_fp32`), since PyTorch emulates bf16 GEMMs there at about a fifth of the fp32 speed.
+* dtype bf16 on a CPU: the bf16 layers sum in fp32 on widened weights where the measurement says that pays
+  (`quant.bf16_sums_in_fp32`; without bf16 instructions PyTorch emulates bf16 GEMMs at a fifth of the fp32 speed).
+  The CPU kernels of every layer kind are installed before the model is built (`quant.use_kernels`).
 
 `placement(device, dtype)` applies all of these to a user's two strings; the loaders, the pipeline and the trainer
 ask it (or the functions below) rather than deciding again.
@@ -22,10 +25,17 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError
-from .quant import SCHEMES
+from .quant import SCHEMES, use_kernels
 
 CPU_BF16_ENV = "BLIP2_CPU_BF16"
 FP32_MODULES = ("query_tokens", "qformer.")  # parameter-name prefixes kept in fp32 when the model is fp16
+# a route_quality name that dtype="auto" may resolve to on a CPU: (arithmetic dtype, quantization, bf16 sums in fp32)
+AUTO_ROUTES = {
+    "fp32": (torch.float32, None, False),
+    "bf16": (torch.bfloat16, None, False),
+    "bf16-fp32-sums": (torch.bfloat16, None, True),
+    "int8": (torch.float32, "int8", False),
+}
 DTYPE_NAMES = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -88,8 +98,10 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         raise ConfigError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPE_NAMES)}")
     if device.type == "cuda":
         return torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return torch.bfloat16
+    if device.type == "cpu":
+        from .routes import cpu_routes
+
+        return AUTO_ROUTES[cpu_routes().auto][0]
     return torch.float32
 
 
@@ -101,9 +113,18 @@ def target_dtype(key: str, dtype: torch.dtype) -> torch.dtype:
 def placement(device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> Placement:
     """The device, dtypes and kernels for a user's `device` and `dtype` (a dtype name, "auto", or "int8")."""
     dev = pick_device(device)
-    quantize = None
-    if isinstance(dtype, str) and dtype in SCHEMES:
-        quantize, dtype = dtype, (torch.float32 if dev.type == "cpu" else torch.float16)
-    dt = resolve_dtype(dtype, dev)
-    sums_in_fp32 = dt == torch.bfloat16 and dev.type == "cpu" and not cpu_has_native_bf16()
-    return Placement(dev, dt, quantize, sums_in_fp32)
+    named = dtype if isinstance(dtype, torch.dtype) else DTYPE_NAMES.get(dtype)
+    routed = dev.type == "cpu" and (dtype == "auto" or dtype in SCHEMES or named == torch.bfloat16)
+    if not routed:  # nothing to choose: fp32 and fp16 on a CPU, any dtype elsewhere
+        if isinstance(dtype, str) and dtype in SCHEMES:
+            return Placement(dev, torch.float16, dtype)
+        return Placement(dev, resolve_dtype(dtype, dev))
+    from .routes import cpu_routes
+
+    routes = cpu_routes()  # measured on this machine (cached), or decided by an environment override
+    use_kernels(routes.kernels)
+    if dtype == "auto":
+        return Placement(dev, *AUTO_ROUTES[routes.auto])
+    if dtype in SCHEMES:
+        return Placement(dev, torch.float32, dtype)
+    return Placement(dev, torch.bfloat16, None, routes.kernels.widens_bf16)

@@ -11,8 +11,8 @@ in cores, caches and memory channels. Each figure is the best of a few runs, aft
   GEMMs at the vision encoder's size (257 rows, 1408 -> 6144).
 - `kernels`: milliseconds of each product that `quant.py` can route a language-model layer (2560 -> 10240, OPT-2.7B's
   fc1) through, at 1 to 257 rows, with the weight bytes each reads per second.
-- `crossover`: from how many rows per sequence the fp32 product on widened weights beats the narrow kernel, by
-  measurement, beside the thresholds `quant.py` uses.
+- `measured` / `in_use`: the routes chosen from those timings (`routes.py`) and the ones loads use (the same unless
+  `BLIP2_ROUTES` or `BLIP2_CPU_BF16` overrides them), with each route's estimated caption time.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .quant import NEVER
 
 ROWS = (1, 4, 8, 24, 64, 257)  # decoding 1-8 sequences, the thresholds' region, a prompt's prefill, one image
 LM_SHAPE = (2560, 10240)  # in, out: OPT-2.7B's fc1
@@ -92,8 +94,10 @@ def gemm(rows: int, k: int, n: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def kernels(k: int, n: int, rows: tuple[int, ...] = ROWS) -> dict[int, dict[str, float]]:
-    """Milliseconds per product of each route for an (n, k) weight at each row count."""
+def kernels(
+    k: int, n: int, rows: tuple[int, ...] = ROWS, names: tuple[str, ...] | None = None
+) -> dict[int, dict[str, float]]:
+    """Milliseconds per product of each route (or of those in `names`) for an (n, k) weight at each row count."""
     from .quant import _widened_mm
 
     w = torch.randn(n, k)
@@ -111,76 +115,75 @@ def kernels(k: int, n: int, rows: tuple[int, ...] = ROWS) -> dict[int, dict[str,
             "int8": lambda xb=xb: torch._weight_int8pack_mm(xb, wq, sb),
             "int8 widened to fp32": lambda x=x: _widened_mm(x, wq, scale, None),
         }
-        out[m] = {name: best_seconds(fn) * 1e3 for name, fn in routes.items()}
+        out[m] = {
+            name: best_seconds(fn, budget_s=0.3) * 1e3 for name, fn in routes.items() if name in (names or routes)
+        }
     return out
 
 
-def crossover(times: dict[int, dict[str, float]], narrow: str, wide: str) -> int | None:
-    """The fewest rows from which `wide` is faster than `narrow` at that row count and every larger one measured."""
-    rows = sorted(times)
-    for i, m in enumerate(rows):
-        if all(times[r][wide] < times[r][narrow] for r in rows[i:]):
-            return m
-    return None
-
-
 def report(
-    lm_shape: tuple[int, int] = LM_SHAPE, vision: tuple[int, int, int] = VISION_GEMM, memory_mib: int = 256
+    recalibrate: bool = False, vision: tuple[int, int, int] = VISION_GEMM, memory_mib: int = 256
 ) -> dict[str, Any]:
-    """Everything `blip2 doctor` prints, as a dict (JSON-ready). Smaller shapes make a quick check."""
-    from . import quant
-    from .dtype_policy import cpu_has_native_bf16, resolve_dtype
+    """Everything `blip2 doctor` prints, as a dict (JSON-ready): the machine's limits, the measured routes
+    (`routes.measured_routes`, from the cache unless `recalibrate`) and the routes loads use (`routes.cpu_routes`,
+    which an environment variable may override)."""
+    from .dtype_policy import cpu_has_native_bf16
+    from .routes import LM_SHAPE as LM
+    from .routes import cpu_routes, measured_routes
 
-    k, n = lm_shape
-    times = kernels(k, n)
+    measured = measured_routes(recalibrate)
+    in_use = cpu_routes()
+    k, n = LM
     weight_bytes = {"fp32": 4, "bf16": 2, "bf16 widened to fp32": 2, "int8": 1, "int8 widened to fp32": 1}
+    times = measured.timings["lm"]
     read = {m: {r: weight_bytes[r] * k * n / (ms / 1e3) / 1e9 for r, ms in t.items()} for m, t in times.items()}
     return {
         "cpu": cpu_name(),
         "flags": cpu_flags(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
         "memory": memory(memory_mib),
         "gemm_gflops": gemm(*vision),
         "gemm_shape": list(vision),
-        "kernel_shape": [k, n],
-        "kernels_ms": times,
-        "weight_read_gbs": read,
-        "crossover": {
-            "int8": {
-                "measured": crossover(times, "int8", "int8 widened to fp32"),
-                "used": quant.INT8_FP32_MIN_POSITIONS,
-            },
-            "bf16": {
-                "measured": crossover(times, "bf16", "bf16 widened to fp32"),
-                "used": quant.BF16_FP32_MIN_POSITIONS,
-            },
-        },
-        "dtype_auto": str(resolve_dtype("auto", torch.device("cpu"))).replace("torch.", ""),
         "native_bf16_flags": cpu_has_native_bf16(),
-        "cpu_count": os.cpu_count(),
+        "kernel_shape": [k, n],
+        "weight_read_gbs": read,
+        "measured": measured.as_dict(),
+        "in_use": in_use.as_dict(),
     }
 
 
+def _threshold(n: int) -> str:
+    return "never" if n >= NEVER else f"from {n} positions"
+
+
 def format_report(r: dict[str, Any]) -> str:
-    mem, g = r["memory"], r["gemm_gflops"]
+    mem, g, routes = r["memory"], r["gemm_gflops"], r["measured"]
     lines = [
         f"cpu        {r['cpu']} ({r['cpu_count']} cores, torch {r['torch']} on {r['threads']} threads)",
         f"flags      {' '.join(r['flags']) or '(none of the SIMD flags PyTorch uses)'}",
         f"memory     copy {mem['copy_gbs']:.1f} GB/s (read + write), read {mem['read_gbs']:.1f} GB/s",
         f"GEMM       {'x'.join(map(str, r['gemm_shape']))}: fp32 {g['fp32']:.0f}, bf16 {g['bf16']:.0f}, "
         f"int8 {g['int8']:.0f} GFLOP/s",
-        f"dtype      auto = {r['dtype_auto']} on the CPU (native bf16 by its flags: {r['native_bf16_flags']})",
         f"kernels    {r['kernel_shape'][0]} -> {r['kernel_shape'][1]}, ms per product (weight GB/s read):",
     ]
-    names = list(next(iter(r["kernels_ms"].values())))
+    times = routes["timings"]["lm"]
+    names = list(next(iter(times.values())))
     lines.append("    rows  " + "".join(f"{n:>24}" for n in names))
-    for m, t in r["kernels_ms"].items():
+    for m, t in times.items():
         cells = "".join(f"{t[n]:>12.2f} ({r['weight_read_gbs'][m][n]:>6.1f})    " for n in names)
         lines.append(f"    {m:>4}  {cells}")
-    for kind, c in r["crossover"].items():
+    for m, t in routes["timings"]["vision"].items():
+        lines.append(f"vision     1408 -> 6144, {m} rows, ms: " + ", ".join(f"{n} {v:.2f}" for n, v in t.items()))
+    for title, rt in (("measured", routes), ("in use", r["in_use"])):
+        k = rt["kernels"]
         lines.append(
-            f"route      {kind}: fp32 on widened weights is faster from {c['measured'] or 'no measured'} rows per "
-            f"sequence here; quant.py widens from {c['used']}"
+            f"routes     {title} ({rt['source']}): widened to fp32: bf16 LM {_threshold(k['bf16_lm'])}, bf16 vision "
+            f"{_threshold(k['bf16_vision'])}, int8 LM {_threshold(k['int8_lm'])}, int8 vision "
+            f"{_threshold(k['int8_vision'])}; dtype auto = {rt['auto']}"
         )
+    for name, ms in routes["caption_ms"].items():
+        may = "may be picked by auto" if routes["allowed"][name] else "not for auto (route_quality)"
+        lines.append(f"caption    {name}: about {ms / 1e3:.1f} s estimated; {may}")
     return "\n".join(lines)

@@ -13,36 +13,82 @@ compares them on the model's layer shapes; the figures are in docs/speed.md):
   (`_widened_mm`: the wide block stays in the cache, which makes it as fast as an fp32 GEMM on fp32 weights).
 
 So `int8` means: language-model linears (with the output head) int8 per output channel, multiplied by the int8
-kernel below `INT8_FP32_MIN_POSITIONS` positions per sequence (decoding) and widened to fp32 from there (prefill);
-vision linears bf16 storage, fp32 arithmetic; the Q-Former, norms, biases and embeddings as the reference keeps them
-(the Q-Former in fp32, the token embeddings stored bf16). Quality is measured, not assumed: `tests/test_quant.py`
+kernel below a number of positions per sequence (decoding) and widened to fp32 from there (prefill); vision
+linears bf16 storage, fp32 arithmetic on widened weights (or PyTorch's bf16 kernel where the CPU has a faster
+one); the Q-Former, norms, biases and embeddings as the reference keeps them (the Q-Former in fp32, the token
+embeddings stored bf16). Quality is measured, not assumed: `tests/test_quant.py`
 bounds the logit deviation from fp32 on the tiny models and `bench/quality.py` reports it on the full-size
 architecture.
 
 The swapped modules are created before loading, with their `weight` still on the meta device; the loader hands
 each weight to `set_weight`, which converts it at once, so the full-precision copy of a layer never outlives
 its conversion (peak memory stays near the quantized size).
+
+Which kernel a layer takes is a number of positions per sequence per kind of layer (`Kernels`): `routes.py`
+measures the running CPU and installs its choice with `use_kernels` (dtype_policy.placement does it before a model
+is built); until then, and with `BLIP2_ROUTES=flags`, the defaults below hold (measured on an AVX2 CPU).
 """
 
 from __future__ import annotations
 
+import sys
 import threading
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 SCHEMES = ("int8",)
+NEVER = sys.maxsize  # a threshold no sequence reaches: that kind of layer is never widened
+
+# The defaults of `Kernels`, measured on an AVX2 CPU for OPT-2.7B's layers (`bench/matmul.py`, docs/speed.md): there
+# the widened fp32 route is as fast as `_weight_int8pack_mm` at 24 rows and faster at a prompt's prefill, and beats
+# the emulated bf16 kernel from somewhere between 8 and 32 rows. Decoding steps (one position) stay narrow.
+INT8_FP32_MIN_POSITIONS = 24
+BF16_FP32_MIN_POSITIONS = 24
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Per kind of layer, the positions per sequence from which its products run in fp32 on weights widened a block
+    at a time (`_widened_mm`); below, PyTorch's kernel for the stored dtype. 0: always widened; NEVER: never.
+
+    Positions per sequence, never rows: a batch takes the route each of its sequences takes alone."""
+
+    bf16_lm: int = BF16_FP32_MIN_POSITIONS  # dtype="bf16": the language model's and the Q-Former's layers
+    bf16_vision: int = BF16_FP32_MIN_POSITIONS  # dtype="bf16": the vision encoder's (257 positions per image)
+    int8_lm: int = INT8_FP32_MIN_POSITIONS  # dtype="int8": the LM's int8 layers; below, `_weight_int8pack_mm`
+    int8_vision: int = 0  # dtype="int8": the vision encoder's bf16-stored layers (fp32 activations); below, bf16
+
+    @property
+    def widens_bf16(self) -> bool:
+        """Whether any bf16 layer of a `dtype="bf16"` model takes the widened route (`bf16_sums_in_fp32` applies)."""
+        return min(self.bf16_lm, self.bf16_vision) < NEVER
+
+
+_active = Kernels()
+
+
+def use_kernels(kernels: Kernels) -> None:
+    """Make `kernels` the routes of the layers that `prepare` and `bf16_sums_in_fp32` create from now on."""
+    global _active
+    _active = kernels
+
+
+def active_kernels() -> Kernels:
+    return _active
 
 
 class Int8Linear(nn.Module):
     """y = x W^T + b with W stored as int8 (symmetric, one fp32 scale per output channel)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, min_positions: int = INT8_FP32_MIN_POSITIONS) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # the meta parameter until `set_weight`, then an int8 buffer of the same name
         self.bias = linear.bias
+        self.min_positions = min_positions  # from here on (positions per sequence) the widened fp32 route
         self.register_buffer("scale", None)
 
     @torch.no_grad()
@@ -64,7 +110,7 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _positions(x) >= INT8_FP32_MIN_POSITIONS and _widening_applies(x):
+        if _positions(x) >= self.min_positions and _widening_applies(x):
             y = _widened_mm(x.reshape(-1, self.in_features).float(), self.weight, self.scale, self.bias)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         # torch 2.13's CPU kernel reads out of bounds (segfault) when in_features is not a multiple of 8 and
@@ -97,11 +143,13 @@ def _(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Te
 class StoredLinear(nn.Linear):
     """A linear layer whose weight is stored in a narrower dtype (bf16) and multiplied in a wider one.
 
-    With an input of another dtype (fp32 under `dtype="int8"`) the weight is widened to it. With an input in the
-    storage dtype itself (`dtype="bf16"` on a CPU without bf16 instructions, see `bf16_sums_in_fp32`) the product
-    runs in fp32 and is rounded back to bf16: exact products summed in fp32 is what a bf16 GEMM computes, so the
-    result differs from the native kernel only by the order of the sums (one bf16 step on ~0.02% of the outputs),
-    and at 257 rows it is much faster than the emulated kernel (docs/speed.md). Below `min_positions` positions per
+    With an input of another dtype (fp32 under `dtype="int8"`) the weight is widened to it, except below
+    `min_positions` positions per sequence on a CPU, where the input is rounded to bf16 for PyTorch's bf16 kernel
+    (chosen where that kernel is native and faster, `routes.py`). With an input in the storage dtype itself
+    (`dtype="bf16"` on a CPU without bf16 instructions, see `bf16_sums_in_fp32`) the product runs in fp32 and is
+    rounded back to bf16: exact products summed in fp32 is what a bf16 GEMM computes, so the result differs from
+    the native kernel only by the order of the sums (one bf16 step on ~0.02% of the outputs), and at 257 rows it
+    is much faster than the emulated kernel (docs/speed.md). Below `min_positions` positions per
     sequence (decoding) widening the weight costs more than the native kernel saves, and with gradients enabled the
     fp32 copy would be kept for the backward pass: both take the native kernel.
     """
@@ -117,10 +165,14 @@ class StoredLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         widen = _widening_applies(x)
+        narrow = widen and _positions(x) < self.min_positions
         if x.dtype == self.weight.dtype:  # bf16 in, bf16 out: fp32 sums only where they pay
-            if not widen or _positions(x) < self.min_positions:
+            if not widen or narrow:
                 return _linear_rows(x, self.weight, self.bias)
             compute = torch.float32
+        elif narrow:  # fp32 in, where the CPU's bf16 kernel beats an fp32 product
+            bias = None if self.bias is None else self.bias.to(self.storage)
+            return _linear_rows(x.to(self.storage), self.weight, bias).to(x.dtype)
         else:
             compute = x.dtype
         bias = None if self.bias is None else self.bias.to(compute)
@@ -214,43 +266,40 @@ def _swap(root: nn.Module, make) -> None:
             setattr(root.get_submodule(parent_name) if parent_name else root, attr, made[id(module)])
 
 
-def prepare(model: nn.Module, scheme: str, compute: torch.dtype = torch.float32) -> None:
-    """Swap the layers of a model built on the meta device (`checkpoint.build_empty`) for their quantized forms."""
+def prepare(
+    model: nn.Module, scheme: str, compute: torch.dtype = torch.float32, kernels: Kernels | None = None
+) -> None:
+    """Swap the layers of a model built on the meta device (`checkpoint.build_empty`) for their quantized forms,
+    routed by `kernels` (default: `active_kernels()`)."""
     if scheme not in SCHEMES:
         raise ValueError(f"quantization {scheme!r} is not one of {', '.join(SCHEMES)}")
+    k = kernels or _active
     lm = model.language_model
     if lm is not None:
         table = lm.get_input_embeddings().weight  # T5's encoder and decoder embeddings share it
-        _swap(lm, lambda m: Int8Linear(m) if type(m) is nn.Linear else None)
+        _swap(lm, lambda m: Int8Linear(m, k.int8_lm) if type(m) is nn.Linear else None)
         shares_table = lambda m: type(m) is nn.Embedding and m.weight is table  # noqa: E731
         _swap(lm, lambda m: StoredEmbedding(m, torch.bfloat16, compute) if shares_table(m) else None)
-    _swap(model.vision_model, lambda m: StoredLinear(m, torch.bfloat16) if type(m) is nn.Linear else None)
+    _swap(
+        model.vision_model, lambda m: StoredLinear(m, torch.bfloat16, k.int8_vision) if type(m) is nn.Linear else None
+    )
 
 
-# Positions per sequence (`_positions`) from which a product takes the widened fp32 route (`_widened_mm`). For
-# OPT-2.7B's layers on an AVX2 CPU it is as fast as `_weight_int8pack_mm` at 24 rows and faster at a prompt's
-# prefill, most of all for a batch of prompts (`bench/matmul.py`, docs/speed.md). Decoding steps (one position)
-# stay on the int8 kernel, which reads a quarter of the bytes.
-INT8_FP32_MIN_POSITIONS = 24
-
-# Positions per sequence from which bf16 products sum in fp32. On an AVX2 CPU the fp32 route beats the emulated
-# bf16 kernel from somewhere between 8 and 32 rows, depending on the layer and the thread count (`bench/matmul.py`).
-# Decoding steps stay native whatever the batch.
-BF16_FP32_MIN_POSITIONS = 24
-
-
-def bf16_sums_in_fp32(model: nn.Module) -> None:
-    """For a bf16 model on a CPU without bf16 instructions (AVX2 only), where PyTorch emulates bf16 GEMMs at about
-    a fifth of the fp32 speed: make every bf16 linear layer but the LM's output head a `StoredLinear` that sums in
-    fp32 from `BF16_FP32_MIN_POSITIONS` positions per sequence (the vision encoder, prompt prefill). The weights
-    stay the same bf16 parameters (memory, saving and state dict unchanged); the head is left alone, since its
-    weight is the largest (a 500 MB fp32 copy) and it sees few rows while generating."""
+def bf16_sums_in_fp32(model: nn.Module, kernels: Kernels | None = None) -> None:
+    """For a bf16 model on a CPU where PyTorch's bf16 GEMM is slower than fp32 (emulated without AVX512-BF16/AMX,
+    about a fifth of the fp32 speed): make every bf16 linear layer but the LM's output head a `StoredLinear` that
+    sums in fp32 from `kernels.bf16_vision` (vision encoder) or `kernels.bf16_lm` (the rest) positions per sequence
+    (default: `active_kernels()`). The weights stay the same bf16 parameters (memory, saving and state dict
+    unchanged); the head is left alone, since its weight is the largest (a 500 MB fp32 copy) and it sees few rows
+    while generating."""
+    k = kernels or _active
     lm = getattr(model, "language_model", None)
     head = lm.get_output_embeddings() if lm is not None else None
+    vision = set(map(id, model.vision_model.modules())) if hasattr(model, "vision_model") else set()
 
     def make(m: nn.Module) -> nn.Module | None:
         if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m is not head:
-            return StoredLinear(m, torch.bfloat16, min_positions=BF16_FP32_MIN_POSITIONS)
+            return StoredLinear(m, torch.bfloat16, min_positions=k.bf16_vision if id(m) in vision else k.bf16_lm)
         return None
 
     _swap(model, make)
