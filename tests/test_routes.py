@@ -1,0 +1,157 @@
+"""CPU routes chosen by measurement (blip2.routes), with given timings: no test here depends on this machine's speed.
+
+If these fail, a load picks a slower kernel than its own measurement shows, `dtype="auto"` picks a route whose
+quality was not shown to match transformers' bf16, the cache is re-measured at every start (seconds per load) or
+reused on another machine, or a damaged cache file crashes loading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from blip2 import quant, routes
+from blip2.dtype_policy import placement, resolve_dtype
+from blip2.errors import ConfigError
+from blip2.quant import NEVER, Int8Linear, StoredLinear
+from blip2.route_quality import QUALITY, YARDSTICK, allowed
+
+LM_NAMES, VISION_NAMES = routes.LM_NAMES, routes.VISION_NAMES
+
+
+def timings(lm: dict[str, list[float]], vision: dict[str, float]) -> routes.Timings:
+    """lm: route -> ms at each of routes.LM_ROWS; vision: route -> ms at 257 rows."""
+    return {
+        "lm": {r: {n: lm[n][i] for n in LM_NAMES} for i, r in enumerate(routes.LM_ROWS)},
+        "vision": {routes.VISION_ROWS: dict(vision)},
+    }
+
+
+#                     rows:   1    4    8    16   32   48
+AVX2_LIKE = timings(
+    {
+        "fp32": [10, 12, 14, 20, 30, 40],
+        "bf16": [9, 20, 45, 90, 180, 270],  # emulated: fast at one row only
+        "bf16 widened to fp32": [15, 16, 21, 25, 31, 38],
+        "int8": [5, 8, 15, 40, 80, 110],
+        "int8 widened to fp32": [12, 13, 19, 24, 30, 37],
+    },
+    {"fp32": 97, "bf16": 494, "bf16 widened to fp32": 82},
+)
+AMX_LIKE = timings(
+    {
+        "fp32": [10, 12, 14, 20, 30, 40],
+        "bf16": [5, 6, 7, 8, 9, 10],  # native bf16 beats everything
+        "bf16 widened to fp32": [15, 16, 21, 25, 31, 38],
+        "int8": [3, 4, 6, 12, 20, 30],
+        "int8 widened to fp32": [12, 13, 19, 24, 30, 37],
+    },
+    {"fp32": 97, "bf16": 20, "bf16 widened to fp32": 82},
+)
+
+
+def test_each_kind_takes_the_faster_measured_route():
+    avx2 = routes.choose(AVX2_LIKE).kernels
+    assert avx2.bf16_lm == 4  # widened wins from 4 rows on; one decoding row stays on the native kernel
+    assert avx2.int8_lm == 16  # the int8 kernel wins up to 8 rows
+    assert avx2.bf16_vision == 0 and avx2.int8_vision == 0  # fp32 on widened weights beats emulated bf16
+    amx = routes.choose(AMX_LIKE).kernels
+    assert amx.bf16_lm == amx.bf16_vision == NEVER and not amx.widens_bf16
+    assert amx.int8_lm == NEVER and amx.int8_vision == NEVER  # the int8 kernel everywhere; vision on native bf16
+
+
+def test_widening_must_win_at_every_larger_row_count():
+    """A route that wins at one row count by noise but loses above it does not set the threshold."""
+    t = timings(
+        {n: [10, 10, 10, 10, 10, 10] for n in LM_NAMES} | {"int8 widened to fp32": [20, 5, 20, 5, 5, 5]},
+        {"fp32": 1, "bf16": 1, "bf16 widened to fp32": 1},
+    )
+    assert routes.choose(t).kernels.int8_lm == 16
+
+
+def test_auto_is_the_fastest_route_that_quality_allows():
+    avx2 = routes.choose(AVX2_LIKE)
+    assert avx2.auto == "fp32"  # bf16 is emulated; bf16-fp32-sums and int8 fall short of bf16's top-1 agreement
+    assert not avx2.allowed["int8"] and not avx2.allowed["bf16-fp32-sums"]
+    assert avx2.caption_ms["int8"] < avx2.caption_ms["fp32"]  # faster, yet not picked
+    amx = routes.choose(AMX_LIKE)
+    assert amx.auto == "bf16" and amx.caption_ms["bf16"] < amx.caption_ms["fp32"]
+    assert "int8+bf16-vision" in amx.caption_ms and not amx.allowed["int8+bf16-vision"]  # not measured: never auto
+
+
+def test_quality_gate_is_transformers_bf16_top1():
+    assert allowed("fp32") and allowed(YARDSTICK)
+    assert not allowed("a route nobody measured")
+    better = {**QUALITY, "int8": {**QUALITY["int8"], "top1_agreement": QUALITY[YARDSTICK]["top1_agreement"]}}
+    assert allowed("int8", better) and not allowed("int8")
+
+
+@pytest.fixture
+def measured(monkeypatch, tmp_path):
+    """Measured mode with a fake stopwatch (counts its calls) and the cache under tmp_path."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("BLIP2_CPU_BF16", raising=False)
+    monkeypatch.setenv(routes.ROUTES_ENV, "measure")
+    monkeypatch.setattr(routes, "_memo", {})
+    calls = []
+    monkeypatch.setattr(routes, "measure", lambda: calls.append(1) or AVX2_LIKE)
+    yield calls
+    quant.use_kernels(quant.Kernels())
+
+
+def test_cache_is_written_keyed_by_machine_and_reused(measured, monkeypatch):
+    first = routes.measured_routes()
+    path = routes.cache_path(routes.machine_key())
+    assert path.is_file() and path.name.startswith("routes-") and "measured" in first.source
+    again = routes.measured_routes()
+    assert len(measured) == 1 and again.source == f"cache {path}" and again.kernels == first.kernels
+    monkeypatch.setattr(torch, "__version__", "9.9.9")  # another torch: another file, measured anew
+    assert routes.cache_path(routes.machine_key()) != path
+    routes.measured_routes()
+    assert len(measured) == 2
+    assert json.loads(path.read_text())["key"]["cores"] is not None
+
+
+@pytest.mark.parametrize("damage", ["{not json", '{"key": {}, "timings_ms": {}}', "[]"])
+def test_corrupt_cache_is_measured_again_with_a_warning_naming_it(measured, damage):
+    path = routes.cache_path(routes.machine_key())
+    path.parent.mkdir(parents=True)
+    path.write_text(damage)
+    with pytest.warns(routes.RouteCacheWarning, match=str(path)):
+        r = routes.measured_routes()
+    assert len(measured) == 1 and r.kernels == routes.choose(AVX2_LIKE).kernels
+    assert json.loads(path.read_text())["timings_ms"]  # rewritten whole
+
+
+def test_recalibrate_measures_even_with_a_cache(measured):
+    routes.measured_routes()
+    routes.measured_routes(recalibrate=True)
+    assert len(measured) == 2
+
+
+def test_loads_use_the_measured_kernels(measured, opt_ckpt):
+    import blip2
+
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    m = blip2.load(opt_ckpt, device="cpu", dtype="int8")
+    lm = [mod for mod in m.model.language_model.modules() if isinstance(mod, Int8Linear)]
+    assert lm and all(mod.min_positions == 16 for mod in lm)
+    b = blip2.load(opt_ckpt, device="cpu", dtype="bf16")
+    vis = [mod for mod in b.model.vision_model.modules() if isinstance(mod, StoredLinear)]
+    assert vis and all(mod.min_positions == 0 for mod in vis)
+    assert len(measured) == 1  # once per process
+
+
+@pytest.mark.parametrize(("env", "value", "auto"), [("BLIP2_CPU_BF16", "1", "bf16"), ("BLIP2_CPU_BF16", "0", "fp32")])
+def test_environment_overrides_skip_the_measurement(measured, monkeypatch, env, value, auto):
+    monkeypatch.setenv(env, value)
+    r = routes.cpu_routes()
+    assert measured == [] and r.auto == auto and r.source == f"{env}={value}"
+    assert placement("cpu", "bf16").bf16_sums_in_fp32 is (value == "0")
+
+
+def test_bad_routes_variable_is_a_clear_error(measured, monkeypatch):
+    monkeypatch.setenv(routes.ROUTES_ENV, "fastest")
+    with pytest.raises(ConfigError, match="BLIP2_ROUTES='fastest': expected measure or flags"):
+        placement("cpu", "int8")
