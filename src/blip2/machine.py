@@ -155,7 +155,7 @@ def report(
 
 
 def _threshold(n: int) -> str:
-    return "never" if n >= NEVER else f"from {n} positions"
+    return "never" if n >= NEVER else "always" if n <= 1 else f"from {n} positions"
 
 
 def format_report(r: dict[str, Any]) -> str:
