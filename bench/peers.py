@@ -1,15 +1,21 @@
 """blip2 beside the engines a user would otherwise pick, on the same full-size checkpoint, in one run.
 
-    python bench/peers.py [--images 8] [--tokens 20] [--ours auto,bf16,int8] [--transformers bf16] [--vllm bfloat16]
+    python bench/peers.py [--images 8] [--more-images 32] [--tokens 20] [--ours auto,bf16,int8] [--transformers bf16]
+                          [--vllm bfloat16] [--tiny]
 
 The workload is vLLM's CPU anchor (`../shared/tools/vllm-cpu/anchor.py`, run with the vLLM venv that `env.sh` makes):
 `--images` new 300x400 random images in one call, prompt "Question: what is it? Answer:", exactly `--tokens` new
-tokens, greedy, after a warm-up call on 2 other images; then one more new image alone. Every engine runs in its own
-process, one after the other (two full-size models do not fit beside each other in 24 GB), on the blip2-opt-2.7b
-architecture with random weights (`common.make_full_checkpoint`, bf16). Reported per engine: images/s for the batch,
-seconds for the single image, peak resident memory, and for ours the bytes of the weights as stored for the route;
-with the machine's CPU, flags and measured memory bandwidth and GEMM rates (`blip2.machine`). An engine that cannot
-run here (vLLM's CPU build on a CPU it does not support, say) is reported with its error, not left out.
+tokens, greedy, after a warm-up call on 2 other images; then one more new image alone; then `--more-images` new
+images in one call (vLLM: a second anchor run). Then, for ours and transformers, a chat follow-up turn: a second
+question about the image of a first one (`FOLLOWUP`), `--tokens` new tokens; ours keeps the conversation's cache
+(pipeline.Chat), transformers re-runs the image and the whole conversation, as its documentation shows.
+Every engine runs in its own process, one after the other (two full-size models do not fit beside each other in
+24 GB), on the blip2-opt-2.7b architecture with random weights (`common.make_full_checkpoint`, bf16; `--tiny`: the
+tests' tiny OPT checkpoint, a check that the script runs). Reported per engine: images/s for each batch, seconds
+for the single image and for the follow-up turn, peak resident memory, and for ours the bytes of the weights as
+stored for the route; with the machine's CPU, flags and measured memory bandwidth and GEMM rates
+(`blip2.machine`). An engine that cannot run here (vLLM's CPU build on a CPU it does not support, say) is reported
+with its error, not left out.
 Result: bench/results/peers.json.
 """
 
@@ -27,6 +33,7 @@ from pathlib import Path
 from common import HERE, make_full_checkpoint, write_result
 
 PROMPT = "Question: what is it? Answer:"
+FOLLOWUP = "what colour is it?"
 VLLM_TOOL = HERE.parent.parent / "shared" / "tools" / "vllm-cpu"  # env.sh (its venv) and anchor.py; --vllm-tool
 
 
@@ -38,7 +45,19 @@ def images(n: int, seed: int) -> list:
     return [Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def side_ours(folder: str, dtype: str, n: int, tokens: int) -> dict:
+def measure(run, followup, n: int, more: int) -> dict:
+    """Times of the anchor workload through `run(images)` (seconds of one call) and of `followup(image)`."""
+    imgs = images(n + 3 + more + 1, seed=0)
+    run(imgs[n : n + 2])  # warm-up, on images not timed below
+    seconds = run(imgs[:n])
+    out = {"seconds": seconds, "images_per_s": n / seconds, "single_s": run(imgs[n + 2 : n + 3])}
+    if more:
+        out[f"images_per_s_{more}"] = more / run(imgs[n + 3 : n + 3 + more])
+    out["followup_s"] = followup(imgs[-1])
+    return out
+
+
+def side_ours(folder: str, dtype: str, n: int, tokens: int, more: int) -> dict:
     import blip2
     from blip2.quant import quantized_bytes
 
@@ -46,7 +65,6 @@ def side_ours(folder: str, dtype: str, n: int, tokens: int) -> dict:
     m = blip2.load(folder, device="cpu", dtype=dtype)
     load_s = time.perf_counter() - t0
     gen = dict(max_new_tokens=tokens, min_new_tokens=tokens)
-    imgs = images(n + 3, seed=0)
 
     def run(batch: list) -> float:
         t = time.perf_counter()
@@ -54,21 +72,23 @@ def side_ours(folder: str, dtype: str, n: int, tokens: int) -> dict:
         assert all(len(g.tokens) == tokens for g in out)
         return time.perf_counter() - t
 
-    run(imgs[n : n + 2])
-    seconds = run(imgs[:n])
-    single_s = run(imgs[n + 2 :])
+    def followup(image) -> float:
+        chat = m.chat(image)
+        chat.ask(PROMPT.removeprefix("Question: ").removesuffix(" Answer:"), **gen)
+        t = time.perf_counter()
+        chat.ask(FOLLOWUP, **gen)
+        return time.perf_counter() - t
+
     return {
         "route": dtype,
         "resolved_dtype": str(m.dtype).replace("torch.", ""),
-        "seconds": seconds,
-        "images_per_s": n / seconds,
-        "single_s": single_s,
+        **measure(run, followup, n, more),
         "load_s": load_s,
         "weights_gib": quantized_bytes(m.model) / 2**30,
     }
 
 
-def side_transformers(folder: str, dtype: str, n: int, tokens: int) -> dict:
+def side_transformers(folder: str, dtype: str, n: int, tokens: int, more: int) -> dict:
     import torch
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
@@ -77,42 +97,55 @@ def side_transformers(folder: str, dtype: str, n: int, tokens: int) -> dict:
     model = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=dt).eval()
     proc = Blip2Processor.from_pretrained(folder)
     load_s = time.perf_counter() - t0
-    imgs = images(n + 3, seed=0)
 
-    def run(batch: list) -> float:
-        t = time.perf_counter()
-        inputs = proc(images=batch, text=[PROMPT] * len(batch), return_tensors="pt")
+    def generate(batch: list, prompt: str) -> list:
+        inputs = proc(images=batch, text=[prompt] * len(batch), return_tensors="pt")
         inputs["pixel_values"] = inputs["pixel_values"].to(dt)
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens)
         assert out.shape[1] - inputs["input_ids"].shape[1] == tokens
+        return out[:, inputs["input_ids"].shape[1] :]
+
+    def run(batch: list) -> float:
+        t = time.perf_counter()
+        generate(batch, PROMPT)
         return time.perf_counter() - t
 
-    run(imgs[n : n + 2])
-    seconds = run(imgs[:n])
-    single_s = run(imgs[n + 2 :])
-    return {"route": dtype, "seconds": seconds, "images_per_s": n / seconds, "single_s": single_s, "load_s": load_s}
+    def followup(image) -> float:  # the whole conversation again, with the first answer in the prompt
+        first = proc.tokenizer.decode(generate([image], PROMPT)[0], skip_special_tokens=True).strip()
+        t = time.perf_counter()
+        generate([image], f"{PROMPT} {first}. Question: {FOLLOWUP} Answer:")
+        return time.perf_counter() - t
+
+    return {"route": dtype, **measure(run, followup, n, more), "load_s": load_s}
 
 
-def side_vllm(folder: str, dtype: str, n: int, tokens: int, tool: Path = VLLM_TOOL) -> dict:
-    """vLLM's anchor in vLLM's own venv (it pins its own torch and transformers)."""
-    cmd = f'source "{tool}/env.sh" && "$VLLM_PY" "{tool}/anchor.py" "{folder}" {n} --dtype {dtype} --tokens {tokens}'
-    done = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=3600)
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-    if done.returncode != 0 or not lines:
-        errors = [ln for ln in done.stderr.splitlines() if "Error" in ln or "error" in ln]
-        return {"route": dtype, "error": (errors[-1] if errors else done.stderr[-500:]).strip()[-500:]}
-    out = json.loads(lines[-1])
+def side_vllm(folder: str, dtype: str, n: int, tokens: int, more: int, tool: Path = VLLM_TOOL) -> dict:
+    """vLLM's anchor in vLLM's own venv (it pins its own torch and transformers); `more` images in a second run."""
+
+    def anchor(count: int) -> dict:
+        cmd = f'source "{tool}/env.sh" && "$VLLM_PY" "{tool}/anchor.py" "{folder}" {count} --dtype {dtype}'
+        done = subprocess.run(["bash", "-c", f"{cmd} --tokens {tokens}"], capture_output=True, text=True, timeout=3600)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+        if done.returncode != 0 or not lines:
+            errors = [ln for ln in done.stderr.splitlines() if "Error" in ln or "error" in ln]
+            return {"error": (errors[-1] if errors else done.stderr[-500:]).strip()[-500:]}
+        return json.loads(lines[-1])
+
+    out = anchor(n)
+    if more and "error" not in out:
+        bigger = anchor(more)
+        out[f"images_per_s_{more}"] = bigger.get("images_per_s", bigger.get("error"))
     out["route"] = dtype
     return out
 
 
 def child(args: argparse.Namespace) -> None:
     if args.side == "vllm":
-        result = side_vllm(args.folder, args.route, args.images, args.tokens, Path(args.vllm_tool))
+        result = side_vllm(args.folder, args.route, args.images, args.tokens, args.more_images, Path(args.vllm_tool))
     else:
         run = {"ours": side_ours, "transformers": side_transformers}[args.side]
-        result = run(args.folder, args.route, args.images, args.tokens)
+        result = run(args.folder, args.route, args.images, args.tokens, args.more_images)
     if args.side != "vllm":
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps(result), flush=True)
@@ -120,7 +153,8 @@ def child(args: argparse.Namespace) -> None:
 
 def spawn(side: str, route: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--route", route, "--folder", args.folder]
-    cmd += ["--images", str(args.images), "--tokens", str(args.tokens), "--vllm-tool", args.vllm_tool]
+    cmd += ["--images", str(args.images), "--more-images", str(args.more_images), "--tokens", str(args.tokens)]
+    cmd += ["--vllm-tool", args.vllm_tool]
     print(f"{side} {route} ...", file=sys.stderr, flush=True)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
@@ -135,7 +169,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--folder", default=None, help="a full-size checkpoint folder [made in the temp folder]")
     ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--more-images", type=int, default=32, help="a second, larger batch (0: none)")
     ap.add_argument("--tokens", type=int, default=20)
+    ap.add_argument("--tiny", action="store_true", help="the tests' tiny checkpoint: checks that the script runs")
     ap.add_argument("--ours", default="auto,bf16,int8", help="our routes (dtype names), comma-separated")
     ap.add_argument("--transformers", default="bf16", help="transformers' dtypes, comma-separated ('' for none)")
     ap.add_argument("--vllm", default="bfloat16", help="vLLM's dtypes, comma-separated ('' for none)")
@@ -150,7 +186,13 @@ def main() -> None:
 
     from blip2.machine import cpu_flags, cpu_name, gemm, memory
 
-    args.folder = str(make_full_checkpoint(args.folder or Path(tempfile.gettempdir()) / "blip2-bench" / "opt-2.7b"))
+    if args.tiny:
+        from fixtures import make_opt_checkpoint
+
+        args.folder = str(make_opt_checkpoint(Path(tempfile.mkdtemp()) / "tiny_opt"))
+    else:
+        default = Path(tempfile.gettempdir()) / "blip2-bench" / "opt-2.7b"
+        args.folder = str(make_full_checkpoint(args.folder or default))
     limits = {"memory": memory(), "gemm_gflops_257x1408x6144": gemm(257, 1408, 6144)}
     engines: dict[str, list[dict]] = {"vllm": [], "transformers": [], "ours": []}
     for side in ("vllm", "transformers", "ours"):
@@ -167,6 +209,7 @@ def main() -> None:
         if ref_ok:
             r["throughput_vs_transformers"] = r["images_per_s"] / ref_ok[0]["images_per_s"]
             r["single_speedup_vs_transformers"] = ref_ok[0]["single_s"] / r["single_s"]
+            r["followup_speedup_vs_transformers"] = ref_ok[0]["followup_s"] / r["followup_s"]
         r["peak_over_weights"] = r["peak_rss_gib"] / r["weights_gib"]
     result = {
         "command": " ".join(["python bench/peers.py", *sys.argv[1:]]),
@@ -174,12 +217,20 @@ def main() -> None:
         "flags": cpu_flags(),
         "cores": os.cpu_count(),
         "limits": limits,
-        "workload": {"images": args.images, "new_tokens": args.tokens, "prompt": PROMPT, "image_size": [400, 300]},
+        "checkpoint": "tests' tiny OPT" if args.tiny else "blip2-opt-2.7b architecture, random bf16 weights",
+        "workload": {
+            "images": args.images,
+            "more_images": args.more_images,
+            "new_tokens": args.tokens,
+            "prompt": PROMPT,
+            "followup": FOLLOWUP,
+            "image_size": [400, 300],
+        },
         "engines": engines,
         "loadavg_after": os.getloadavg(),
     }
     print(json.dumps(result, indent=1))
-    print(write_result("peers", result), file=sys.stderr)
+    print(write_result("peers_tiny" if args.tiny else "peers", result), file=sys.stderr)
 
 
 if __name__ == "__main__":
