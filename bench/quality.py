@@ -3,12 +3,16 @@
     python bench/quality.py            # tiny random OPT and T5 (tests/fixtures.py) and the full-size opt-2.7b shape
     python bench/quality.py --tiny     # the tiny ones only (seconds)
 
-bf16 against fp32 is measured beside int8 as the yardstick: it is what the reference runs, and on random weights
-mere bf16 rounding already moves logits a lot (on the tiny random T5, rounding only its token embeddings to bf16
-moves the logits by 11% of their range: such networks amplify any perturbation). At full size bf16 runs only
-with `--full-bf16`, twice: as `dtype="bf16"` runs on a CPU without bf16 instructions (products summed in fp32,
-quant.bf16_sums_in_fp32) and with PyTorch's native bf16 kernels as the reference runs them ("bf16-native", which
-takes minutes here).
+    python bench/quality.py --table-from bench/results/quality_bf16_int8.json   # src/blip2/route_quality.py's table
+
+Each route is named as src/blip2/route_quality.py names it and pinned by the environment of its process, so that
+it runs the same arithmetic on every CPU: `bf16` on PyTorch's bf16 kernels (`BLIP2_CPU_BF16=1`, what the reference
+runs: the yardstick `dtype="auto"` is held to), `bf16-fp32-sums` with products summed in fp32 on widened weights
+(`BLIP2_CPU_BF16=0`, quant.bf16_sums_in_fp32), `int8` with its vision encoder in fp32 (`BLIP2_ROUTES=flags`). On
+random weights mere bf16 rounding already moves logits a lot (on the tiny random T5, rounding only its token
+embeddings to bf16 moves the logits by 11% of their range: such networks amplify any perturbation). At full size
+the bf16 routes run only with `--full-bf16` (the native kernels take minutes on a CPU that emulates bf16).
+Files written before these names call `bf16-fp32-sums` "bf16" and `bf16` "bf16-native"; `--table-from` reads both.
 
 Figures per model: the largest logit deviation (absolute, and relative to the largest fp32 logit) over every
 position of a batch of image+prompt inputs; how often the fp32 model's next-token choice is also int8's (top-1)
@@ -32,6 +36,13 @@ import numpy as np
 import torch
 from common import equal_prefix, make_full_checkpoint, write_result
 
+ROUTE_ENV = {  # pins each route's kernels on any CPU (blip2.routes)
+    "fp32": {},
+    "bf16": {"BLIP2_CPU_BF16": "1"},
+    "bf16-fp32-sums": {"BLIP2_CPU_BF16": "0"},
+    "int8": {"BLIP2_ROUTES": "flags", "BLIP2_CPU_BF16": ""},
+}
+OLD_NAMES = {"bf16": "bf16-fp32-sums", "bf16-native": "bf16"}  # in files with a "bf16-native" entry
 PROMPTS = ["", "a photo of", "Question: what is in the picture? Answer:", "Question: what colour is it? Answer:"]
 
 
@@ -50,14 +61,9 @@ def images(n: int = 4) -> list:
 def run_side(folder: str, dtype: str, out: str, tokens: int) -> None:
     """Child process: logits of the batch and greedy tokens, saved to `out`."""
     import blip2
-    from blip2.quant import StoredLinear
 
     torch.manual_seed(0)
-    m = blip2.load(folder, device="cpu", dtype=dtype.removesuffix("-native"))
-    if dtype == "bf16-native":  # PyTorch's own bf16 kernels, as the reference runs them (no sums in fp32)
-        for mod in m.model.modules():
-            if isinstance(mod, StoredLinear):
-                mod.min_positions = sys.maxsize
+    m = blip2.load(folder, device="cpu", dtype="bf16" if dtype.startswith("bf16") else dtype)
     ims = images(len(PROMPTS))
     ids, mask = m.tokenize(PROMPTS)
     extra = {}
@@ -94,19 +100,31 @@ def compare(a: dict, b: dict) -> dict:
     }
 
 
-def measure(folder: Path, tokens: int, tmp: Path, dtypes=("fp32", "bf16", "bf16-native", "int8")) -> dict:
+def measure(folder: Path, tokens: int, tmp: Path, dtypes=("fp32", "bf16", "bf16-fp32-sums", "int8")) -> dict:
     sides = {}
     for dtype in dtypes:
         out = tmp / f"{folder.name}_{dtype}.pt"
         cmd = [sys.executable, __file__, "--side", dtype, "--folder", str(folder), "--out", str(out)]
-        r = subprocess.run([*cmd, "--tokens", str(tokens)], capture_output=True, text=True, env=os.environ.copy())
+        env = {**os.environ, **ROUTE_ENV[dtype]}
+        r = subprocess.run([*cmd, "--tokens", str(tokens)], capture_output=True, text=True, env=env)
         if r.returncode != 0:
             sys.exit(f"{folder} {dtype} failed:\n{r.stderr[-3000:]}")
         sides[dtype] = torch.load(out)
     result = {dtype: compare(sides["fp32"], sides[dtype]) for dtype in dtypes[1:]}
-    if "bf16-native" in sides:  # how far summing in fp32 moves bf16 from the native kernels' results
-        result["bf16 against bf16-native"] = compare(sides["bf16-native"], sides["bf16"])
+    if "bf16-fp32-sums" in sides:  # how far summing in fp32 moves bf16 from the native kernels' results
+        result["bf16-fp32-sums against bf16"] = compare(sides["bf16"], sides["bf16-fp32-sums"])
     return result
+
+
+def table_from(path: str) -> dict[str, dict[str, float]]:
+    """route_quality.QUALITY from a full-size result file."""
+    full = json.loads(Path(path).read_text())["full_opt_2.7b"]
+    if "bf16-native" in full:
+        full = {OLD_NAMES.get(k, k): v for k, v in full.items()}
+    keys = ("max_relative_deviation", "top1_agreement", "greedy_identical_share")
+    table = {"fp32": {"max_relative_deviation": 0.0, "top1_agreement": 1.0, "greedy_identical_share": 1.0}}
+    table |= {r: {k: round(full[r][k], 4) for k in keys} for r in ROUTE_ENV if r in full}
+    return table
 
 
 def main() -> None:
@@ -115,11 +133,15 @@ def main() -> None:
     ap.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "blip2-bench" / "opt-2.7b"))
     ap.add_argument("--tokens", type=int, default=20)
     ap.add_argument("--full-bf16", action="store_true", help="also bf16 at full size (slow without native bf16)")
+    ap.add_argument("--table-from", help="print route_quality.QUALITY from this full-size result file")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
         run_side(args.folder, args.side, args.out, args.tokens)
+        return
+    if args.table_from:
+        print(json.dumps(table_from(args.table_from), indent=1))
         return
     from fixtures import make_opt_checkpoint, make_t5_checkpoint
 
@@ -129,7 +151,7 @@ def main() -> None:
         result["tiny_opt"] = measure(make_opt_checkpoint(tmp / "tiny_opt"), args.tokens, tmp)
         result["tiny_t5"] = measure(make_t5_checkpoint(tmp / "tiny_t5"), args.tokens, tmp)
         if not args.tiny:
-            dtypes = ("fp32", "bf16", "bf16-native", "int8") if args.full_bf16 else ("fp32", "int8")
+            dtypes = ("fp32", "bf16", "bf16-fp32-sums", "int8") if args.full_bf16 else ("fp32", "int8")
             result["full_opt_2.7b"] = measure(make_full_checkpoint(args.folder), args.tokens, tmp, dtypes)
     print(json.dumps(result, indent=1))
     name = "quality_int8_tiny" if args.tiny else ("quality_bf16_int8" if args.full_bf16 else "quality_int8")
