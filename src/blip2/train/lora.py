@@ -87,6 +87,17 @@ def has_lora(model: nn.Module) -> bool:
     return getattr(model, "peft", None) is not None
 
 
+def train_adapters_only(lm: nn.Module, mode: bool) -> None:
+    """The LM's own dropout stays off (its weights are frozen: it runs as at inference, as every frozen tower
+    here); only the adapters' dropout follows `mode`."""
+    from peft.tuners.lora import LoraLayer
+
+    lm.eval()
+    for m in lm.modules():
+        if isinstance(m, LoraLayer):
+            m.lora_dropout.train(mode)
+
+
 @contextmanager
 def base_layers(lm: nn.Module) -> Iterator[None]:
     """Within the block, each LoRA layer of `lm` is replaced by the layer it wraps: the LM has its original

@@ -36,7 +36,7 @@ from ..language import head_takes_contiguous_rows
 from ..model import Blip2Model
 from ..processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..vision import VisionTransformer
-from .lora import base_layers, has_lora, save_adapter
+from .lora import base_layers, has_lora, save_adapter, train_adapters_only
 from .losses import itc_loss, itg_inputs, itg_loss, itm_loss, itm_triplets, sample_hard_negatives
 
 ITG_HEAD_FILE = "itg_head.safetensors"
@@ -168,6 +168,8 @@ class _FrozenTowers(nn.Module):
         super().train(mode)
         for m in self.frozen_modules():
             m.eval()
+        if has_lora(self):
+            train_adapters_only(self.blip.language_model, mode)
         return self
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
