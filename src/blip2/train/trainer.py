@@ -174,8 +174,8 @@ def check_skips(record: dict[str, float], in_a_row: int, cfg: TrainConfig) -> No
         raise TrainingError(
             f"{in_a_row} optimizer steps in a row skipped up to step {record['step']}: the loss or its gradients are "
             f"inf or NaN (last loss {record['loss']}). Try mixed_precision bf16 instead of fp16, frozen_dtype fp32 "
-            f"(now {cfg.frozen_dtype}), a lower lr (now {cfg.lr}), or grad_clip; the checkpoint holds the last "
-            "finite weights"
+            f"(now {cfg.frozen_dtype}), a lower lr (now {cfg.lr}), or grad_clip; the checkpoint's weights are "
+            "all finite"
         )
 
 
