@@ -26,6 +26,7 @@ from transformers import (
     Blip2QFormerConfig,
     Blip2VisionConfig,
     BlipImageProcessor,
+    LlamaConfig,
     OPTConfig,
     PreTrainedTokenizerFast,
     T5Config,
@@ -372,6 +373,57 @@ def make_itm_checkpoint(
         image_token_index=image_token_index,
     )
     model = Blip2ForImageTextRetrieval(config).eval()
+    rerandomise(model, seed)
+    _save(model, folder)
+    _processor(tokenizer, image_size, num_query_tokens).save_pretrained(folder)
+    return folder
+
+
+def make_llama_tokenizer(folder: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """BPE + Metaspace with LLaMA's ids (`<unk>`=0 `<s>`=1 `</s>`=2), `<s>` prepended; pad is `<unk>`, as the
+    LLaMA-based BLIP-2 checkpoints ship it (LLaMA's own tokenizer has none)."""
+    specials = ["<unk>", "<s>", "</s>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B:1", special_tokens=[("<s>", 1)])
+    fast = _wrap(tok, Path(folder), "left", bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+    assert [fast.convert_tokens_to_ids(t) for t in specials] == [0, 1, 2]
+    return fast
+
+
+def tiny_llama_config(vocab_size: int, **overrides: object) -> LlamaConfig:
+    """A 2-layer LLaMA of width 32 with grouped-query attention (4 heads, 2 key/value heads), bos 1, eos 2."""
+    kw: dict[str, object] = {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+    }
+    return LlamaConfig(vocab_size=vocab_size, **{**kw, **overrides})
+
+
+def make_llama_checkpoint(
+    folder: str | os.PathLike, *, image_size: int = 32, num_query_tokens: int = 8, seed: int = 0
+) -> Path:
+    """Tiny random BLIP-2 checkpoint with a LLaMA language model (the family of Vicuna, InstructBLIP's LM)."""
+    folder = Path(folder)
+    tokenizer = make_llama_tokenizer(folder)
+    config = Blip2Config(
+        vision_config=_vision_config(image_size),
+        qformer_config=_qformer_config(),
+        text_config=tiny_llama_config(_round8(len(tokenizer))),
+        num_query_tokens=num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
+    model = Blip2ForConditionalGeneration(config).eval()
     rerandomise(model, seed)
     _save(model, folder)
     _processor(tokenizer, image_size, num_query_tokens).save_pretrained(folder)

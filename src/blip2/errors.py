@@ -32,3 +32,7 @@ class ConfigError(Blip2Error):
 
 class GenerationError(Blip2Error):
     """Generation options are invalid (e.g. num_beams < 1)."""
+
+
+class TrainingError(Blip2Error):
+    """Training cannot go on (e.g. the loss stays inf or NaN); the message says what to change."""

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .adapter import apply_adapter, find_adapter
 from .checkpoint import load_model
 from .defaults import BATCH_SIZE, CONTEXT_TOKENS, GENERATION, VQA_MAX_NEW_TOKENS
 from .dtype_policy import placement
@@ -308,8 +309,12 @@ def load(
     dtype: str | torch.dtype = "auto",
     image_cache_size: int = 64,
     compile: bool = False,
+    adapter: str | os.PathLike | None = None,
 ) -> Blip2:
     """Load a checkpoint (Hub id or local folder) with its tokenizer and image preprocessing.
+
+    `adapter`: a LoRA adapter folder for the LM (peft's layout), merged in as the model loads; by default the
+    checkpoint's own `adapter/` folder, which a fine-tuning run with LoRA writes (blip2.adapter).
 
     `compile=True` decodes with a static KV cache and a `torch.compile`d step (model.Blip2Model._decoding_kwargs):
     the first generation compiles (tens of seconds on a CPU), the first of another length once more, with dynamic
@@ -319,6 +324,9 @@ def load(
     where = placement(device, dtype)  # device, dtypes and kernels: dtype_policy decides them all
     dev = where.device
     m, folder = load_model(model, where.dtype, where.quantize)
+    adapter = adapter if adapter is not None else find_adapter(folder)
+    if adapter is not None:
+        apply_adapter(m, adapter)
     if m.language_model is not None and (folder / "generation_config.json").is_file():
         m.language_model.generation_config = GenerationConfig.from_pretrained(folder)
     m.to(dev)

@@ -57,3 +57,19 @@ def build(ctx: click.Context, work: str, export_dir: str | None, quick: bool) ->
     from ..train import miniature as implementation
 
     ctx.invoke(implementation.build, work=work, export_dir=export_dir, quick=quick)
+
+
+@miniature.command()
+@click.option("--model", default=f"{MINIATURE_EXPORT}/model", show_default=True, type=click.Path(file_okay=False))
+@click.option("--work", default=f"{MINIATURE_WORK}-finetune", show_default=True, type=click.Path(file_okay=False))
+@click.option("--pair", nargs=2, default=("red", "triangle"), show_default=True, help="COLOUR SHAPE, a held-out pair.")
+@click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True)
+@click.pass_context
+def finetune(ctx: click.Context, model: str, work: str, pair: tuple[str, str], steps: int) -> None:
+    """Fine-tune a miniature model (default: the committed one) with LoRA on captions of one colour-shape pair it
+    never saw, mixed with seen pairs; prints the caption accuracy on that pair and on seen pairs before and after
+    (needs the `train` extra)."""
+    _offline()
+    from ..train import miniature as implementation
+
+    ctx.invoke(implementation.finetune_command, model=model, work=work, pair=pair, steps=steps)

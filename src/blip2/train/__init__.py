@@ -5,9 +5,10 @@
     result.model            # the trained model in the HF layout: blip2.load(result.model)
 
 Rooms: `losses` (tensors in and out), `models` (the trainable wrappers, freezing, builders, export), `data`
-(manifests, augmentation, the resumable batch stream), `config` (`TrainConfig`), `trainer` (the loop),
+(manifests, augmentation, the resumable batch stream), `config` (`TrainConfig`), `trainer` (the loop), `lora`
+(LoRA adapters on the LM: target modules per family, saving, `merge`),
 `shapes` and `miniature` (a synthetic world and the miniature BLIP-2 trained on it).
-Heavy imports (accelerate, tensorboard) happen inside `train`, not here.
+Heavy imports (accelerate, tensorboard, peft) happen inside `train` and `lora`, not here.
 """
 
 from .config import DataConfig, TrainConfig

@@ -11,6 +11,7 @@ linear warmup, peak LR 1e-4, 32 text tokens); sizes are for a small run, not for
     bert: path/to/bert-base-uncased         # optional: initialise the Q-Former from BERT, as LAVIS
     init: runs/stage1/model        # or continue a checkpoint (stage 1: retrieval layout; stage 2: blip2-opt...)
     stage1: runs/stage1/model      # stage 2: the stage-1 checkpoint to bridge
+    lora: {r: 8}                   # stage 2: LoRA adapters on the LM too (train/lora.py); target modules per family
     language_model: facebook/opt-2.7b   # stage 2: any transformers causal or seq2seq LM folder with its tokenizer
     data:
       - {kind: jsonl, path: train.jsonl}
@@ -37,6 +38,16 @@ class DataConfig:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA adapters on the frozen LM (stage 2 / fine-tuning), applied with `peft`; see `train/lora.py`."""
+
+    r: int = 8  # rank of the update B @ A
+    alpha: float = 16  # the update is scaled by alpha / r
+    dropout: float = 0.05  # on the adapter's input only
+    target_modules: list[str] | None = None  # default: per LM family (lora.TARGET_MODULES); required for others
+
+
+@dataclass
 class TrainConfig:
     stage: int = 1
     out: str = "runs/blip2"
@@ -56,6 +67,7 @@ class TrainConfig:
     loss_weights: dict[str, float] = field(default_factory=dict)  # stage 1: {itc, itm, itg}, default 1 each
     gather_with_grad: bool = False  # ITC: gradients through the other processes' features too
     frozen_dtype: str = "fp32"  # dtype of the frozen ViT and LM: fp32 | fp16 | bf16 (LAVIS: fp16 ViT and OPT)
+    lora: LoraSettings | None = None  # stage 2: also train LoRA adapters on the LM (`lora: {}` for the defaults)
 
     # ---- the data
     image_size: int | None = None  # default: the image encoder's
@@ -79,6 +91,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float | None = None
     mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
+    max_skipped_steps: int = 20  # steps in a row skipped for a non-finite loss or gradient before the run stops
     cpu: bool = False  # force the CPU even when a GPU is present
     threads: int | None = None  # torch CPU threads; 1 is fastest for tiny models on a busy machine
     seed: int = 0
@@ -92,6 +105,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.data = [d if isinstance(d, DataConfig) else _make(DataConfig, d, "data") for d in self.data]
+        if self.lora is True or isinstance(self.lora, dict):  # `lora: true` or `lora: {}`: the defaults
+            self.lora = _make(LoraSettings, {} if self.lora is True else self.lora, "lora")
+        elif self.lora is False:
+            self.lora = None
         self.crop_scale = tuple(self.crop_scale)
         self.betas = tuple(self.betas)
         checks = [
@@ -103,6 +120,9 @@ class TrainConfig:
             (self.mixed_precision in ("no", "fp16", "bf16"), f"mixed_precision {self.mixed_precision!r}"),
             (self.frozen_dtype in ("fp32", "fp16", "bf16"), f"frozen_dtype {self.frozen_dtype!r}"),
             (self.save_every >= 1 and self.log_every >= 1, "save_every and log_every must be >= 1"),
+            (self.max_skipped_steps >= 1, f"max_skipped_steps must be >= 1, got {self.max_skipped_steps}"),
+            (self.lora is None or self.stage == 2, "lora adapts the language model: it needs stage: 2"),
+            (self.lora is None or self.lora.r >= 1, f"lora.r must be >= 1, got {self.lora and self.lora.r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from ..adapter import ADAPTER_DIR
 from ..checkpoint import build_empty, iter_tensors, load_model, save_model, weight_files
 from ..config import Blip2Config, QFormerConfig, VisionConfig
 from ..errors import CheckpointError, ConfigError
@@ -35,6 +36,7 @@ from ..language import head_takes_contiguous_rows
 from ..model import Blip2Model
 from ..processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..vision import VisionTransformer
+from .lora import base_layers, has_lora, save_adapter, train_adapters_only
 from .losses import itc_loss, itg_inputs, itg_loss, itm_loss, itm_triplets, sample_hard_negatives
 
 ITG_HEAD_FILE = "itg_head.safetensors"
@@ -166,6 +168,8 @@ class _FrozenTowers(nn.Module):
         super().train(mode)
         for m in self.frozen_modules():
             m.eval()
+        if has_lora(self):
+            train_adapters_only(self.blip.language_model, mode)
         return self
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -484,7 +488,8 @@ def export(model: Stage1Model | Stage2Model, folder: str | Path, tokenizer) -> P
     """Write the trained model in the Hugging Face layout: `blip2.load` and `transformers` load the folder.
 
     Also writes the tokenizer and a `Blip2Processor` configuration (image size, CLIP mean/std, number of queries);
-    stage 1 adds `itg_head.safetensors` (the ITG head and the temperature), which `load_stage1` reads back.
+    stage 1 adds `itg_head.safetensors` (the ITG head and the temperature), which `load_stage1` reads back; a model
+    with LoRA adapters (`lora.add_lora`) is written with the LM's base weights and its adapters in `adapter/`.
     """
     from transformers import Blip2Processor, BlipImageProcessor
 
@@ -500,7 +505,12 @@ def export(model: Stage1Model | Stage2Model, folder: str | Path, tokenizer) -> P
         tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     if isinstance(model, Stage1Model):
         blip.config.image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    save_model(blip, folder)
+    if has_lora(model):  # the LM's base weights in the HF layout, the adapters beside them (blip2.adapter)
+        with base_layers(blip.language_model):
+            save_model(blip, folder)
+        save_adapter(model, folder / ADAPTER_DIR)
+    else:
+        save_model(blip, folder)
     size = blip.config.vision_config.image_size
     image_processor = BlipImageProcessor(
         size={"height": size, "width": size},

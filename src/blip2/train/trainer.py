@@ -31,9 +31,10 @@ from torch import nn
 from ..checkpoint import load_model
 from ..dtype_policy import resolve_dtype
 from ..durable import append_jsonl, atomic_write, check_settings, recover_dir, repair_jsonl, replace_dir
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from .config import TrainConfig
 from .data import Batches, Stage1Collate, Stage2Collate, TrainTransform, WebDatasetSource, read_source
+from .lora import add_lora
 from .models import (
     Stage1Model,
     Stage2Model,
@@ -92,6 +93,8 @@ def build_model(cfg: TrainConfig, vision: nn.Module | None = None) -> tuple[Stag
     dtype = resolve_dtype(cfg.frozen_dtype, torch.device("cpu"))
     for frozen in model.frozen_modules():
         frozen.to(dtype)
+    if cfg.lora is not None:  # after the cast: the LM's base weights in `frozen_dtype`, the adapters in fp32
+        add_lora(model, cfg.lora)
     return model, tokenizer
 
 
@@ -137,6 +140,43 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / cfg.warmup_steps
     t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def optimizer_step(acc, opt, trainable: list[torch.Tensor], loss_finite: torch.Tensor, grad_clip: float | None) -> bool:
+    """One update, unless the loss or a gradient is inf or NaN; returns whether the update was skipped.
+
+    Under fp16 accelerate's loss scaler finds non-finite gradients itself, skips the update and lowers the scale.
+    Without a scaler (fp32, bf16) nothing else would stop one NaN from reaching every trained weight, so the step is
+    skipped here, in every process alike (gradients agree after DDP's all-reduce; losses are agreed on here).
+    """
+    if acc.scaler is not None:
+        if grad_clip:
+            acc.clip_grad_norm_(trainable, grad_clip)
+        opt.step()
+        return acc.optimizer_step_was_skipped
+    grads_finite = [torch.isfinite(p.grad).all() for p in trainable if p.grad is not None]
+    finite = torch.stack([loss_finite.to(acc.device), *grads_finite]).all()
+    if acc.reduce((~finite).float(), reduction="sum").item() > 0:
+        return True
+    if grad_clip:
+        acc.clip_grad_norm_(trainable, grad_clip)
+    opt.step()
+    return False
+
+
+def check_skips(record: dict[str, float], in_a_row: int, cfg: TrainConfig) -> None:
+    """Say when a step was skipped for a non-finite loss, and stop when steps keep being skipped."""
+    if not record.get("skipped"):
+        return
+    if not math.isfinite(record["loss"]):
+        warnings.warn(f"step {record['step']}: the loss is {record['loss']}; the update was skipped", stacklevel=2)
+    if in_a_row >= cfg.max_skipped_steps:
+        raise TrainingError(
+            f"{in_a_row} optimizer steps in a row skipped up to step {record['step']}: the loss or its gradients are "
+            f"inf or NaN (last loss {record['loss']}). Try mixed_precision bf16 instead of fp16, frozen_dtype fp32 "
+            f"(now {cfg.frozen_dtype}), a lower lr (now {cfg.lr}), or grad_clip; the checkpoint's weights are "
+            "all finite"
+        )
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------------
@@ -283,6 +323,7 @@ def train(config: TrainConfig | dict | str | Path, vision: nn.Module | None = No
     bar = tqdm(total=cfg.steps, initial=step, disable=not show, desc=f"stage {cfg.stage}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     record: dict[str, float] = {}
+    in_a_row = 0  # optimizer steps skipped in a row (non-finite loss or gradients)
     model.train()
     while step < cfg.steps:
         t0 = time.perf_counter()
@@ -296,10 +337,8 @@ def train(config: TrainConfig | dict | str | Path, vision: nn.Module | None = No
                 acc.backward(output.loss / cfg.grad_accum)
             for name, value in {"loss": output.loss, **output.parts}.items():
                 totals[name] = totals.get(name, 0.0) + value.detach().float() / cfg.grad_accum
-        if cfg.grad_clip:
-            acc.clip_grad_norm_(trainable, cfg.grad_clip)
         lr = sched.get_last_lr()[0]
-        opt.step()
+        skipped = optimizer_step(acc, opt, trainable, torch.isfinite(totals["loss"]), cfg.grad_clip)
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -309,7 +348,11 @@ def train(config: TrainConfig | dict | str | Path, vision: nn.Module | None = No
         record = {"step": step, **dict(zip(names, values)), "lr": lr, "sec": round(time.perf_counter() - t0, 4)}
         if isinstance(raw, Stage1Model):
             record["temp"] = raw.temp.item()
+        if skipped:
+            record["skipped"] = 1
         log.write(record)
+        in_a_row = in_a_row + 1 if skipped else 0
+        check_skips(record, in_a_row, cfg)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         stopping = cfg.stop_at_step is not None and step >= cfg.stop_at_step
