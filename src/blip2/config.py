@@ -30,6 +30,7 @@ class VisionConfig:
     patch_size: int = 14
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-6
+    post_layernorm_eps: float | None = None  # None: layer_norm_eps; 1e-5 for LAVIS' `ln_vision` (checkpoint/lavis.py)
     qkv_bias: bool = True
     attention_dropout: float = 0.0
 

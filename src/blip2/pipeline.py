@@ -308,8 +308,13 @@ def load(
     dtype: str | torch.dtype = "auto",
     image_cache_size: int = 64,
     compile: bool = False,
+    base: str | os.PathLike | None = None,
 ) -> Blip2:
     """Load a checkpoint (Hub id or local folder) with its tokenizer and image preprocessing.
+
+    A LAVIS `.pth` file holds only the weights LAVIS trained: `base` (Hub id or folder) is the checkpoint whose
+    frozen ViT and LM complete it, and whose tokenizer and preprocessing it uses; without one, the base is found
+    from the LAVIS model type in the file (docs/architecture.md, "LAVIS checkpoints").
 
     `compile=True` decodes with a static KV cache and a `torch.compile`d step (model.Blip2Model._decoding_kwargs):
     the first generation compiles (tens of seconds on a CPU), the first of another length once more, with dynamic
@@ -318,7 +323,7 @@ def load(
 
     where = placement(device, dtype)  # device, dtypes and kernels: dtype_policy decides them all
     dev = where.device
-    m, folder = load_model(model, where.dtype, where.quantize)
+    m, folder = load_model(model, where.dtype, where.quantize, base)
     if m.language_model is not None and (folder / "generation_config.json").is_file():
         m.language_model.generation_config = GenerationConfig.from_pretrained(folder)
     m.to(dev)
