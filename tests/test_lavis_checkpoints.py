@@ -284,3 +284,55 @@ def test_every_lavis_model_type_has_a_base_or_a_reason():
     for arch, types in lavis_types.items():
         for t in types:
             assert (t in BASE_OF_MODEL_TYPE) != (t in NO_HF_BASE), f"{arch}/{t}"
+
+
+# ---- the command line: --base ----------------------------------------------------------------------------------------
+def _cli(*args: object):
+    from click.testing import CliRunner
+
+    from blip2.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_base_gives_the_api_captions(opt_ckpt, tmp_path, images):
+    """If this fails, `blip2 caption -m ft.pth --base ...` prints other captions than `blip2.load(ft.pth, base=...)`,
+    or ignores --base."""
+    pth = _save_lavis(tmp_path / "ft.pth", _tuned(opt_ckpt), "opt")
+    want = blip2.load(pth, base=opt_ckpt, dtype="fp32").caption(images["rgb"], max_new_tokens=6)
+    result = _cli("caption", "-m", pth, "--base", opt_ckpt, "--dtype", "fp32", "--max-new-tokens", 6, images["rgb"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.rstrip("\n").split("\t", 1)[1] == want.replace("\n", " ")
+
+
+def test_cli_batch_with_base_writes_the_api_captions(opt_ckpt, tmp_path, images):
+    """If this fails, --base is lost on the way to the batch engine (a folder input), which then cannot load the
+    file or uses another base."""
+    pth = _save_lavis(tmp_path / "ft.pth", _tuned(opt_ckpt), "opt")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(images["rgb"], folder / "a.png")
+    want = blip2.load(pth, base=opt_ckpt, dtype="fp32").caption(folder / "a.png", max_new_tokens=6)
+    out = tmp_path / "out.jsonl"
+    args = ("caption", "-m", pth, "--base", opt_ckpt, "--dtype", "fp32", "--max-new-tokens", 6, "--out", out, folder)
+    result = _cli(*args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["caption"] for r in rows] == [want]
+
+
+def test_cli_base_with_a_folder_model_is_refused(opt_ckpt, images):
+    """If this fails, `--base` next to an HF checkpoint folder is silently ignored."""
+    result = _cli("caption", "-m", opt_ckpt, "--base", opt_ckpt, images["rgb"])
+    assert result.exit_code == 2
+    assert "--base" in result.stderr and "Traceback" not in result.output
+
+
+def test_checkpoint_with_base_survives_pickling(opt_ckpt, tmp_path):
+    """If this fails, Ray actors (which receive the model name pickled) load a LAVIS file without its base."""
+    import pickle
+
+    from blip2.checkpoint.lavis import LavisCheckpoint
+
+    ref = pickle.loads(pickle.dumps(LavisCheckpoint(tmp_path / "ft.pth", opt_ckpt)))
+    assert (str(ref), ref.base) == (str(tmp_path / "ft.pth"), str(opt_ckpt))

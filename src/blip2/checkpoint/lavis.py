@@ -27,7 +27,7 @@ import torch
 
 from ..config import Blip2Config
 from ..errors import CheckpointError
-from .files import resolve, weight_files
+from .files import LAVIS_SUFFIXES, resolve, weight_files
 from .keymaps import to_hf
 from .reading import iter_tensors, load_lavis_file, peek_keys
 
@@ -78,8 +78,17 @@ class LavisCheckpoint(str):
 
 
 def is_lavis_file(model: str | os.PathLike) -> bool:
-    """A path to a file (not a checkpoint folder or a Hub id): only LAVIS checkpoints come as one file."""
-    return Path(model).expanduser().is_file()
+    """A path to a weights file, not a checkpoint folder or a Hub id: only LAVIS checkpoints come as one file."""
+    path = Path(model).expanduser()
+    return path.suffix in LAVIS_SUFFIXES and not path.is_dir()
+
+
+def base_folder(path: str | os.PathLike, base: str | os.PathLike | None) -> Path:
+    """The folder of the base that completes a LAVIS file (its config, tokenizer and preprocessing)."""
+    if base is not None:
+        return resolve(base)
+    path = Path(path).expanduser()
+    return resolve_base(path, load_lavis_file(path)[1])
 
 
 class LavisSource(NamedTuple):
@@ -97,7 +106,7 @@ def load_lavis(path: str | os.PathLike, base: str | os.PathLike | None, mmap: bo
     path = Path(path).expanduser()
     state, lavis_config = load_lavis_file(path)
     state = {k: v for k, v in state.items() if not _RECOMPUTED.match(k)}
-    folder = resolve_base(path, base, lavis_config)
+    folder = resolve(base) if base is not None else resolve_base(path, lavis_config)
     cfg = Blip2Config.from_json_file(folder / "config.json")
     _check_language_model(path, state, cfg, folder)
     cfg.vision_config.post_layernorm_eps = LAVIS_LN_VISION_EPS
@@ -123,10 +132,8 @@ def check_trained_parts(source: LavisSource, model_keys: Iterable[str]) -> None:
         )
 
 
-def resolve_base(path: Path, base: str | os.PathLike | None, lavis_config: Mapping[str, Any]) -> Path:
-    """The base folder: the one given, else the HF checkpoint of the LAVIS model type in the file's config."""
-    if base is not None:
-        return resolve(base)
+def resolve_base(path: Path, lavis_config: Mapping[str, Any]) -> Path:
+    """The HF checkpoint of the LAVIS model type in the file's config, on disk or fetched."""
     model_type = lavis_config.get("model_type") or lavis_config.get("arch")
     kind = f"{lavis_config.get('arch')}/{model_type}" if lavis_config.get("model_type") else str(model_type)
     if model_type in NO_HF_BASE:
