@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..dtype_policy import CPU_BF16_ENV, FP32_MODULES, cpu_has_native_bf16, resolve_dtype, target_dtype
 from .files import WEIGHT_PATTERNS, resolve, weight_files
-from .keymaps import hf_keys, is_lavis, lavis_to_hf, to_hf
+from .keymaps import hf_keys, is_lavis, is_lavis_instruct, lavis_instruct_to_hf, lavis_to_hf, to_hf
 from .loading import build_empty, load_model, load_state, tie_groups
 from .reading import iter_tensors, load_pickle, peek_keys
 from .saving import save_model
@@ -26,7 +26,9 @@ __all__ = [
     "cpu_has_native_bf16",
     "hf_keys",
     "is_lavis",
+    "is_lavis_instruct",
     "iter_tensors",
+    "lavis_instruct_to_hf",
     "lavis_to_hf",
     "load_model",
     "load_pickle",
