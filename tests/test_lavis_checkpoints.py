@@ -35,6 +35,7 @@ def _lavis_name(key: str, lm: str) -> str:
         (".self_attn.projection.", ".attn.proj."),
         ("vision_model.post_layernorm.", "ln_vision."),
         ("qformer.layernorm.", "Qformer.bert.embeddings.LayerNorm."),
+        ("qformer.embeddings.layernorm.", "Qformer.bert.embeddings.LayerNorm."),  # InstructBLIP
         ("embeddings.word_embeddings.", "Qformer.bert.embeddings.word_embeddings."),
         ("embeddings.position_embeddings.", "Qformer.bert.embeddings.position_embeddings."),
         (".attention.attention.", ".attention.self."),
@@ -108,12 +109,13 @@ def _outputs(m) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     px = torch.rand(2, 3, 32, 32, generator=gen)
     ids = torch.randint(3, 40, (2, 5), generator=gen)
+    instruction = {"instruction_ids": ids} if m.config.is_instruct else {}
     with torch.no_grad():
         feats = m.encode_image(px)
-        out = [feats, m.query_output(feats)]
+        out = [feats, m.query_output(feats, **instruction)]
         if m.language_model is not None:
             dec = ids[:, :3] if m.is_encoder_decoder else None
-            out.append(m(ids, pixel_values=px, decoder_input_ids=dec).logits)
+            out.append(m(ids, pixel_values=px, decoder_input_ids=dec, **instruction).logits)
         else:
             out += [m.image_embeddings(feats), m.text_embeddings(ids), m.itm_logits(feats, ids)]
     return out
@@ -123,7 +125,15 @@ KINDS = {  # kind: (base fixture, LAVIS prefix, LAVIS config of the run, stage 1
     "blip2_opt": ("opt_ckpt", "opt", {"arch": "blip2_opt", "model_type": "pretrain_opt2.7b"}, False),
     "blip2_t5": ("t5_ckpt", "t5", {"arch": "blip2_t5", "model_type": "pretrain_flant5xl"}, False),
     "blip2": ("itm_ckpt", "opt", {"arch": "blip2", "model_type": "pretrain"}, True),
+    "blip2_t5_instruct": ("instruct_t5_ckpt", "t5", {"arch": "blip2_t5_instruct", "model_type": "flant5xl"}, False),
 }
+
+
+@pytest.fixture(scope="module")
+def instruct_t5_ckpt(tmp_path_factory) -> Path:
+    from instruct_checkpoints import make_instruct_t5_checkpoint
+
+    return make_instruct_t5_checkpoint(tmp_path_factory.mktemp("instruct_t5"))
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
