@@ -3,6 +3,7 @@
     files.py     where a checkpoint is: a folder or a Hub id (offline misses say how to get it), its weight files
     reading.py   tensors from safetensors (memory-mapped, or plain reads) and .bin/.pth pickles; key names
     keymaps.py   how its keys map: HF and LAVIS key maps, pure functions
+    lavis.py     LAVIS .pth files (trained weights only) over the base checkpoint with their frozen ViT and LM
     loading.py   how it loads: built on the meta device, each tensor cast once and assigned, strictly
     saving.py    how it is saved: sharded safetensors in the HF layout (huggingface_hub's writer)
 
