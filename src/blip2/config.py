@@ -13,6 +13,9 @@ from typing import Any
 
 from .errors import ConfigError
 
+# InstructBLIP: the same model, whose Q-Former also reads the instruction (its text rows run after the queries).
+INSTRUCT_ARCHITECTURE = "InstructBlipForConditionalGeneration"
+
 
 def _take(cls: type, raw: dict[str, Any]) -> Any:
     """Build dataclass `cls` from the keys of `raw` it knows; HF configs carry many extra keys we ignore."""
@@ -30,6 +33,7 @@ class VisionConfig:
     patch_size: int = 14
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-6
+    post_layernorm_eps: float | None = None  # None: layer_norm_eps; 1e-5 for LAVIS' `ln_vision` (checkpoint/lavis.py)
     qkv_bias: bool = True
     attention_dropout: float = 0.0
 
@@ -69,6 +73,15 @@ class Blip2Config:
     # Keys of the original config.json that we do not model, written back unchanged on save.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.is_instruct:  # the instruction's rows run through the Q-Former's text FFNs
+            self.qformer_config.use_qformer_text_input = True
+
+    @property
+    def is_instruct(self) -> bool:
+        """InstructBLIP: the Q-Former reads the instruction (word embeddings under `qformer.embeddings`)."""
+        return self.architecture == INSTRUCT_ARCHITECTURE
+
     @property
     def has_language_model(self) -> bool:
         return self.text_config is not None
@@ -76,7 +89,7 @@ class Blip2Config:
     @property
     def has_text_side(self) -> bool:
         """The Q-Former can embed text (ITC/ITM): retrieval and stage-1 checkpoints."""
-        return self.qformer_config.use_qformer_text_input
+        return self.qformer_config.use_qformer_text_input and not self.is_instruct
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -107,7 +120,12 @@ class Blip2Config:
         qformer.encoder_hidden_size = vision.hidden_size
         text = raw.pop("text_config", None)
         archs = raw.get("architectures") or []
-        arch = archs[0] if archs else ("Blip2ForConditionalGeneration" if text else "Blip2ForImageTextRetrieval")
+        if archs:
+            arch = archs[0]
+        elif raw.get("model_type") == "instructblip":
+            arch = INSTRUCT_ARCHITECTURE
+        else:
+            arch = "Blip2ForConditionalGeneration" if text else "Blip2ForImageTextRetrieval"
         if arch == "Blip2ForImageTextRetrieval":
             text = None  # HF writes a default OPT text_config even for retrieval checkpoints; it has no LM weights
         image_token = raw.pop("image_token_index", None)
@@ -136,15 +154,15 @@ class Blip2Config:
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         model_type = raw.get("model_type")
-        if model_type not in (None, "blip-2", "blip_2"):
-            raise ConfigError(f"{path}: model_type is {model_type!r}, not a BLIP-2 checkpoint")
+        if model_type not in (None, "blip-2", "blip_2", "instructblip"):
+            raise ConfigError(f"{path}: model_type is {model_type!r}, not a BLIP-2 or InstructBLIP checkpoint")
         return cls.from_dict(raw)
 
     def to_dict(self) -> dict[str, Any]:
         """The HF layout, readable by `transformers.Blip2Config.from_pretrained`."""
         out = dict(self.extra)
         out.update(
-            model_type="blip-2",
+            model_type="instructblip" if self.is_instruct else "blip-2",
             architectures=[self.architecture],
             vision_config=asdict(self.vision_config),
             qformer_config=asdict(self.qformer_config),
@@ -175,6 +193,11 @@ _OFFICIAL = [
     ("Salesforce/blip2-flan-t5-xxl", "Flan-T5-XXL", 12.1, "caption, VQA, chat"),
     ("Salesforce/blip2-itm-vit-g", "-", 1.2, "retrieval (ITC, ITM)"),
     ("Salesforce/blip2-itm-vit-g-coco", "-", 1.2, "retrieval, COCO fine-tuned (364 px)"),
+    # InstructBLIP: ViT-g, the Q-Former with its text embeddings (0.19B) and the LM
+    ("Salesforce/instructblip-flan-t5-xl", "Flan-T5-XL", 4.0, "instructions, caption, VQA, chat"),
+    ("Salesforce/instructblip-flan-t5-xxl", "Flan-T5-XXL", 12.3, "instructions, caption, VQA, chat"),
+    ("Salesforce/instructblip-vicuna-7b", "Vicuna-7B", 7.9, "instructions, caption, VQA, chat"),
+    ("Salesforce/instructblip-vicuna-13b", "Vicuna-13B", 14.2, "instructions, caption, VQA, chat"),
 ]
 KNOWN_MODELS: dict[str, dict[str, str]] = {
     hub_id: {"lm": lm, "params": f"{b:g}B", "task": task, "size": f"{b * 4:.0f} GB (fp32)"}

@@ -41,6 +41,11 @@ GENERATION: MappingProxyType[str, Any] = MappingProxyType(
 
 # ---- prompts and context ---------------------------------------------------------------------------------------------
 VQA_TEMPLATE = "Question: {} Answer:"  # the paper's; LAVIS's YAML uses "Question: {} Short answer:"
+# InstructBLIP reads instructions (docs/instructblip.md); these are LAVIS' instructblip evaluation prompts
+# (projects/instructblip/caption_coco_*_eval*.yaml, qa_okvqa_*_eval.yaml).
+INSTRUCT_CAPTION_PROMPT = "A short image caption."
+INSTRUCT_VQA_TEMPLATE = "Question: {} Short Answer:"
+INSTRUCTION_TOKENS = 128  # the Q-Former reads the last this-many tokens of an instruction (LAVIS' max_txt_len)
 CONTEXT_TOKENS = 512  # a chat's budget: BLIP-2's LM context, query tokens + prompt text
 
 # ---- images and batches ----------------------------------------------------------------------------------------------

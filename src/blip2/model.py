@@ -3,9 +3,11 @@
     pixel_values (B, 3, S, S) -> vision_model (B, N, Dv) -> qformer queries (B, Nq, Dq)
         -> language_projection (B, Nq, d_lm) -> frozen LM with the prompt tokens -> logits / token ids
     (retrieval layout)  queries -> vision_projection (B, Nq, E);  text CLS -> text_projection (B, E);  itm_head
+    (InstructBLIP)      the Q-Former reads [queries; instruction tokens]; only the query rows go on to the LM
 
-Attribute names are those of `transformers`' `Blip2ForConditionalGeneration` and `Blip2ForImageTextRetrieval`, so
-a HF state dict loads without renaming. Images, tokens and prompts live in `processing`/`pipeline`.
+Attribute names are those of `transformers`' `Blip2ForConditionalGeneration`, `Blip2ForImageTextRetrieval` and
+`InstructBlipForConditionalGeneration`, so a HF state dict loads without renaming. Images, tokens and prompts live
+in `processing`/`pipeline`.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class Blip2Model(nn.Module):
         q = cfg.qformer_config
         self.vision_model = VisionTransformer(cfg.vision_config)
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, q.hidden_size))
-        self.qformer = QFormer(q)
+        self.qformer = QFormer(q, instruct=cfg.is_instruct)
         self.language_model: nn.Module | None = None
         self.compile_decoding = False  # `generate` decodes with a static KV cache and a compiled step (pipeline.load)
         if cfg.has_text_side:
@@ -71,16 +73,48 @@ class Blip2Model(nn.Module):
         """(B, 3, S, S) -> (B, N, Dv) vision features (after `post_layernorm`)."""
         return self.vision_model(pixel_values)
 
-    def query_output(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """(B, N, Dv) -> (B, Nq, Dq): the learned queries after cross-attending to the image (fp32)."""
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        return self.qformer(queries, queries.shape[1], image_embeds=image_embeds)
+    def query_output(
+        self,
+        image_embeds: torch.Tensor,
+        instruction_ids: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, N, Dv) -> (B, Nq, Dq): the learned queries after cross-attending to the image (fp32).
 
-    def image_prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, Nq, d_lm): the soft prompt the LM sees. Computed once per image and reusable."""
-        image_embeds = self.encode_image(pixel_values)
-        q = self.query_output(image_embeds).to(image_embeds.dtype)  # as the reference: back to the vision dtype
-        return self.language_projection(q)
+        InstructBLIP: the instruction's Q-Former tokens (B, T) (`qformer_input_ids`, mask `qformer_attention_mask`)
+        follow the queries, bidirectionally; the queries' rows are returned.
+        """
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        n = queries.shape[1]
+        if not self.config.is_instruct:
+            return self.qformer(queries, n, image_embeds=image_embeds)
+        if instruction_ids is None:
+            raise ValueError("an InstructBLIP Q-Former reads the instruction: give instruction_ids")
+        text = self.qformer.embeddings(instruction_ids).to(queries.dtype)  # (B, T, Dq)
+        mask = torch.ones_like(instruction_ids) if instruction_mask is None else instruction_mask
+        h = self.qformer(torch.cat([queries, text], dim=1), n, text_mask=mask, image_embeds=image_embeds)
+        return h[:, :n]
+
+    def image_prefix(
+        self,
+        pixel_values: torch.Tensor,
+        instruction_ids: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, Nq, d_lm): the soft prompt the LM sees. BLIP-2: computed once per image and
+        reusable; InstructBLIP: once per (image, instruction)."""
+        return self.features_prefix(self.encode_image(pixel_values), instruction_ids, instruction_mask)
+
+    def features_prefix(
+        self,
+        image_embeds: torch.Tensor,
+        instruction_ids: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`image_prefix` from vision features (B, N, Dv) already computed (an InstructBLIP image under several
+        instructions runs the vision encoder once)."""
+        q = self.query_output(image_embeds, instruction_ids, instruction_mask)
+        return self.language_projection(q.to(image_embeds.dtype))  # as the reference: back to the vision dtype
 
     # ---- language side ----------------------------------------------------------------------------------------
     def lm_inputs(self, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
@@ -113,15 +147,18 @@ class Blip2Model(nn.Module):
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        instruction_ids: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
     ) -> Blip2Output:
         """LM logits for an image (`pixel_values`, or a precomputed `prefix`) and text.
 
         `labels` (B, T) align with `input_ids` (causal LM; -100 ignored) or are the decoder targets (seq2seq).
+        `instruction_ids`/`instruction_mask`: InstructBLIP's Q-Former tokens, as `query_output`.
         """
         if prefix is None:
             if pixel_values is None:
                 raise ValueError("give pixel_values or prefix")
-            prefix = self.image_prefix(pixel_values)
+            prefix = self.image_prefix(pixel_values, instruction_ids, instruction_mask)
         inputs_embeds, mask = self.lm_inputs(prefix, input_ids, attention_mask)
         if self.is_encoder_decoder:
             out = self.language_model(

@@ -7,6 +7,11 @@
 The image side (vision encoder + Q-Former + projection) runs once per distinct image: its output is kept in a small
 LRU cache keyed by the image's content, so a chat, or several questions about one image, reuse it. A chat with a
 decoder-only LM also keeps the LM's key/value cache of the conversation so far and only runs the new tokens.
+
+InstructBLIP checkpoints (`Salesforce/instructblip-*`) load into the same object: their Q-Former also reads the
+prompt (the instruction, in its own BERT tokens), so the cache keeps the vision features and the Q-Former runs for
+each (image, prompt). Their prompts are instructions (docs/instructblip.md): `caption` asks "A short image caption."
+and `ask` uses "Question: {} Short Answer:", as LAVIS evaluates them.
 """
 
 from __future__ import annotations
@@ -25,7 +30,16 @@ from PIL import Image
 
 from .adapter import apply_adapter, find_adapter
 from .checkpoint import load_model
-from .defaults import BATCH_SIZE, CONTEXT_TOKENS, GENERATION, VQA_MAX_NEW_TOKENS
+from .defaults import (
+    BATCH_SIZE,
+    CONTEXT_TOKENS,
+    GENERATION,
+    INSTRUCT_CAPTION_PROMPT,
+    INSTRUCT_VQA_TEMPLATE,
+    INSTRUCTION_TOKENS,
+    VQA_MAX_NEW_TOKENS,
+    VQA_TEMPLATE,
+)
 from .dtype_policy import placement
 from .errors import ConfigError, GenerationError
 from .model import Blip2Model, sequence_scores
@@ -113,7 +127,7 @@ def _image_key(image: ImageInput) -> str:
 
 
 class Blip2:
-    """A loaded BLIP-2 checkpoint with its tokenizer and image transform."""
+    """A loaded BLIP-2 (or InstructBLIP) checkpoint with its tokenizer(s) and image transform."""
 
     def __init__(
         self,
@@ -123,9 +137,15 @@ class Blip2:
         device: torch.device,
         name: str = "",
         image_cache_size: int = 64,
+        qformer_tokenizer=None,
     ) -> None:
+        if model.config.is_instruct and qformer_tokenizer is None:
+            raise ConfigError(f"{name}: an InstructBLIP model needs its Q-Former tokenizer (qformer_tokenizer/)")
         self.model = model
         self.tokenizer = tokenizer
+        self.qformer_tokenizer = qformer_tokenizer
+        if qformer_tokenizer is not None:  # as LAVIS: BERT pads on the right and keeps an instruction's end
+            qformer_tokenizer.padding_side, qformer_tokenizer.truncation_side = "right", "left"
         self.transform = transform
         self.device = device
         self.name = name
@@ -154,12 +174,24 @@ class Blip2:
         return torch.stack(pixels).to(self.device, self.dtype)
 
     @torch.no_grad()
-    def image_prefix(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        """(B, Nq, d_lm) soft prompts, computed once per distinct image and then taken from the cache."""
+    def image_prefix(self, images: Sequence[ImageInput], prompts: Sequence[str] | None = None) -> torch.Tensor:
+        """(B, Nq, d_lm) soft prompts, computed once per distinct image and then taken from the cache.
+
+        InstructBLIP: the Q-Former also reads `prompts` (one per image, as given to the LM), so the cache holds the
+        vision features and the Q-Former runs for each (image, prompt)."""
+        if not self.config.is_instruct:
+            return self._per_image(images, self.model.image_prefix)
+        if prompts is None or len(prompts) != len(images):
+            raise ValueError("an InstructBLIP prefix needs one prompt (its instruction) per image")
+        features = self._per_image(images, self.model.encode_image)  # (B, N, Dv)
+        return self.model.features_prefix(features, *self.instruction_ids(prompts))
+
+    def _per_image(self, images: Sequence[ImageInput], compute) -> torch.Tensor:
+        """`compute(pixels)` for each distinct image, through the LRU cache, stacked in the order of `images`."""
         keys = [_image_key(im) for im in images]
         todo = {k: im for k, im in zip(keys, images) if k not in self._cache}
         if todo:
-            fresh = self.model.image_prefix(self.pixel_values(list(todo.values())))
+            fresh = compute(self.pixel_values(list(todo.values())))
             for k, p in zip(todo, fresh):
                 self._cache[k] = p
         out = torch.stack([self._cache[k] for k in keys])
@@ -175,6 +207,25 @@ class Blip2:
         expects (left for decoder-only LMs, so every prompt ends where generation starts)."""
         enc = self.tokenizer(list(prompts), padding=True, return_tensors="pt")
         return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+
+    def instruction_ids(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """InstructBLIP prompts -> the Q-Former's (ids, attention mask) (B, T) (`qformer_input_ids`): its BERT
+        tokens, padded right, cut to their last `INSTRUCTION_TOKENS` as LAVIS."""
+        enc = self.qformer_tokenizer(
+            list(prompts), padding=True, truncation=True, max_length=INSTRUCTION_TOKENS, return_tensors="pt"
+        )
+        return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+
+    def caption_prompt(self, prompt: str | None = None) -> str:
+        """The prompt a caption is asked with: `prompt` if given; else nothing (BLIP-2 captions from the image
+        alone) or `INSTRUCT_CAPTION_PROMPT` (InstructBLIP is asked for one)."""
+        if prompt:
+            return prompt
+        return INSTRUCT_CAPTION_PROMPT if self.config.is_instruct else ""
+
+    def question_prompt(self, question: str) -> str:
+        """The VQA prompt: "Question: {} Answer:" (BLIP-2) or "Question: {} Short Answer:" (InstructBLIP)."""
+        return vqa_prompt(question, INSTRUCT_VQA_TEMPLATE if self.config.is_instruct else VQA_TEMPLATE)
 
     def decode(self, tokens: torch.Tensor, scores: torch.Tensor) -> list[Generation]:
         """Generated ids (B, T) and their scores (B,) -> one `Generation` per row: special tokens dropped, the text
@@ -212,13 +263,14 @@ class Blip2:
     ) -> list[Generation]:
         """One generation per (image, prompt) pair (x num_return_sequences), in batches of `batch_size` pairs.
 
-        A batch gives what each pair gives alone: prompts are padded on the side the LM expects and masked.
+        A batch gives what each pair gives alone: prompts are padded on the side the LM expects and masked. An empty
+        prompt asks for a caption (`caption_prompt`).
         """
         if self.model.language_model is None:
             raise ConfigError(f"{self.name}: a retrieval checkpoint has no language model; use similarity/match")
         opts = replace(options or GenerationOptions(), **gen)
         images = list(images)
-        prompts = [""] * len(images) if prompts is None else list(prompts)
+        prompts = [self.caption_prompt(p) for p in ([""] * len(images) if prompts is None else prompts)]
         if len(prompts) != len(images):
             raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
         if batch_size < 1:
@@ -229,7 +281,9 @@ class Blip2:
                 g
                 for i in chunks
                 for g in self._generate(
-                    self.image_prefix(images[i : i + batch_size]), prompts[i : i + batch_size], opts
+                    self.image_prefix(images[i : i + batch_size], prompts[i : i + batch_size]),
+                    prompts[i : i + batch_size],
+                    opts,
                 )
             ]
 
@@ -239,9 +293,11 @@ class Blip2:
     ) -> list[Generation]:
         """`generate` for images already preprocessed by `self.transform` (B, 3, S, S), e.g. in worker processes."""
         opts = replace(options or GenerationOptions(), **gen)
+        prompts = [self.caption_prompt(p) for p in prompts]
+        instruction = self.instruction_ids(prompts) if self.config.is_instruct else ()
         with self._seeded(opts.seed):
-            prefix = self.model.image_prefix(pixel_values.to(self.device, self.dtype))
-            return self._generate(prefix, list(prompts), opts)
+            prefix = self.model.image_prefix(pixel_values.to(self.device, self.dtype), *instruction)
+            return self._generate(prefix, prompts, opts)
 
     def _generate(self, prefix: torch.Tensor, prompts: list[str], opts: GenerationOptions) -> list[Generation]:
         ids, mask = self.tokenize(prompts)
@@ -259,15 +315,16 @@ class Blip2:
         """A caption, or with `prompt` the continuation of it. A list of images gives a list of strings."""
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
-        texts = [g.text for g in self.generate(images, [prompt or ""] * len(images), **gen)]
+        texts = [g.text for g in self.generate(images, [self.caption_prompt(prompt)] * len(images), **gen)]
         return texts[0] if single else texts
 
     def ask(self, image: ImageInput | Sequence[ImageInput], question: str | Sequence[str], **gen: Any):
-        """Visual question answering with the `Question: {} Answer:` template."""
+        """Visual question answering with the `question_prompt` template."""
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
         questions = [question] * len(images) if isinstance(question, str) else list(question)
-        texts = [g.text for g in self.generate(images, [vqa_prompt(q) for q in questions], VQA_OPTIONS, **gen)]
+        prompts = [self.question_prompt(q) for q in questions]
+        texts = [g.text for g in self.generate(images, prompts, VQA_OPTIONS, **gen)]
         return texts[0] if single else texts
 
     def chat(self, image: ImageInput, context: int = CONTEXT_TOKENS) -> Chat:
@@ -310,11 +367,16 @@ def load(
     image_cache_size: int = 64,
     compile: bool = False,
     adapter: str | os.PathLike | None = None,
+    base: str | os.PathLike | None = None,
 ) -> Blip2:
     """Load a checkpoint (Hub id or local folder) with its tokenizer and image preprocessing.
 
     `adapter`: a LoRA adapter folder for the LM (peft's layout), merged in as the model loads; by default the
     checkpoint's own `adapter/` folder, which a fine-tuning run with LoRA writes (blip2.adapter).
+
+    A LAVIS `.pth` file holds only the weights LAVIS trained: `base` (Hub id or folder) is the checkpoint whose
+    frozen ViT and LM complete it, and whose tokenizer and preprocessing it uses; without one, the base is found
+    from the LAVIS model type in the file (docs/architecture.md, "LAVIS checkpoints").
 
     `compile=True` decodes with a static KV cache and a `torch.compile`d step (model.Blip2Model._decoding_kwargs):
     the first generation compiles (tens of seconds on a CPU), the first of another length once more, with dynamic
@@ -323,7 +385,7 @@ def load(
 
     where = placement(device, dtype)  # device, dtypes and kernels: dtype_policy decides them all
     dev = where.device
-    m, folder = load_model(model, where.dtype, where.quantize)
+    m, folder = load_model(model, where.dtype, where.quantize, base)
     adapter = adapter if adapter is not None else find_adapter(folder)
     if adapter is not None:
         apply_adapter(m, adapter)
@@ -338,8 +400,28 @@ def load(
     except (OSError, ValueError) as e:
         raise ConfigError(f"{folder}: no usable tokenizer ({e})") from e
     return Blip2(
-        m, tokenizer, ImageTransform.from_pretrained(folder), dev, name=str(model), image_cache_size=image_cache_size
+        m,
+        tokenizer,
+        ImageTransform.from_pretrained(folder),
+        dev,
+        name=str(model),
+        image_cache_size=image_cache_size,
+        qformer_tokenizer=_qformer_tokenizer(folder) if m.config.is_instruct else None,
     )
+
+
+def _qformer_tokenizer(folder: Path):
+    """An InstructBLIP checkpoint's Q-Former (BERT) tokenizer, in `qformer_tokenizer/` as `InstructBlipProcessor`
+    saves it."""
+    from transformers import AutoTokenizer
+
+    where = folder / "qformer_tokenizer"
+    if not where.is_dir():
+        raise ConfigError(f"{folder}: an InstructBLIP checkpoint needs its Q-Former tokenizer in {where.name}/")
+    try:
+        return AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where}: no usable Q-Former tokenizer ({e})") from e
 
 
 class Chat:
@@ -348,7 +430,8 @@ class Chat:
     The prompt fits a context budget (default `CONTEXT_TOKENS`, counting the query tokens); the oldest turns go first
     and the current question is never cut. With a decoder-only LM and greedy or sampled decoding (one sequence),
     the key/value cache of the previous turn is kept: the next turn runs only the tokens after the longest common
-    prefix, so the image and the shared history are not recomputed.
+    prefix, so the image and the shared history are not recomputed. InstructBLIP's Q-Former reads each turn's prompt,
+    so each turn has a new prefix (from the cached image features) and runs the LM on the whole prompt.
     """
 
     def __init__(self, model: Blip2, image: ImageInput, context: int = CONTEXT_TOKENS) -> None:
@@ -358,7 +441,10 @@ class Chat:
         self.set_image(image)
 
     def set_image(self, image: ImageInput) -> None:
-        self.prefix = self.m.image_prefix([image])  # (1, Nq, d): raises ImageError now, not at the first question
+        self.image = image
+        # (1, Nq, d): raises ImageError now, not at the first question. InstructBLIP's depends on the prompt too:
+        # each turn makes its own from the cached image features.
+        self.prefix = self.m.image_prefix([image], [self.m.caption_prompt()])
         self.reset()
 
     def reset(self) -> None:
@@ -376,8 +462,11 @@ class Chat:
         opts = replace(GenerationOptions(), **gen)
         prompt = self.prompt_for(question)
         ids, mask = self.m.tokenize([prompt])
+        instruct = self.m.config.is_instruct  # a new prefix each turn: the LM's cache of the last turn does not apply
+        if instruct:
+            self.prefix = self.m.image_prefix([self.image], [prompt])
         with self.m._seeded(opts.seed):
-            if self.m.model.is_encoder_decoder or opts.num_beams > 1 or opts.num_return_sequences > 1:
+            if instruct or self.m.model.is_encoder_decoder or opts.num_beams > 1 or opts.num_return_sequences > 1:
                 tokens, scores = self.m.model.generate(self.prefix, ids, mask, **opts.hf_kwargs())
             else:
                 tokens, scores = self._generate_cached(ids, opts)

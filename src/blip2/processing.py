@@ -180,12 +180,12 @@ def _transform_kwargs(cfg: dict, path: Path) -> dict:
 # Prompts
 
 
-def vqa_prompt(question: str) -> str:
-    """`"Question: {question} Answer:"`, the template BLIP-2 was evaluated with for zero-shot VQA."""
+def vqa_prompt(question: str, template: str = VQA_TEMPLATE) -> str:
+    """`"Question: {question} Answer:"`, the template BLIP-2 was evaluated with for zero-shot VQA (or `template`)."""
     q = question.strip()
     if not q:
         raise ValueError(f"question must not be empty, got {question!r}")
-    return VQA_TEMPLATE.format(q)
+    return template.format(q)
 
 
 def chat_prompt(

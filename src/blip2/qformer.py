@@ -17,6 +17,10 @@ causal (ITG)           queries + text                queries <-> queries; text -
 
 In the causal mode query rows never see text, so their outputs equal the queries-only pass: one pass gives what
 LAVIS computes with a cached query pass followed by a text pass.
+
+InstructBLIP runs the bidirectional mode with the instruction as the text: the queries read it while they look at
+the image. Its Q-Former holds the text embeddings itself, with the input LayerNorm (`qformer.embeddings.*`, as HF's
+`InstructBlipQFormerModel`); BLIP-2's has only the LayerNorm (`qformer.layernorm`).
 """
 
 from __future__ import annotations
@@ -65,6 +69,15 @@ class TextEmbeddings(nn.Module):
         # Text positions start at 0 even when queries are prepended: queries have no position embedding.
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         return self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]  # (B, T, D)
+
+
+class InstructionEmbeddings(TextEmbeddings):
+    """InstructBLIP's `qformer.embeddings`: the instruction's word + position embeddings and the LayerNorm that
+    every Q-Former input (queries and text) goes through."""
+
+    def __init__(self, cfg: QFormerConfig) -> None:
+        super().__init__(cfg)
+        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
 
 class MultiHeadAttention(nn.Module):
@@ -165,10 +178,13 @@ class QFormerEncoder(nn.Module):
 class QFormer(nn.Module):
     """Embeddings `[queries; text]` (B, Nq + T, D) -> hidden states of the same shape."""
 
-    def __init__(self, cfg: QFormerConfig) -> None:
+    def __init__(self, cfg: QFormerConfig, instruct: bool = False) -> None:
         super().__init__()
         self.config = cfg
-        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        if instruct:
+            self.embeddings = InstructionEmbeddings(cfg)
+        else:
+            self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
         self.encoder = QFormerEncoder(cfg)
 
@@ -191,8 +207,9 @@ class QFormer(nn.Module):
             image_mask: (B, N) 1 for valid image tokens; None means all valid.
             causal: text rows see only earlier text (ITG).
         """
-        dtype = self.layernorm.weight.dtype  # its own dtype: fp32 under an fp16 model, as the reference
-        x = self.dropout(self.layernorm(embeds.to(dtype)))
+        norm = self.embeddings.layernorm if hasattr(self, "embeddings") else self.layernorm
+        dtype = norm.weight.dtype  # its own dtype: fp32 under an fp16 model, as the reference
+        x = self.dropout(norm(embeds.to(dtype)))
         mask = build_attention_mask(query_length, text_mask, x.shape[0], causal, x.device)
         if image_embeds is not None:
             image_embeds = image_embeds.to(dtype)

@@ -100,7 +100,8 @@ class VisionTransformer(nn.Module):
         self.config = cfg
         self.embeddings = VisionEmbeddings(cfg)
         self.encoder = VisionEncoder(cfg)
-        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        post_eps = cfg.layer_norm_eps if cfg.post_layernorm_eps is None else cfg.post_layernorm_eps
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=post_eps)
         self.gradient_checkpointing = False
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

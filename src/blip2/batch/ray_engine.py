@@ -58,14 +58,13 @@ class Captioner(ImageMapActor):
         """A pyarrow batch of item rows in, a pyarrow table of caption rows out (fixed schema: no type guessing)."""
         import pyarrow as pa
 
-        from ..processing import vqa_prompt
         from .engine import generate_batch
 
         b = self.decode(batch)
         prompts = []
         for i in b.good:
             q = b.items[i].question or self.question
-            prompts.append(vqa_prompt(q) if q else (self.prompt or ""))
+            prompts.append(self.m.question_prompt(q) if q else self.m.caption_prompt(self.prompt))
         out = [
             {
                 "key": it.key,

@@ -14,7 +14,6 @@ from ..errors import ConfigError
 from ..imagemap import Batch, default_workers, image_batches
 from ..pipeline import Blip2
 from ..pipeline import load as load_model
-from ..processing import vqa_prompt
 from ..sources import Item, iter_items
 from . import ledger as L
 from .engine import BatchOptions, Result, Summary, default_batch_size, generate_batch, now, split_options
@@ -155,16 +154,16 @@ class BatchRun:
                 yield from self._flush(m, batch, sidecars, ledger, bar)
         self.summary.caption_seconds = time.perf_counter() - start
 
-    def _prompt(self, item: Item) -> str:
+    def _prompt(self, m: Blip2, item: Item) -> str:
         question = item.question or self.opts.question
-        return vqa_prompt(question) if question else (self.opts.prompt or "")
+        return m.question_prompt(question) if question else m.caption_prompt(self.opts.prompt)
 
     def _flush(self, m: Blip2, batch: Batch, sidecars: dict, ledger: L.Ledger | None, bar):
         """Caption one batch, then record it, with the failures decoded since the last batch."""
         records: list[L.Record] = []
         if batch.items:
             o = self.opts
-            prompts = [self._prompt(item) for item in batch.items]
+            prompts = [self._prompt(m, item) for item in batch.items]
             gens = generate_batch(m, batch.pixels, prompts, o.generation)  # pixels: (B, 3, S, S) float32
             t = now()
             for item, prompt, g in zip(batch.items, prompts, gens):

@@ -11,15 +11,23 @@ from ..errors import CheckpointError
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"]
 
 
+LAVIS_SUFFIXES = (".pth", ".pt", ".bin")  # LAVIS' runner writes checkpoint_*.pth; its published files are .pth
+
+
 def resolve(model: str | os.PathLike) -> Path:
-    """A local folder, or a Hub id fetched into (or found in) the Hugging Face cache."""
+    """The folder with a model's config.json, tokenizer and preprocessing: a local folder, a Hub id fetched into (or
+    found in) the Hugging Face cache, or for a LAVIS `.pth` file the base checkpoint that completes it (lavis.py)."""
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path}: folder has no config.json; is it a BLIP-2 checkpoint folder?")
         return path
+    if path.suffix in LAVIS_SUFFIXES:
+        from .lavis import base_folder
+
+        return base_folder(path, getattr(model, "base", None))
     if path.exists():
-        raise CheckpointError(f"{path}: expected a checkpoint folder (with config.json), got a file")
+        raise CheckpointError(f"{path}: expected a checkpoint folder (with config.json) or a LAVIS .pth, got a file")
     if str(model).count("/") != 1 or str(model).startswith((".", "/", "~")):
         raise CheckpointError(f"{model}: no such folder, and not a Hub id of the form 'owner/name'")
     return _from_hub(str(model))

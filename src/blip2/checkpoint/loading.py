@@ -22,26 +22,43 @@ from ..errors import CheckpointError
 from ..model import Blip2Model
 from .files import resolve, weight_files
 from .keymaps import to_hf
+from .lavis import check_trained_parts, is_lavis_file, load_lavis
 from .reading import iter_tensors, peek_keys
 
 
 def load_model(
-    model: str | os.PathLike, dtype: torch.dtype = torch.float32, quantize: str | None = None
+    model: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    quantize: str | None = None,
+    base: str | os.PathLike | None = None,
 ) -> tuple[Blip2Model, Path]:
     """Build and load a checkpoint (HF or LAVIS layout) on the CPU; returns the model in eval mode and its folder.
     `quantize` ("int8", see quant.py) converts the layers it names while loading; `dtype` is then the dtype of
-    the arithmetic and of the layers it leaves alone."""
+    the arithmetic and of the layers it leaves alone.
+
+    A LAVIS `.pth` file (trained weights only) loads over `base`, the checkpoint with its frozen ViT and LM (found
+    from the file's LAVIS model type when not given; see lavis.py); the folder returned is then the base's."""
+    base = base if base is not None else getattr(model, "base", None)  # a `LavisCheckpoint` carries its base
     with _freed_memory_returned():
-        folder = resolve(model)
-        cfg = Blip2Config.from_json_file(folder / "config.json")
-        files = weight_files(folder)
+        if is_lavis_file(model):
+            lavis = load_lavis(model, base, mmap=not quantize)
+            cfg, tensors, folder, source = lavis.config, lavis.tensors, lavis.folder, lavis.name
+        elif base is not None:
+            raise CheckpointError(f"{model}: a base (--base) completes a LAVIS .pth file; this is not a file")
+        else:
+            lavis = None
+            folder = resolve(model)
+            cfg = Blip2Config.from_json_file(folder / "config.json")
+            files = weight_files(folder)
+            tensors, source = to_hf(peek_keys(files), iter_tensors(files, mmap=not quantize)), str(folder)
         m = build_empty(cfg)
+        if lavis is not None:
+            check_trained_parts(lavis, (k for k, _ in m.named_parameters()))
         if quantize:
             from ..quant import prepare
 
             prepare(m, quantize, compute=dtype)
-        tensors = to_hf(peek_keys(files), iter_tensors(files, mmap=not quantize))
-        load_state(m, tensors, dtype, str(folder))
+        load_state(m, tensors, dtype, source)
     m.requires_grad_(False)
     return m.eval(), folder
 

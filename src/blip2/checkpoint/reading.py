@@ -6,6 +6,7 @@ import contextlib
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -86,14 +87,38 @@ def _read_safetensors(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def load_pickle(f: Path) -> Mapping[str, torch.Tensor]:
     """A .bin/.pth state dict (LAVIS' `{"model": ...}` wrapper removed), memory-mapped when the file allows."""
+    return _state_of(f, _torch_load(f))
+
+
+def load_lavis_file(f: Path) -> tuple[Mapping[str, torch.Tensor], dict[str, Any]]:
+    """A LAVIS `.pth` as its runner saves it, `{"model": state, "config": run config, "optimizer": ...}`: the state
+    dict and the `config["model"]` section (`arch`, `model_type`, `image_size`...; {} when the file has none)."""
+    raw = _torch_load(f)
+    config = raw.get("config") if isinstance(raw, dict) else None
+    model_config = config.get("model") if isinstance(config, dict) else None
+    return _state_of(f, raw), model_config if isinstance(model_config, dict) else {}
+
+
+def _torch_load(f: Path) -> Any:
+    if not f.is_file():
+        raise CheckpointError(f"{f}: no such file")
     try:
-        sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError:  # old zip-less files cannot be memory-mapped
-        sd = torch.load(f, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:  # old zip-less files cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling errors have no common class
         raise CheckpointError(f"{f}: cannot read weights ({type(e).__name__}: {e})") from e
+
+
+def _state_of(f: Path, sd: Any) -> Mapping[str, torch.Tensor]:
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]  # LAVIS checkpoints wrap the state dict
     if not isinstance(sd, dict):
         raise CheckpointError(f"{f}: expected a state dict, got {type(sd).__name__}")
+    bad = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise CheckpointError(f"{f}: expected a state dict of tensors; {bad!r} is a {type(sd[bad]).__name__}")
     return sd

@@ -15,6 +15,7 @@ its own defaults (VQA answers stop after 10 new tokens, captions after 30). Boun
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -90,7 +91,29 @@ GENERATION_NAMES = [name for name, *_ in GENERATION_OPTIONS]
 
 
 def model_options(f: F) -> F:
-    """`--model/-m` (hub id or folder; env BLIP2_MODEL), `--device`, `--dtype`."""
+    """`--model/-m` (hub id, folder or LAVIS .pth; env BLIP2_MODEL), `--base`, `--device`, `--dtype`.
+
+    The command receives no `base`: with `--base`, its `model` is a `LavisCheckpoint` (a str, the file's path) that
+    carries the base to `blip2.load`, through whatever settings the command passes it on in."""
+
+    run = f
+
+    @functools.wraps(run)
+    def command(*args: Any, base: str | None = None, **kwargs: Any) -> Any:
+        if base is not None:
+            from ..checkpoint.lavis import LavisCheckpoint
+
+            kwargs["model"] = LavisCheckpoint(kwargs["model"], base)
+        return run(*args, **kwargs)
+
+    f = click.option(
+        "--base",
+        default=None,
+        envvar="BLIP2_BASE",
+        show_envvar=True,
+        help="For a LAVIS .pth --model (trained weights only): the Hub id or folder whose frozen ViT and LM complete "
+        "it [found from the LAVIS model type in the file].",
+    )(command)
     f = click.option(
         "--dtype",
         type=click.Choice(DTYPES),
@@ -109,7 +132,7 @@ def model_options(f: F) -> F:
         show_default=True,
         envvar=MODEL_ENVVAR,
         show_envvar=True,
-        help="Hugging Face Hub id or local checkpoint folder.",
+        help="Hugging Face Hub id, local checkpoint folder, or LAVIS .pth file.",
     )(f)
     return f
 

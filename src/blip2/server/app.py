@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..defaults import VQA_MAX_NEW_TOKENS, ServerSettings
 from ..errors import Blip2Error, GenerationError
-from ..processing import chat_prompt, vqa_prompt
+from ..processing import chat_prompt
 from . import images as img
 from .batcher import MicroBatcher, QueueFull
 from .limits import BodyLimit
@@ -261,8 +261,8 @@ def add_routes(app: FastAPI, state: State, auth: list[Any]) -> None:
         if conversation.question:
             budget = CONTEXT_TOKENS - m.config.num_query_tokens
             prompt = chat_prompt(conversation.history, conversation.question, lambda t: count_tokens(state, t), budget)
-        else:  # an empty question asks for a caption, with no history (a caption prompt is empty)
-            prompt = ""
+        else:  # an empty question asks for a caption, with no history
+            prompt = m.caption_prompt()
         gens = await run_generation(state, image, prompt, options)
         reasons = [finish_reason(g, options, state.eos_ids) for g in gens]
         prompt_tokens = m.config.num_query_tokens + count_tokens(state, prompt)
@@ -335,9 +335,9 @@ async def simple_route(state: State, request: Request, kind: str) -> dict[str, A
         question = (body.question or "").strip()
         if not question:
             raise ApiError(400, "vqa needs a non-empty 'question'", "no_question")
-        prompt, default_max = vqa_prompt(question), VQA_MAX_NEW_TOKENS  # as the API
+        prompt, default_max = m.question_prompt(question), VQA_MAX_NEW_TOKENS  # as the API
     else:
-        prompt, default_max = body.prompt or "", DEFAULT_MAX_TOKENS
+        prompt, default_max = m.caption_prompt(body.prompt), DEFAULT_MAX_TOKENS
     options = simple_options(body, default_max, s.max_tokens_limit)
     image = await pixels_of(state, data, name)
     gens = await run_generation(state, image, prompt, options)
