@@ -2,6 +2,8 @@
 
 Defaults are the published BLIP-2 values (EVA ViT-g/14, BERT-base Q-Former, 32 queries), which are also the
 defaults of `transformers`' `Blip2VisionConfig` / `Blip2QFormerConfig`: old hub configs leave most fields out.
+The image encoder may instead be a `transformers` tower (CLIP, SigLIP, DINOv2): a `vision_config` whose
+`model_type` names one (`TOWER_TYPES`) becomes a `backbones.TowerConfig`.
 """
 
 from __future__ import annotations
@@ -9,12 +11,18 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 
+if TYPE_CHECKING:
+    from .backbones import TowerConfig
+    from .processing import ImageTransform
+
 # InstructBLIP: the same model, whose Q-Former also reads the instruction (its text rows run after the queries).
 INSTRUCT_ARCHITECTURE = "InstructBlipForConditionalGeneration"
+# `model_type`s of the `transformers` image towers a BLIP-2 can be built on (backbones.py)
+TOWER_TYPES = ("clip_vision_model", "siglip_vision_model", "dinov2")
 
 
 def _take(cls: type, raw: dict[str, Any]) -> Any:
@@ -60,9 +68,26 @@ class QFormerConfig:
     use_qformer_text_input: bool = False  # text FFNs exist (retrieval / stage-1 checkpoints)
 
 
+def _vision(raw: dict[str, Any]) -> VisionConfig | TowerConfig:
+    """EVA's `VisionConfig`, or a `TowerConfig` when `model_type` names a `transformers` tower."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"vision_config must be a JSON object, got {type(raw).__name__}")
+    model_type = raw.get("model_type")
+    if model_type in TOWER_TYPES:
+        from .backbones import TowerConfig
+
+        return TowerConfig.from_dict(raw)
+    if model_type not in (None, "", "blip_2_vision_model"):
+        raise ConfigError(
+            f"vision_config model_type {model_type!r} is neither BLIP-2's EVA ViT (blip_2_vision_model) nor one of "
+            f"the supported image towers: {', '.join(TOWER_TYPES)}"
+        )
+    return _take(VisionConfig, raw)
+
+
 @dataclass
 class Blip2Config:
-    vision_config: VisionConfig = field(default_factory=VisionConfig)
+    vision_config: VisionConfig | TowerConfig = field(default_factory=VisionConfig)
     qformer_config: QFormerConfig = field(default_factory=QFormerConfig)
     # The LM's own HF config dict (model_type opt / t5 / llama ...); None for retrieval-only checkpoints.
     text_config: dict[str, Any] | None = None
@@ -81,6 +106,14 @@ class Blip2Config:
     def is_instruct(self) -> bool:
         """InstructBLIP: the Q-Former reads the instruction (word embeddings under `qformer.embeddings`)."""
         return self.architecture == INSTRUCT_ARCHITECTURE
+
+    def image_transform(self) -> ImageTransform:
+        """The preprocessing the image encoder expects: a tower's own, or EVA's (its size, CLIP mean/std)."""
+        from .processing import ImageTransform
+
+        if isinstance(self.vision_config, VisionConfig):
+            return ImageTransform(size=self.vision_config.image_size)
+        return self.vision_config.transform()
 
     @property
     def has_language_model(self) -> bool:
@@ -115,7 +148,7 @@ class Blip2Config:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Blip2Config:
         raw = dict(raw)
-        vision = _take(VisionConfig, raw.pop("vision_config", None) or {})
+        vision = _vision(raw.pop("vision_config", None) or {})
         qformer = _take(QFormerConfig, raw.pop("qformer_config", None) or {})
         qformer.encoder_hidden_size = vision.hidden_size
         text = raw.pop("text_config", None)
@@ -159,12 +192,14 @@ class Blip2Config:
         return cls.from_dict(raw)
 
     def to_dict(self) -> dict[str, Any]:
-        """The HF layout, readable by `transformers.Blip2Config.from_pretrained`."""
+        """The HF layout, readable by `transformers.Blip2Config.from_pretrained` (with the EVA image encoder; its
+        BLIP-2 classes know no other)."""
+        is_tower = not isinstance(self.vision_config, VisionConfig)
         out = dict(self.extra)
         out.update(
             model_type="instructblip" if self.is_instruct else "blip-2",
             architectures=[self.architecture],
-            vision_config=asdict(self.vision_config),
+            vision_config=self.vision_config.to_dict() if is_tower else asdict(self.vision_config),
             qformer_config=asdict(self.qformer_config),
             num_query_tokens=self.num_query_tokens,
             image_text_hidden_size=self.image_text_hidden_size,

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backbones import build_vision
 from .config import Blip2Config
 from .language import build_language_model
 from .qformer import QFormer, TextEmbeddings
-from .vision import VisionTransformer
 
 
 @dataclass
@@ -48,7 +48,7 @@ class Blip2Model(nn.Module):
         super().__init__()
         self.config = cfg
         q = cfg.qformer_config
-        self.vision_model = VisionTransformer(cfg.vision_config)
+        self.vision_model = build_vision(cfg.vision_config)  # EVA ViT, or a `transformers` tower (backbones.py)
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, q.hidden_size))
         self.qformer = QFormer(q, instruct=cfg.is_instruct)
         self.language_model: nn.Module | None = None
@@ -70,7 +70,7 @@ class Blip2Model(nn.Module):
 
     # ---- image side -------------------------------------------------------------------------------------------
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, N, Dv) vision features (after `post_layernorm`)."""
+        """(B, 3, S, S) -> (B, N, Dv) vision features (after the encoder's final LayerNorm)."""
         return self.vision_model(pixel_values)
 
     def query_output(

@@ -149,7 +149,7 @@ class Blip2:
         self.transform = transform
         self.device = device
         self.name = name
-        self.dtype = model.vision_model.embeddings.patch_embedding.weight.dtype
+        self.dtype = model.vision_model.dtype
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = image_cache_size
         if tokenizer is not None and model.language_model is not None:

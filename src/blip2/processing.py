@@ -6,7 +6,10 @@ The image path is pixel-equal to `transformers`' PIL-backed `BlipImageProcessor`
 1. `convert_to_rgb`: images with an alpha band or a `transparency` entry are converted to RGBA and
    alpha-composited onto opaque white; everything else goes through PIL's own `convert("RGB")`
    (CMYK naively, "I;16" by clipping every value above 255 to 255).
-2. Resize the uint8 RGB image with PIL `Image.resize((w, h), BICUBIC)` to exactly size x size (no crop).
+2. Resize the uint8 RGB image with PIL `Image.resize((w, h), BICUBIC)` to exactly size x size (no crop); or, for
+   image towers preprocessed as CLIP's and DINOv2's (`shortest_edge` set), resize so the shorter side is
+   `shortest_edge` (the longer one `int(shortest_edge * long / short)`, aspect kept) and cut the centre
+   size x size, as `CLIPImageProcessor` (PIL backend) does.
 3. Rescale: `uint8 -> float64 * (1/255) -> float32`.
 4. Normalise in float32: `(x - mean) / std`, mean and std cast to float32 first.
 
@@ -26,7 +29,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -69,17 +72,26 @@ class ImageTransform:
     """Resize to size x size (bicubic, no crop), scale to [0, 1], normalise with CLIP mean/std.
 
     `ImageTransform()(images)` equals `BlipImageProcessor(size={"height": s, "width": s}, resample=3,
-    do_convert_rgb=True)(images, return_tensors="pt").pixel_values` bit for bit (PIL backend).
+    do_convert_rgb=True)(images, return_tensors="pt").pixel_values` bit for bit (PIL backend). With
+    `shortest_edge` the shorter side is resized to it and the centre size x size is cut: bit for bit
+    `CLIPImageProcessor(size={"shortest_edge": e}, crop_size={"height": s, "width": s})`. `size` is always the side
+    of the square the model is fed.
     """
 
     size: int = 224
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     std: tuple[float, float, float] = OPENAI_CLIP_STD
     resample: int = Image.Resampling.BICUBIC
+    shortest_edge: int | None = None  # resize the shorter side to this, then centre-crop size x size
 
     def __post_init__(self) -> None:
-        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
+        if not _positive_int(self.size):
             raise ConfigError(f"image size must be a positive integer, got {self.size!r}")
+        edge = self.shortest_edge
+        if edge is not None and not (_positive_int(edge) and edge >= self.size):
+            raise ConfigError(
+                f"shortest_edge must be an integer >= the crop size {self.size}, got {self.shortest_edge!r}"
+            )
         object.__setattr__(self, "mean", _three_floats("image_mean", self.mean))
         object.__setattr__(self, "std", _three_floats("image_std", self.std))
         if any(s == 0 for s in self.std):
@@ -107,15 +119,85 @@ class ImageTransform:
                 raise TypeError(f"ImageTransform expects PIL images; item {i} is {type(img).__name__}")
             if img.mode != "RGB" or img.info.get("transparency") is not None:
                 img = to_rgb(img)
-            pixels = np.asarray(img.resize((self.size, self.size), resample=self.resample))  # (S, S, 3) uint8
+            pixels = self._resized(img)  # (S, S, 3) uint8
             for c in range(3):
                 out[i, c] = lut[c][pixels[..., c]]
         return torch.from_numpy(out)
 
+    def _resized(self, img: Image.Image) -> np.ndarray:
+        if self.shortest_edge is None:
+            return np.asarray(img.resize((self.size, self.size), resample=self.resample))
+        w, h = img.size
+        short, long = min(w, h), max(w, h)
+        other = int(self.shortest_edge * long / short)  # transformers' get_resize_output_image_size
+        new_w, new_h = (self.shortest_edge, other) if w <= h else (other, self.shortest_edge)
+        pixels = np.asarray(img.resize((new_w, new_h), resample=self.resample))  # (H', W', 3)
+        top, left = (new_h - self.size) // 2, (new_w - self.size) // 2  # transformers' center_crop
+        return pixels[top : top + self.size, left : left + self.size]
+
+    def to_dict(self) -> dict:
+        """This preprocessing as a Hugging Face image processor config: `BlipImageProcessor`'s for a square resize,
+        `CLIPImageProcessor`'s for a shortest-edge resize and centre crop (both equal to this bit for bit)."""
+        common = {
+            "do_resize": True,
+            "resample": self.resample,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+            "do_convert_rgb": True,
+        }
+        square = {"height": self.size, "width": self.size}
+        if self.shortest_edge is None:
+            return {"image_processor_type": "BlipImageProcessor", "size": square, **common}
+        return {
+            "image_processor_type": "CLIPImageProcessor",
+            "size": {"shortest_edge": self.shortest_edge},
+            "do_center_crop": True,
+            "crop_size": square,
+            **common,
+        }
+
+    def to_hf(self):  # -> transformers image processor
+        """The `transformers` image processor of `to_dict` (e.g. for a `Blip2Processor`)."""
+        import transformers
+
+        kwargs = self.to_dict()
+        return getattr(transformers, kwargs.pop("image_processor_type"))(**kwargs)
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
+        """Write `to_dict` as `preprocessor_config.json` in `folder`, where `from_pretrained` reads it."""
+        path = Path(folder) / PREPROCESSOR_CONFIG
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_dict(cls, cfg: dict, where: str | os.PathLike[str] = "image_processor") -> ImageTransform:
+        """From a Hugging Face image processor config; options it cannot reproduce are refused, naming `where`."""
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
+        return cls(**_transform_kwargs(cfg, Path(where)))
+
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike[str]) -> ImageTransform:
         """Read `preprocessor_config.json` in `folder`, or the `image_processor` section of `processor_config.json`
-        (the layout transformers 5 writes); the defaults (224, CLIP, bicubic) if there is neither."""
+        (the layout transformers 5 writes); if there is neither, what the folder's BLIP-2 `config.json` says (an
+        image tower's own preprocessing, or EVA's image size); the defaults (224, CLIP, bicubic) without one."""
+        found = cls.read(folder)
+        if found is not None:
+            return found
+        config = Path(folder) / "config.json"
+        if config.is_file():
+            from .config import Blip2Config
+
+            return Blip2Config.from_json_file(config).image_transform()
+        return cls()
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike[str]) -> ImageTransform | None:
+        """The preprocessing of `folder`'s `preprocessor_config.json` or `processor_config.json`; None without."""
         folder = Path(folder)
         if not folder.is_dir():
             raise ConfigError(f"{folder}: not a folder; cannot read {PREPROCESSOR_CONFIG}")
@@ -131,10 +213,12 @@ class ImageTransform:
                 if section not in cfg:
                     continue
                 cfg = cfg[section]
-            if not isinstance(cfg, dict):
-                raise ConfigError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-            return cls(**_transform_kwargs(cfg, path))
-        return cls()
+            return cls.from_dict(cfg, path)
+        return None
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _three_floats(key: str, value: object) -> tuple[float, float, float]:
@@ -152,20 +236,24 @@ def _transform_kwargs(cfg: dict, path: Path) -> dict:
     for flag, supported in (("do_resize", True), ("do_rescale", True), ("do_normalize", True)):
         if cfg.get(flag, supported) is not supported:
             raise ConfigError(f"{path}: {flag}={cfg[flag]!r} is not supported (only {supported})")
-    if cfg.get("do_center_crop") or cfg.get("do_pad"):
-        raise ConfigError(f"{path}: center crop / padding is not supported by this BLIP-2 preprocessing")
+    if cfg.get("do_pad"):
+        raise ConfigError(f"{path}: padding is not supported by this BLIP-2 preprocessing")
     factor = cfg.get("rescale_factor", 1 / 255)
     if not isinstance(factor, (int, float)) or abs(factor - 1 / 255) > 1e-12:
         raise ConfigError(f"{path}: rescale_factor={factor!r} is not supported (only 1/255)")
     kwargs: dict = {}
-    if "size" in cfg:
-        size = cfg["size"]
-        if isinstance(size, dict):
-            height, width = size.get("height"), size.get("width")
-            if height is None or height != width:
-                raise ConfigError(f"{path}: size={size!r}; only square {{'height': s, 'width': s}} is supported")
-            size = height
-        kwargs["size"] = size
+    size = cfg.get("size")
+    if cfg.get("do_center_crop"):
+        # CLIP / DINOv2 (BiT): the shorter side to `size` (older configs: a bare int), then the centre crop
+        edge = size.get("shortest_edge") if isinstance(size, dict) and len(size) == 1 else size
+        if not isinstance(edge, int):
+            raise ConfigError(f"{path}: center crop after size={size!r}; only {{'shortest_edge': n}} is supported")
+        if cfg.get("crop_size") is None:
+            raise ConfigError(f"{path}: do_center_crop is set but crop_size is missing")
+        kwargs["shortest_edge"] = edge
+        kwargs["size"] = _square(cfg["crop_size"], "crop_size", path)
+    elif size is not None:
+        kwargs["size"] = _square(size, "size", path)
     for key, field in (("image_mean", "mean"), ("image_std", "std"), ("resample", "resample")):
         if key in cfg:
             kwargs[field] = cfg[key]
@@ -173,7 +261,17 @@ def _transform_kwargs(cfg: dict, path: Path) -> dict:
         checked = ImageTransform(**kwargs)  # validate here so the error names the file
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    return {"size": checked.size, "mean": checked.mean, "std": checked.std, "resample": checked.resample}
+    return {f.name: getattr(checked, f.name) for f in fields(checked)}
+
+
+def _square(size: object, key: str, path: Path) -> object:
+    """The side of a square `{'height': s, 'width': s}` (or a bare int); anything else is refused."""
+    if isinstance(size, dict):
+        height, width = size.get("height"), size.get("width")
+        if height is None or height != width:
+            raise ConfigError(f"{path}: {key}={size!r}; only square {{'height': s, 'width': s}} is supported")
+        return height
+    return size
 
 
 # ---------------------------------------------------------------------------------------------------------------------

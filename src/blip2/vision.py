@@ -104,6 +104,10 @@ class VisionTransformer(nn.Module):
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=post_eps)
         self.gradient_checkpointing = False
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeddings.patch_embedding.weight.dtype
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.embeddings(pixel_values)
         for layer in self.encoder.layers:

@@ -5,7 +5,8 @@ linear warmup, peak LR 1e-4, 32 text tokens); sizes are for a small run, not for
 
     stage: 1                       # 1: ITC + ITM + ITG (Q-Former pretraining); 2: LM loss through a frozen LM
     out: runs/stage1               # checkpoint/ (resume), model/ (HF layout), log.jsonl, tensorboard/
-    vision: Salesforce/blip2-opt-2.7b   # stage 1 from scratch: a BLIP-2 checkpoint (its ViT) or a save_vision folder
+    vision: Salesforce/blip2-opt-2.7b   # stage 1 from scratch: a BLIP-2 checkpoint (its ViT), a save_vision folder,
+                                        # or a transformers tower: openai/clip-vit-base-patch16, a dinov2 folder...
     tokenizer: bert-base-uncased-with-dec   # stage 1 from scratch: the Q-Former tokenizer ([DEC] as bos_token)
     qformer: {num_hidden_layers: 12}        # stage 1 from scratch: QFormerConfig fields
     bert: path/to/bert-base-uncased         # optional: initialise the Q-Former from BERT, as LAVIS
@@ -55,7 +56,9 @@ class TrainConfig:
 
     # ---- the model
     init: str | None = None  # a checkpoint to continue (stage 1: retrieval layout, stage 2: generation layout)
-    vision: str | None = None  # stage 1 from scratch: BLIP-2 checkpoint or `save_vision` folder (frozen ViT)
+    # stage 1 from scratch, the frozen image encoder: a BLIP-2 checkpoint or `save_vision` folder (EVA ViT), a
+    # CLIP / SigLIP / DINOv2 folder or Hub id, or a tower config dict ({model_type: clip_vision_model, ...})
+    vision: str | dict[str, Any] | None = None
     tokenizer: str | None = None  # stage 1 from scratch: Q-Former tokenizer folder (`[DEC]` as bos_token)
     qformer: dict[str, Any] = field(default_factory=dict)  # stage 1 from scratch: QFormerConfig fields
     bert: str | None = None  # stage 1 from scratch: BERT weights to initialise the Q-Former with

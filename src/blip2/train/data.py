@@ -21,7 +21,7 @@ import json
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +137,8 @@ class TrainTransform:
     """RandomResizedCrop (area `scale`, aspect `ratio`, bicubic) + horizontal flip, then the inference transform.
 
     The crop follows torchvision's `RandomResizedCrop.get_params` (10 tries, then a centre crop). With `augment`
-    off, images are only resized, exactly as at inference.
+    off, images are preprocessed exactly as at inference. `image`: the image encoder's inference preprocessing
+    (its mean/std, its resize and crop); default CLIP's at `size`.
     """
 
     size: int
@@ -145,6 +146,7 @@ class TrainTransform:
     scale: tuple[float, float] = (0.5, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
+    image: ImageTransform | None = None
 
     def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) of a random crop."""
@@ -169,7 +171,10 @@ class TrainTransform:
         return left, top, left + w, top + h
 
     def __call__(self, images: Sequence[Image.Image], rngs: Sequence[random.Random]) -> torch.Tensor:
-        """RGB PIL images -> (B, 3, size, size) normalised with the CLIP mean/std, as `ImageTransform`."""
+        """RGB PIL images -> (B, 3, size, size) normalised as the inference `ImageTransform`."""
+        inference = self.image or ImageTransform(self.size)
+        if not self.augment:
+            return inference(images)
         out = []
         for img, rng in zip(images, rngs):
             if self.augment:
@@ -178,7 +183,7 @@ class TrainTransform:
                 if self.flip and rng.random() < 0.5:
                     img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             out.append(img)
-        return ImageTransform(self.size)(out)
+        return replace(inference, size=self.size, shortest_edge=None)(out)  # already size x size: normalise
 
 
 # ---- text ---------------------------------------------------------------------------------------------------------

@@ -29,12 +29,12 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..adapter import ADAPTER_DIR
+from ..backbones import HFVisionTower, build_vision, load_tower
 from ..checkpoint import build_empty, iter_tensors, load_model, save_model, weight_files
-from ..config import Blip2Config, QFormerConfig, VisionConfig
+from ..config import TOWER_TYPES, Blip2Config, QFormerConfig, VisionConfig
 from ..errors import CheckpointError, ConfigError
 from ..language import head_takes_contiguous_rows
 from ..model import Blip2Model
-from ..processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..vision import VisionTransformer
 from .lora import base_layers, has_lora, save_adapter, train_adapters_only
 from .losses import itc_loss, itg_inputs, itg_loss, itm_loss, itm_triplets, sample_hard_negatives
@@ -81,7 +81,7 @@ class VisionAdapter(nn.Module):
 
 
 def vision_width(vision: nn.Module) -> int:
-    if isinstance(vision, VisionTransformer):
+    if isinstance(vision, (VisionTransformer, HFVisionTower)):
         return vision.config.hidden_size
     if isinstance(vision, VisionAdapter):
         return vision.width
@@ -102,9 +102,14 @@ def save_vision(vision: VisionTransformer, folder: str | Path) -> Path:
     return folder
 
 
-def load_vision(path: str | Path) -> VisionTransformer:
-    """The EVA ViT of a BLIP-2 checkpoint (its `vision_model.*` weights), or one written by `save_vision`."""
-    path = Path(path)
+def load_vision(spec: str | Path | dict) -> VisionTransformer | HFVisionTower:
+    """The image encoder of a BLIP-2 checkpoint (its `vision_model.*` weights), one written by `save_vision`, or a
+    `transformers` tower (backbones.py): a CLIP / SigLIP / DINOv2 folder or Hub id, or a config dict (random)."""
+    if isinstance(spec, dict):
+        return load_tower(spec)
+    path = Path(spec)
+    if _tower_folder(path) or (not path.exists() and str(spec).count("/") == 1):
+        return load_tower(spec)
     if (path / VISION_CONFIG_FILE).is_file():
         cfg = VisionConfig(**json.loads((path / VISION_CONFIG_FILE).read_text()))
         files, prefix = [path / VISION_WEIGHTS_FILE], ""
@@ -113,13 +118,22 @@ def load_vision(path: str | Path) -> VisionTransformer:
         files, prefix = weight_files(path), "vision_model."
     else:
         raise CheckpointError(f"{path}: neither a BLIP-2 checkpoint (config.json) nor an image encoder folder")
-    vit = VisionTransformer(cfg)
+    vit = build_vision(cfg)
     state = {k[len(prefix) :]: v for k, v in iter_tensors(files) if k.startswith(prefix)}
     try:
         vit.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: image encoder weights do not fit its config ({e})") from e
-    return vit
+    return vit.eval()
+
+
+def _tower_folder(path: Path) -> bool:
+    """A folder of a `transformers` image tower (or a CLIP / SigLIP dual encoder), not a BLIP-2 checkpoint."""
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return model_type in (*TOWER_TYPES, "clip", "siglip")
 
 
 # ---- initialisation -----------------------------------------------------------------------------------------------
@@ -303,7 +317,7 @@ def new_stage1(
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
     )
-    if isinstance(vision, VisionTransformer):
+    if isinstance(vision, (VisionTransformer, HFVisionTower)):
         vcfg = vision.config
     else:  # only the width and size are real; the HF layout cannot hold a foreign tower (see export)
         vcfg = VisionConfig(hidden_size=width, image_size=vision.image_size, num_hidden_layers=0)
@@ -487,17 +501,18 @@ def load_stage2(folder: str | Path) -> Stage2Model:
 def export(model: Stage1Model | Stage2Model, folder: str | Path, tokenizer) -> Path:
     """Write the trained model in the Hugging Face layout: `blip2.load` and `transformers` load the folder.
 
-    Also writes the tokenizer and a `Blip2Processor` configuration (image size, CLIP mean/std, number of queries);
-    stage 1 adds `itg_head.safetensors` (the ITG head and the temperature), which `load_stage1` reads back; a model
-    with LoRA adapters (`lora.add_lora`) is written with the LM's base weights and its adapters in `adapter/`.
+    Also writes the tokenizer and a `Blip2Processor` configuration (the image encoder's preprocessing, number of
+    queries); stage 1 adds `itg_head.safetensors` (the ITG head and the temperature), which `load_stage1` reads
+    back; a model with LoRA adapters (`lora.add_lora`) is written with the LM's base weights and its adapters in
+    `adapter/`.
     """
-    from transformers import Blip2Processor, BlipImageProcessor
+    from transformers import Blip2Processor
 
     blip = model.blip
-    if not isinstance(blip.vision_model, VisionTransformer):
+    if isinstance(blip.vision_model, VisionAdapter):
         raise ConfigError(
-            "the HF layout holds only the EVA ViT image encoder; with a VisionAdapter save the training "
-            "checkpoint (trainer) or the Q-Former weights yourself"
+            "the HF layout holds the EVA ViT or a transformers tower (backbones.py), not a VisionAdapter; save the "
+            "training checkpoint (trainer) or the Q-Former weights yourself"
         )
     folder = Path(folder)
     if isinstance(model, Stage1Model) and IMAGE_TOKEN not in tokenizer.get_vocab():
@@ -511,14 +526,9 @@ def export(model: Stage1Model | Stage2Model, folder: str | Path, tokenizer) -> P
         save_adapter(model, folder / ADAPTER_DIR)
     else:
         save_model(blip, folder)
-    size = blip.config.vision_config.image_size
-    image_processor = BlipImageProcessor(
-        size={"height": size, "width": size},
-        resample=3,
-        image_mean=list(OPENAI_CLIP_MEAN),
-        image_std=list(OPENAI_CLIP_STD),
-        do_convert_rgb=True,
-    )
+    transform = blip.config.image_transform()  # the image encoder's own preprocessing
+    transform.save_pretrained(folder)
+    image_processor = transform.to_hf()
     Blip2Processor(image_processor, tokenizer, num_query_tokens=blip.config.num_query_tokens).save_pretrained(folder)
     if isinstance(model, Stage1Model):
         from safetensors.torch import save_file

@@ -21,7 +21,7 @@ import shutil
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,9 +112,11 @@ def build_data(cfg: TrainConfig, model: Stage1Model | Stage2Model, tokenizer, ra
         source = [ex for s in sources for ex in s if cfg.stage == 2 or not ex.prompt]
         if not source:
             raise ConfigError("no captions in the data: stage 1 learns from {image, caption} records")
-    vision = model.blip.vision_model
-    size = cfg.image_size or (vision.image_size if isinstance(vision, VisionAdapter) else vision.config.image_size)
-    transform = TrainTransform(size, cfg.augment, tuple(cfg.crop_scale), flip=cfg.flip)
+    image = model.blip.config.image_transform()  # the image encoder's preprocessing (size, crop, mean/std)
+    if cfg.image_size:
+        edge = image.shortest_edge and round(image.shortest_edge * cfg.image_size / image.size)
+        image = replace(image, size=cfg.image_size, shortest_edge=edge)
+    transform = TrainTransform(image.size, cfg.augment, tuple(cfg.crop_scale), flip=cfg.flip, image=image)
     if cfg.stage == 1:
         collate = Stage1Collate(tokenizer, transform, cfg.max_text_length)
     else:
