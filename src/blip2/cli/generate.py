@@ -32,7 +32,13 @@ def _batches(items: Sequence[str], size: int) -> Iterator[list[str]]:
 # ---- caption ---------------------------------------------------------------------------------------------------------
 @click.command()
 @click.argument("images", nargs=-1, required=True, metavar="IMG...")
-@click.option("--prompt", "-p", default=None, help="Caption that starts with this text; prints the continuation.")
+@click.option(
+    "--prompt",
+    "-p",
+    default=None,
+    help="BLIP-2: the caption starts with this text (prints the continuation). InstructBLIP: the instruction "
+    "(default 'A short image caption.').",
+)
 @click.option("--json", "as_json", is_flag=True, help='JSON lines {"image": ..., "caption": ...} instead of TSV.')
 @click.option(
     "--batch-size",
@@ -106,7 +112,8 @@ def _caption_files(
 @model_options
 @generation_options
 def ask(image: str, question: str, as_json: bool, model: str, device: str, dtype: str, **gen: Any) -> None:
-    """Answer QUESTION about IMG (visual question answering, "Question: {} Answer:")."""
+    """Answer QUESTION about IMG (visual question answering, "Question: {} Answer:"; InstructBLIP: "Question: {}
+    Short Answer:")."""
     from ..processing import load_image
 
     gen_kwargs = generation_kwargs(gen)
