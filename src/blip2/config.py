@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 INSTRUCT_ARCHITECTURE = "InstructBlipForConditionalGeneration"
 # `model_type`s of the `transformers` image towers a BLIP-2 can be built on (backbones.py)
 TOWER_TYPES = ("clip_vision_model", "siglip_vision_model", "dinov2")
+EVA_TYPES = (None, "", "blip_2_vision_model", "instructblip_vision_model")  # our VisionTransformer (vision.py)
 
 
 def _take(cls: type, raw: dict[str, Any]) -> Any:
@@ -77,9 +78,9 @@ def _vision(raw: dict[str, Any]) -> VisionConfig | TowerConfig:
         from .backbones import TowerConfig
 
         return TowerConfig.from_dict(raw)
-    if model_type not in (None, "", "blip_2_vision_model"):
+    if model_type not in EVA_TYPES:
         raise ConfigError(
-            f"vision_config model_type {model_type!r} is neither BLIP-2's EVA ViT (blip_2_vision_model) nor one of "
+            f"vision_config model_type {model_type!r} is neither the EVA ViT of BLIP-2 / InstructBLIP nor one of "
             f"the supported image towers: {', '.join(TOWER_TYPES)}"
         )
     return _take(VisionConfig, raw)
