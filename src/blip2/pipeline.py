@@ -114,6 +114,8 @@ def _image_key(image: ImageInput) -> str:
 class Blip2:
     """A loaded BLIP-2 checkpoint with its tokenizer and image transform."""
 
+    engine = "ours"  # blip2.engines: the engine that generates
+
     def __init__(
         self,
         model: Blip2Model,
