@@ -40,7 +40,7 @@ from ..errors import Blip2Error, GenerationError
 from ..processing import chat_prompt, vqa_prompt
 from . import images as img
 from .batcher import MicroBatcher, QueueFull
-from .continuous import Continuous, until_disconnected
+from .continuous import Continuous, Disconnected, until_disconnected
 from .limits import BodyLimit
 from .openai import (
     CONTEXT_TOKENS,
@@ -221,6 +221,8 @@ async def run_generation(state: State, image: Any, prompt: str, options: Any, re
     """The request's generations; a client that disconnects meanwhile cancels its request (and frees its slot)."""
     try:
         return await until_disconnected(request.receive, state.batcher.submit(image, prompt, options))
+    except Disconnected as e:  # nobody reads this answer; nginx's code for it
+        raise ApiError(499, str(e), "client_disconnected") from e
     except QueueFull as e:
         raise ApiError(503, f"server busy: {e}; retry shortly", "queue_full", {"Retry-After": "1"}) from e
     except GenerationError as e:

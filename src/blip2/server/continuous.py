@@ -20,6 +20,10 @@ from .batcher import BatchStats, QueueFull
 T = TypeVar("T")
 
 
+class Disconnected(Exception):
+    """The client went away before its answer was ready; its request has been cancelled."""
+
+
 class Continuous:
     """`await submit(image, prompt, options)` -> that request's generations, from `model().agenerate`."""
 
@@ -51,7 +55,7 @@ class Continuous:
 
 
 async def until_disconnected(receive: Callable[[], Awaitable[dict]], work: Awaitable[T]) -> T:
-    """`work`'s result; if the client disconnects first, `work` is cancelled and so is the caller.
+    """`work`'s result; if the client disconnects first, `work` is cancelled and `Disconnected` raised.
 
     `receive` is the request's ASGI receive: once the body has been read, its next message is `http.disconnect`."""
 
@@ -67,5 +71,5 @@ async def until_disconnected(receive: Callable[[], Awaitable[dict]], work: Await
         watch.cancel()
     if not task.done():
         task.cancel()
-        raise asyncio.CancelledError("the client disconnected")
+        raise Disconnected("the client disconnected")
     return task.result()
