@@ -101,9 +101,14 @@ def _running(vllm_url: str) -> float:
 def test_disconnected_client_frees_its_slot(server: str, vllm_model) -> None:
     """A client that gives up mid-answer is aborted in vLLM (its slot in the running batch is free) and nothing
     stays in flight in the server."""
-    image, tokens = _png(1), 250
-    long = vllm_model.generate([image], [_prompt(vllm_model, "what?")], max_new_tokens=tokens)[0]
-    assert len(long.tokens) == tokens  # the answer runs to the end: it is still running when the client leaves
+    tokens = 250
+    prompt = _prompt(vllm_model, "what?")
+    # an image whose answer runs to the end (no early end of text), so it is still running when the client leaves
+    long = [
+        i for i in range(16) if len(vllm_model.generate([_png(i)], [prompt], max_new_tokens=tokens)[0].tokens) == tokens
+    ]
+    assert long, "no image of the 16 gives a long answer"
+    image = _png(long[0])
     log = Path(vllm_model.server.log.name)
     aborts_before = log.read_text(errors="replace").count("Aborted request")
 
