@@ -92,3 +92,19 @@ def test_text_deltas_add_up_to_the_decoded_text(vllm_ours) -> None:
         pieces = [deltas.add([i]) for i in ids] + [deltas.finish()]
         kept = [t for t in ids if t not in set(tok.all_special_ids)]
         assert "".join(pieces) == tok.decode(kept, skip_special_tokens=True).strip()
+
+
+def test_cli_engine_errors_are_one_line(t5_ckpt: Path, images: dict[str, Path], tmp_path: Path) -> None:
+    """`--engine vllm` on a checkpoint vLLM cannot run, or two engines of one kind, stop at once with the reason."""
+    from click.testing import CliRunner
+
+    from blip2.cli import main
+
+    image = str(next(iter(images.values())))
+    r = CliRunner().invoke(main, ["ask", image, "what?", "--engine", "vllm", "--model", str(t5_ckpt)])
+    assert r.exit_code == 2
+    assert "OPT language model only" in r.output
+    args = ["caption", str(tmp_path), "--engine", "local", "--engine", "ray", "--model", str(t5_ckpt)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2
+    assert "give one of local or ray" in r.output
