@@ -6,7 +6,7 @@
 vLLM pins its own torch and transformers, so it runs in its own Python (`find_python`): this process starts vLLM's
 OpenAI-compatible server on a free local port (`VllmServer`) and sends it each request over HTTP; vLLM batches the
 requests that are in flight continuously (they join and leave the running batch at every step), streams tokens and
-aborts a request whose connection closes. The server stops with this process (close, exit, or its death).
+aborts a request whose connection closes. The server stops with this process (close, exit, or its death: `WATCHDOG`).
 
 Exactness: images go to vLLM as the uint8 image our transform resized (`prepared_png`), which vLLM's processor turns
 into the pixels ours does (resizing a picture to its own size is a copy); prompts are the same text, tokenised by the
@@ -164,13 +164,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when this process dies (even by kill -9), so vLLM never outlives it."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    os.setsid()
+# Runs vLLM's server as its child and stops it when its stdin closes, i.e. when the process that started it is gone
+# however it ended (kill -9 included). (PR_SET_PDEATHSIG would follow the starting *thread*, and the server loads its
+# model in a thread that ends once loaded.)
+WATCHDOG = (
+    "import subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL)\n"
+    "sys.stdin.read()\n"
+    "p.terminate()\n"
+    "sys.exit(p.wait())\n"
+)
 
 
 class VllmServer:
@@ -193,7 +196,7 @@ class VllmServer:
         template = Path(self.log.name).with_suffix(".jinja")
         template.write_text(CHAT_TEMPLATE, encoding="utf-8")
         cmd = [
-            python, "-m", "vllm.entrypoints.openai.api_server",
+            python, "-c", WATCHDOG, python, "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(folder), "--served-model-name", self.served,
             "--host", "127.0.0.1", "--port", str(self.port),
             "--dtype", dtype, "--seed", "0",
@@ -215,7 +218,13 @@ class VllmServer:
         }
         env.pop("PYTHONPATH", None)  # this process's packages (another transformers) must not shadow vLLM's
         self.proc = subprocess.Popen(
-            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent, cwd=folder
+            cmd,
+            stdin=subprocess.PIPE,  # held open by this process only: its end stops vLLM (WATCHDOG)
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=folder,
+            start_new_session=True,  # close() stops the whole group
         )
         atexit.register(self.close)
         self._wait(timeout_s)
