@@ -18,6 +18,12 @@ from click.testing import CliRunner
 from blip2.cli import main
 
 
+@pytest.fixture
+def model(ours_model):
+    """The run here is on `opt_ckpt` with our engine (a subprocess or Ray actors): ours is its reference."""
+    return ours_model
+
+
 def _base(ckpt: Path) -> list[str]:
     return ["-m", str(ckpt), "--device", "cpu", "--dtype", "fp32", "--workers", "0",
             "--max-new-tokens", str(GEN["max_new_tokens"])]  # fmt: skip

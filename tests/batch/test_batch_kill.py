@@ -12,7 +12,15 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from batch_helpers import GEN, make_good
+
+
+@pytest.fixture
+def model(ours_model):
+    """The run here is on `opt_ckpt` with our engine (a subprocess or Ray actors): ours is its reference."""
+    return ours_model
+
 
 CHILD = """
 import sys, time

@@ -16,6 +16,12 @@ from blip2.batch.engine import split_options  # noqa: E402
 from blip2.batch.ray_engine import RayRun  # noqa: E402
 
 
+@pytest.fixture
+def model(ours_model):
+    """The run here is on `opt_ckpt` with our engine (a subprocess or Ray actors): ours is its reference."""
+    return ours_model
+
+
 @pytest.fixture(scope="module")
 def cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)

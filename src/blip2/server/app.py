@@ -35,10 +35,12 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..defaults import VQA_MAX_NEW_TOKENS, ServerSettings
+from ..engines import eos_ids
 from ..errors import Blip2Error, GenerationError
 from ..processing import chat_prompt
 from . import images as img
 from .batcher import MicroBatcher, QueueFull
+from .continuous import Continuous, Disconnected, until_disconnected
 from .limits import BodyLimit
 from .openai import (
     CONTEXT_TOKENS,
@@ -74,8 +76,9 @@ def load_in_background(state: State, loader: Callable[[], Any], on_error: Callab
         try:
             m = loader()
             state.counter = copy.deepcopy(m.tokenizer)
-            eos = getattr(getattr(m.model.language_model, "generation_config", None), "eos_token_id", None)
-            state.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+            state.eos_ids = getattr(m, "eos_ids", None) or eos_ids(
+                m.tokenizer, getattr(m.model.language_model, "generation_config", None)
+            )
             state.model = m
             state.status = "ok"
             log.info("model %s loaded in %.1f s", state.settings.model, time.perf_counter() - started)
@@ -98,7 +101,7 @@ def create_app(
         def loader() -> Any:
             from ..pipeline import load
 
-            return load(settings.model, device=settings.device, dtype=settings.dtype)
+            return load(settings.model, device=settings.device, dtype=settings.dtype, engine=settings.engine)
 
     state = State(settings)
 
@@ -107,7 +110,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.batcher = MicroBatcher(generate, settings.max_batch_size, settings.max_wait_ms, settings.max_queue)
+        if settings.engine == "vllm":  # vLLM batches continuously: each request goes to it as it comes
+            state.batcher = Continuous(lambda: state.model, settings.max_queue)
+        else:
+            state.batcher = MicroBatcher(generate, settings.max_batch_size, settings.max_wait_ms, settings.max_queue)
         state.batcher.start()
         load_in_background(state, loader, on_load_error or (lambda e: None))
         yield
@@ -211,9 +217,12 @@ async def pixels_of(state: State, data: bytes, field: str) -> Any:
     return await run_in_threadpool(img.image_pixels, data, field, state.settings.max_image_pixels, transform)
 
 
-async def run_generation(state: State, image: Any, prompt: str, options: Any) -> list[Any]:
+async def run_generation(state: State, image: Any, prompt: str, options: Any, request: Request) -> list[Any]:
+    """The request's generations; a client that disconnects meanwhile cancels its request (and frees its slot)."""
     try:
-        return await state.batcher.submit(image, prompt, options)
+        return await until_disconnected(request.receive, state.batcher.submit(image, prompt, options))
+    except Disconnected as e:  # nobody reads this answer; nginx's code for it
+        raise ApiError(499, str(e), "client_disconnected") from e
     except QueueFull as e:
         raise ApiError(503, f"server busy: {e}; retry shortly", "queue_full", {"Retry-After": "1"}) from e
     except GenerationError as e:
@@ -253,7 +262,7 @@ def add_routes(app: FastAPI, state: State, auth: list[Any]) -> None:
         return {"object": "list", "data": [entry]}
 
     @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat_completions(body: ChatRequest) -> Any:
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
         m = ready_model(state)
         conversation = parse_conversation(body, s.max_history_turns)
         options = chat_options(body, s.max_tokens_limit)
@@ -263,7 +272,7 @@ def add_routes(app: FastAPI, state: State, auth: list[Any]) -> None:
             prompt = chat_prompt(conversation.history, conversation.question, lambda t: count_tokens(state, t), budget)
         else:  # an empty question asks for a caption, with no history
             prompt = m.caption_prompt()
-        gens = await run_generation(state, image, prompt, options)
+        gens = await run_generation(state, image, prompt, options, request)
         reasons = [finish_reason(g, options, state.eos_ids) for g in gens]
         prompt_tokens = m.config.num_query_tokens + count_tokens(state, prompt)
         if body.stream:
@@ -340,7 +349,7 @@ async def simple_route(state: State, request: Request, kind: str) -> dict[str, A
         prompt, default_max = m.caption_prompt(body.prompt), DEFAULT_MAX_TOKENS
     options = simple_options(body, default_max, s.max_tokens_limit)
     image = await pixels_of(state, data, name)
-    gens = await run_generation(state, image, prompt, options)
+    gens = await run_generation(state, image, prompt, options, request)
     reasons = [finish_reason(g, options, state.eos_ids) for g in gens]
     prompt_tokens = m.config.num_query_tokens + count_tokens(state, prompt)
     return simple_response(kind, s.name, gens, reasons, prompt_tokens, time.perf_counter() - started)
