@@ -3,6 +3,11 @@
     python bench/serve_load.py                         # tiny random checkpoint (built here), 8 clients, 20 s per mode
     python bench/serve_load.py --model PATH            # any local checkpoint
     python bench/serve_load.py --full                  # full-size random-weight checkpoint (bench/common.py)
+    python bench/serve_load.py --engine vllm --clients 8 --clients 32   # ours+vLLM beside `vllm serve` itself
+
+With `--engine vllm` the modes are our server with `--engine vllm` (continuous batching in vLLM behind our API) and
+vLLM's own OpenAI server on the same checkpoint (`blip2.engines.vllm.VllmServer`, the arguments our engine uses);
+requests are streamed, so each result also has the time to first token (`ttft_p50_ms`) and p95 latency.
 
 Each mode starts its own server on a free loopback port (`--max-batch-size 8` vs `--max-batch-size 1`), sends
 OpenAI chat completions (one image, one question, greedy, fixed length so every request costs the same) from
@@ -44,7 +49,8 @@ def tiny_checkpoint(folder: Path) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
     import fixtures  # the tests' tiny random checkpoint builder
 
-    return fixtures.make_opt_checkpoint(folder / "tiny-opt")
+    # vLLM's CPU attention needs head sizes of 32 or more: the tests' vLLM checkpoint serves both engines
+    return fixtures.make_opt_checkpoint(folder / "tiny-opt", text=fixtures.VLLM_OPT)
 
 
 def full_checkpoint() -> Path:
@@ -82,6 +88,8 @@ def start_server(model: Path, batch: int, args: argparse.Namespace, log: Path) -
         args.device,
         "--max-batch-size",
         str(batch),
+        "--engine",
+        args.engine,
         "--max-queue",
         "256",
         "--log-level",
@@ -120,6 +128,8 @@ async def client_loop(
     i = worker
     while time.monotonic() < stop_at:
         payload = {
+            "model": args.served,
+            "stream": args.stream,
             "messages": [
                 {
                     "role": "user",
@@ -134,14 +144,18 @@ async def client_loop(
         }
         i += args.clients
         started = time.monotonic()
+        first = None
         try:
-            r = await client.post("/v1/chat/completions", json=payload)
-            ok = r.status_code == 200
+            async with client.stream("POST", "/v1/chat/completions", json=payload) as r:
+                ok = r.status_code == 200
+                async for line in r.aiter_lines():
+                    if first is None and '"content":"' in line.replace(": ", ":") and '"content":""' not in line:
+                        first = time.monotonic()
         except httpx.HTTPError:
             ok = False
         ended = time.monotonic()
         if measure_from <= ended <= stop_at:  # requests completed inside the measured window
-            out["answers" if ok else "errors"].append((ended, ended - started))
+            out["answers" if ok else "errors"].append((ended, ended - started, (first or ended) - started))
 
 
 async def load(url: str, uris: list[str], args: argparse.Namespace) -> dict:
@@ -153,14 +167,17 @@ async def load(url: str, uris: list[str], args: argparse.Namespace) -> dict:
         await asyncio.gather(
             *[client_loop(client, w, uris, stop_at, measure_from, args, out) for w in range(args.clients)]
         )
-    lat = np.array([latency for _, latency in out["answers"]]) * 1000
-    rate = steady_rate(sorted(ended for ended, _ in out["answers"]))
+    lat = np.array([latency for _, latency, _ in out["answers"]]) * 1000
+    ttft = np.array([first for _, _, first in out["answers"]]) * 1000
+    rate = steady_rate(sorted(ended for ended, _, _ in out["answers"]))
     return {
         "requests": len(lat),
         "errors": len(out["errors"]),
         "requests_per_s": round(rate, 3) if rate is not None else None,
         "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
+        "p95_ms": round(float(np.percentile(lat, 95)), 1) if len(lat) else None,
         "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None,
+        "ttft_p50_ms": round(float(np.percentile(ttft, 50)), 1) if args.stream and len(ttft) else None,
     }
 
 
@@ -197,11 +214,28 @@ def run_mode(model: Path, batch: int, uris: list[str], args: argparse.Namespace,
     return result
 
 
+def run_vllm_serve(model: Path, uris: list[str], args: argparse.Namespace) -> dict:
+    """vLLM's own OpenAI server on `model`, started as the vLLM engine starts it, under the same load."""
+    from transformers import AutoTokenizer
+
+    from blip2.engines.vllm import VLLM_DTYPES, VllmServer, check_checkpoint, find_python
+
+    overrides = check_checkpoint(model, AutoTokenizer.from_pretrained(model))
+    server = VllmServer(model, find_python(), VLLM_DTYPES[args.dtype], overrides, timeout_s=args.load_timeout)
+    try:
+        result = asyncio.run(load(server.url, uris, args))
+    finally:
+        server.close()
+    print(f"vllm serve: {json.dumps(result)}", flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="checkpoint folder [a tiny random one built here]")
     parser.add_argument("--full", action="store_true", help="full-size random-weight checkpoint (bench/common.py)")
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", type=int, action="append", help="concurrent clients; repeat for several [8]")
+    parser.add_argument("--engine", choices=["ours", "vllm"], default="ours", help="vllm: ours+vLLM and vllm serve")
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per mode")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--max-tokens", type=int, default=16)
@@ -211,6 +245,7 @@ def main() -> None:
     parser.add_argument("--load-timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve_load.json")
     args = parser.parse_args()
+    args.stream = args.engine == "vllm"  # streamed: time to first token
 
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
         tmp_path = Path(tmp)
@@ -221,9 +256,34 @@ def main() -> None:
         else:
             model, kind = tiny_checkpoint(tmp_path), "tiny random opt"
         uris = image_uris(32)
-        batched = run_mode(model, 8, uris, args, tmp_path)
-        one_by_one = run_mode(model, 1, uris, args, tmp_path)
-
+        args.served = str(model)
+        by_clients = {}
+        for clients in args.clients or [8]:
+            args.clients = clients
+            if args.engine == "vllm":
+                modes = {
+                    "ours+vllm": run_mode(model, 8, uris, args, tmp_path),
+                    "vllm_serve": run_vllm_serve(model, uris, args),
+                }
+            else:
+                modes = {
+                    "batched": run_mode(model, 8, uris, args, tmp_path),
+                    "one_by_one": run_mode(model, 1, uris, args, tmp_path),
+                }
+            by_clients[clients] = modes
+    if args.engine == "vllm":
+        report = {"benchmark": "serve_load", "engine": "vllm", "model": str(args.model) if args.model else kind,
+                  "max_tokens": args.max_tokens, "dtype": args.dtype, "cpu_count": os.cpu_count(),
+                  "duration_s": args.duration, "clients": by_clients}  # fmt: skip
+        for modes in by_clients.values():
+            rates = modes["ours+vllm"]["requests_per_s"], modes["vllm_serve"]["requests_per_s"]
+            modes["ours_over_vllm_serve"] = round(rates[0] / rates[1], 3) if all(rates) else None
+        args.out = args.out.with_name(args.out.stem + "_vllm.json") if args.out.name == "serve_load.json" else args.out
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"-> {args.out}")
+        return
+    batched, one_by_one = modes["batched"], modes["one_by_one"]
     rates = batched["requests_per_s"], one_by_one["requests_per_s"]
     speedup = rates[0] / rates[1] if all(rates) else None
     report = {

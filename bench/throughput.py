@@ -5,6 +5,7 @@
     python bench/throughput.py --full --dtype int8 --images 8 --repeat 1   # ours int8 vs transformers bf16
     python bench/throughput.py --model PATH --images 32 --workers 2
     python bench/throughput.py --full --device cuda --dtype fp16 --images 96   # on a GPU (bench/gpu.sh)
+    python bench/throughput.py --engine vllm          # also: our batch engine on vLLM, and vLLM given all at once
 
 Both sides caption the same JPEG files (640x480, decoded from disk: decoding is part of the job) with exactly
 `--tokens` new tokens, greedy (min_new_tokens = max_new_tokens, so an early end cannot favour either side), in
@@ -20,6 +21,11 @@ to nothing), and ours batched against ours one image at a time; the JSON result 
 bench/results/throughput.json. Each side runs
 `--repeat` times, interleaved; the best run is the headline (other load on a shared machine only ever adds time),
 the median and every run are kept too.
+
+With `--engine vllm` two more sides run on vLLM (docs/engines.md), same images and options: (c) `ours+vllm`, our
+batch engine (`caption_images`: workers, ledger-free run) generating with the vLLM engine, and (d) `vllm_direct`,
+every image handed to vLLM at once (`VllmBlip2.generate` on the paths: vLLM's own continuous batching, nothing of
+the batch product around it); `ours_vllm_over_direct` is what the product around the engine costs.
 """
 
 from __future__ import annotations
@@ -99,9 +105,27 @@ def checkpoint(args: argparse.Namespace, tmp: Path) -> Path:
         from common import make_full_checkpoint
 
         return make_full_checkpoint(args.folder)
-    from fixtures import make_opt_checkpoint  # common.py put tests/ on sys.path
+    from fixtures import VLLM_OPT, make_opt_checkpoint  # common.py put tests/ on sys.path
 
-    return make_opt_checkpoint(tmp / "tiny")
+    return make_opt_checkpoint(tmp / "tiny", text=VLLM_OPT if args.engine == "vllm" else None)
+
+
+def run_vllm(folder: Path, paths: list[Path], warm: list[Path], workers: int, gen: dict, args) -> dict:
+    """The two vLLM sides, interleaved `--repeat` times after a warm-up: seconds per run, and vLLM's token ids."""
+    import blip2
+
+    vm = blip2.load(folder, engine="vllm", dtype=args.dtype)
+    try:
+        run_ours(vm, warm, args.batch_size, 0, gen)
+        runs: dict[str, list[float]] = {"ours+vllm": [], "vllm_direct": []}
+        for _ in range(args.repeat):  # vLLM caches by image content: every run after the first has those hits alike
+            runs["ours+vllm"].append(run_ours(vm, paths, args.batch_size, workers, gen)[0])
+            t = time.perf_counter()
+            gens = vm.generate(paths, **gen)
+            runs["vllm_direct"].append(time.perf_counter() - t)
+        return {"runs": runs, "tokens": [g.tokens for g in gens]}
+    finally:
+        vm.close()
 
 
 def main() -> None:
@@ -118,6 +142,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--workers", type=int, default=None, help="our decoding workers [cores - 1]")
+    ap.add_argument("--engine", choices=["ours", "vllm"], default="ours", help="vllm: also the two vLLM sides")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of each side, interleaved; medians reported")
     args = ap.parse_args()
     ref_name = reference_dtype(args.dtype, args.ref_dtype)
@@ -153,6 +178,7 @@ def main() -> None:
                 t, caps_ours0 = run_ours(ours, paths, args.batch_size, 0, gen)
                 runs["ours_workers_0"].append(t)
 
+        vllm_sides = run_vllm(folder, paths, warm, workers, gen, args) if args.engine == "vllm" else {}
         # token ids, not only texts: the stand-in tokenizer of --full decodes many ids to nothing
         tokens_ours = [g.tokens for g in ours.generate(paths, batch_size=args.batch_size, **gen)]
         one_by_one = [g.tokens for g in ours.generate(paths, batch_size=1, **gen)]  # batching must not change them
@@ -185,7 +211,13 @@ def main() -> None:
         "identical_token_ids": same_ids,
         "equal_token_share_before_first_difference": prefix_share,
     }
-    name = "throughput" + (f"_full_{args.dtype}" if args.full else "")
+    if vllm_sides:
+        times = vllm_sides.pop("runs")
+        for k, v in times.items():
+            result[k] = {"best_s": min(v), "images_per_s": n / min(v), "median_s": statistics.median(v), "runs_s": v}
+        result["ours_vllm_over_direct"] = min(times["vllm_direct"]) / min(times["ours+vllm"])
+        result["vllm_identical_token_ids_to_ours"] = sum(a == b for a, b in zip(vllm_sides["tokens"], tokens_ours))
+    name = "throughput" + (f"_full_{args.dtype}" if args.full else "") + ("_vllm" if vllm_sides else "")
     name += "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
     out = write_result(name, result)
     print(json.dumps(result, indent=1), machine()["cpu_count"], "cores ->", out)

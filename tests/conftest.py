@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,37 @@ def itm_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Small images in many modes plus broken files, keyed by `fixtures.make_images` names."""
     return fixtures.make_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session")
+def vllm_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny blip2-opt checkpoint vLLM's CPU build can run (`fixtures.VLLM_OPT`: head size 32)."""
+    return fixtures.make_opt_checkpoint(tmp_path_factory.mktemp("vllm_opt"), text=fixtures.VLLM_OPT)
+
+
+@pytest.fixture(scope="session")
+def vllm_model(vllm_ckpt: Path) -> Iterator:
+    """One vLLM engine on `vllm_ckpt` for the whole session (it takes about a minute to start on 2 cores); the
+    tests that use it skip, saying why, where vLLM is not installed or cannot start."""
+    import blip2
+    from blip2.engines.vllm import find_python
+    from blip2.errors import Blip2Error
+
+    try:
+        find_python()
+    except Blip2Error as e:
+        pytest.skip(f"vLLM is not available: {e}")
+    try:
+        m = blip2.load(vllm_ckpt, engine="vllm", dtype="fp32")
+    except Blip2Error as e:
+        pytest.skip(f"vLLM could not start on this machine: {e}")
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_ours(vllm_ckpt: Path):
+    """Our engine on the same checkpoint, in fp32: the reference for vLLM's tokens."""
+    import blip2
+
+    return blip2.load(vllm_ckpt, dtype="fp32", device="cpu")

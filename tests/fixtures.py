@@ -189,6 +189,10 @@ def _qformer_config(**extra: object) -> Blip2QFormerConfig:
     return Blip2QFormerConfig(**TINY_QFORMER, cross_attention_frequency=2, **extra)
 
 
+# vLLM's CPU attention takes head sizes of 32 and up: a 2-head OPT of width 64.
+VLLM_OPT = {"hidden_size": 64, "word_embed_proj_dim": 64, "num_attention_heads": 2}
+
+
 def tiny_opt_config(vocab_size: int, **overrides: object) -> OPTConfig:
     """A 2-layer OPT of width 32 (bos 2, pad 1, eos 2 as OPT's tokenizer, unless overridden)."""
     kw: dict[str, object] = {
@@ -299,12 +303,19 @@ def make_opt_checkpoint(
     max_shard_size: str | int | None = None,
     image_token: bool = True,
     seed: int = 0,
+    text: dict[str, object] | None = None,
 ) -> Path:
-    """Tiny random blip2-opt checkpoint (weights, config, tokenizer, processor); eos is "\\n" as in blip2-opt-2.7b."""
+    """Tiny random blip2-opt checkpoint (weights, config, tokenizer, processor); eos is "\\n" as in blip2-opt-2.7b.
+
+    `text` overrides the OPT config (`VLLM_OPT`: the widths vLLM's CPU attention accepts)."""
     folder = Path(folder)
     tokenizer = make_opt_tokenizer(folder)
     text_config = tiny_opt_config(
-        _round8(len(tokenizer)), max_position_embeddings=512, eos_token_id=newline_id(tokenizer), prefix="</s>"
+        _round8(len(tokenizer)),
+        max_position_embeddings=512,
+        eos_token_id=newline_id(tokenizer),
+        prefix="</s>",
+        **(text or {}),
     )
     config = Blip2Config(
         vision_config=_vision_config(image_size),

@@ -99,6 +99,7 @@ class ServerSettings:
     max_image_pixels: int = 50_000_000  # below MAX_PIXELS: several requests decode at once
     max_tokens_limit: int = 256
     max_history_turns: int = 20
+    engine: str = "ours"  # ours: micro-batches (server/batcher.py); vllm: continuous batching (server/continuous.py)
 
     @property
     def name(self) -> str:

@@ -213,10 +213,11 @@ class ImageMapActor:
         max_pixels: int,
         threads: int = RAY_DECODE_THREADS,
         compile: bool = False,
+        engine: str = "ours",
     ) -> None:
         from .pipeline import load
 
-        self.m: Blip2 = load(model, device=device, dtype=dtype, compile=compile)
+        self.m: Blip2 = load(model, device=device, dtype=dtype, compile=compile, engine=engine)  # vllm: one per actor
         self.max_pixels = max_pixels
         self.pool = ThreadPoolExecutor(max(1, threads))  # file reads and preprocessing overlap; decodes take turns
 

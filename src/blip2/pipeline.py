@@ -115,6 +115,8 @@ def _image_key(image: ImageInput) -> str:
 class Blip2:
     """A loaded BLIP-2 checkpoint with its tokenizer and image transform."""
 
+    engine = "ours"  # blip2.engines: the engine that generates
+
     def __init__(
         self,
         model: Blip2Model,
@@ -339,13 +341,28 @@ def load(
     dtype: str | torch.dtype = "auto",
     image_cache_size: int = 64,
     compile: bool = False,
+    engine: str = "ours",
+    **engine_options: Any,
 ) -> Blip2:
     """Load a checkpoint (Hub id or local folder) with its tokenizer and image preprocessing.
 
     `compile=True` decodes with a static KV cache and a `torch.compile`d step (model.Blip2Model._decoding_kwargs):
     the first generation compiles (tens of seconds on a CPU), the first of another length once more, with dynamic
-    shapes; later ones reuse that."""
+    shapes; later ones reuse that.
+    `engine="vllm"` runs the checkpoint on vLLM instead (`blip2.engines.vllm.VllmBlip2`; `engine_options`: python,
+    url, args), with the same generation calls; docs/engines.md."""
     from transformers import AutoTokenizer, GenerationConfig
+
+    from .engines import check_engine
+
+    if check_engine(engine) == "vllm":
+        from .engines.vllm import load as load_vllm
+
+        if compile or str(device).startswith("mps"):
+            raise ConfigError(f"engine 'vllm' takes neither compile nor device {device!r}; those are engine 'ours'")
+        return load_vllm(model, dtype=str(dtype), **engine_options)
+    if engine_options:
+        raise TypeError(f"options of engine 'vllm' given to engine 'ours': {', '.join(sorted(engine_options))}")
 
     where = placement(device, dtype)  # device, dtypes and kernels: dtype_policy decides them all
     dev = where.device

@@ -105,12 +105,16 @@ class ImageTransform:
         for i, img in enumerate(images):
             if not isinstance(img, Image.Image):
                 raise TypeError(f"ImageTransform expects PIL images; item {i} is {type(img).__name__}")
-            if img.mode != "RGB" or img.info.get("transparency") is not None:
-                img = to_rgb(img)
-            pixels = np.asarray(img.resize((self.size, self.size), resample=self.resample))  # (S, S, 3) uint8
+            pixels = self.resized(img)
             for c in range(3):
                 out[i, c] = lut[c][pixels[..., c]]
         return torch.from_numpy(out)
+
+    def resized(self, img: Image.Image) -> np.ndarray:
+        """Steps 1 and 2: (S, S, 3) uint8 RGB, what the normalisation then maps level by level."""
+        if img.mode != "RGB" or img.info.get("transparency") is not None:
+            img = to_rgb(img)
+        return np.asarray(img.resize((self.size, self.size), resample=self.resample))
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike[str]) -> ImageTransform:

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 from ..defaults import MAX_PIXELS, SIDECAR_EXISTING, SIDECAR_EXT, SIDECAR_SEPARATOR
+from ..engines import check_engine
+from ..engines.vllm import check_options
 from ..errors import ConfigError
 from ..pipeline import VQA_OPTIONS, Blip2, Generation, GenerationOptions
 from .sidecar import EXISTING
@@ -49,6 +51,7 @@ class BatchOptions:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False  # decode with a static KV cache and a compiled step (pipeline.load): long runs only
+    engine: str = "ours"  # what generates: ours or vllm (blip2.engines)
     max_pixels: int = MAX_PIXELS
     errors: str | os.PathLike[str] | None = None  # default: errors.jsonl beside the output
     state: str | os.PathLike[str] | None = None  # the progress ledger; default: beside the output
@@ -75,8 +78,14 @@ class BatchOptions:
             self.sidecar = True
         if self.generation is None:
             self.generation = VQA_OPTIONS if self.question else GenerationOptions()
+        if check_engine(self.engine) == "vllm":
+            check_options(self.generation)  # refused now, not after vLLM has started
         if self.generation.num_return_sequences != 1:
             raise ConfigError("batch captioning writes one caption per image; num_return_sequences must be 1")
+
+    def engine_key(self) -> dict[str, str]:
+        """The engine, for run fingerprints: absent for ours, so runs fingerprinted before engines existed resume."""
+        return {} if self.engine == "ours" else {"engine": self.engine}
 
     @property
     def persistent(self) -> bool:

@@ -49,8 +49,9 @@ class Captioner(ImageMapActor):
         max_pixels: int,
         threads: int = RAY_DECODE_THREADS,
         compile: bool = False,
+        engine: str = "ours",
     ) -> None:
-        super().__init__(model, device, dtype, max_pixels, threads, compile)
+        super().__init__(model, device, dtype, max_pixels, threads, compile, engine)
         self.opts = GenerationOptions(**generation)
         self.prompt, self.question, self.prefix, self.suffix = prompt, question, prefix, suffix
 
@@ -133,7 +134,12 @@ class RayRun:
     def fingerprint(self) -> dict[str, Any]:
         o = self.opts
         keys = ("prompt", "question", "prefix", "suffix", "max_pixels")
-        return {"model": self.model, "options": asdict(o.generation), **{k: getattr(o, k) for k in keys}}
+        return {
+            "model": self.model,
+            "options": asdict(o.generation),
+            **{k: getattr(o, k) for k in keys},
+            **o.engine_key(),
+        }
 
     def _check_run_file(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -201,6 +207,7 @@ class RayRun:
             "device": o.device,
             "dtype": o.dtype,
             "compile": o.compile,
+            "engine": o.engine,
             "generation": asdict(o.generation),
             "prompt": o.prompt,
             "question": o.question,

@@ -41,12 +41,12 @@ class BatchRun:
         self.model = model
         self.opts = options
         self.summary = Summary()
-        self._m: Blip2 | None = model if isinstance(model, Blip2) else None
+        self._m: Blip2 | None = None if isinstance(model, (str, os.PathLike)) else model  # a loaded engine
 
     # ---- identity of the run ---------------------------------------------------------------------------------------
     @property
     def model_name(self) -> str:
-        if isinstance(self.model, Blip2):
+        if not isinstance(self.model, (str, os.PathLike)):
             return self.model.name
         name = os.fspath(self.model)
         return os.path.abspath(name) if os.path.isdir(name) else name
@@ -60,7 +60,7 @@ class BatchRun:
         o = self.opts
         sidecar_dir = os.path.abspath(o.sidecar_dir) if o.sidecar_dir is not None else None
         keys = ("prompt", "question", "prefix", "suffix", "separator", "existing", "ext", "sidecar", "max_pixels")
-        return {**self.meta(), **{k: getattr(o, k) for k in keys}, "sidecar_dir": sidecar_dir}
+        return {**self.meta(), **{k: getattr(o, k) for k in keys}, "sidecar_dir": sidecar_dir, **o.engine_key()}
 
     # ---- the run ---------------------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Result]:
@@ -139,7 +139,8 @@ class BatchRun:
 
     def _load(self) -> Blip2:
         if self._m is None:
-            self._m = load_model(self.model, device=self.opts.device, dtype=self.opts.dtype, compile=self.opts.compile)
+            o = self.opts
+            self._m = load_model(self.model, device=o.device, dtype=o.dtype, compile=o.compile, engine=o.engine)
         return self._m
 
     def _caption(self, todo: list[Item], sidecars: dict[str, Path | None], ledger: L.Ledger | None):
@@ -147,7 +148,7 @@ class BatchRun:
 
         m = self._load()
         start = time.perf_counter()
-        bs = self.opts.batch_size or default_batch_size(m.device)
+        bs = self.opts.batch_size or getattr(m, "default_batch_size", None) or default_batch_size(m.device)
         workers = default_workers() if self.opts.workers is None else self.opts.workers
         batches = image_batches(todo, m.transform, self.opts.max_pixels, bs, workers)
         with tqdm(total=len(todo), unit="img", disable=not self.opts.progress, dynamic_ncols=True) as bar:

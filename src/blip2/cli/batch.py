@@ -30,6 +30,9 @@ from ..defaults import (
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+RUNNERS, GENERATORS = ("local", "ray"), ("ours", "vllm")
+ENGINES = [*RUNNERS, *GENERATORS]
+
 # The batch options handed to the engine as they are; the rest are for the Ray pool or decided in `run_batch`.
 ENGINE_NAMES = (
     "out",
@@ -112,10 +115,11 @@ _OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (
         ("--engine",),
         {
-            "type": click.Choice(["local", "ray"]),
-            "default": "local",
-            "show_default": True,
-            "help": "local: the local machine; ray: an actor pool on a Ray cluster (pip install 'blip2[ray]').",
+            "type": click.Choice(ENGINES),
+            "multiple": True,
+            "help": "Where: local (this machine) or ray (an actor pool on a Ray cluster, pip install 'blip2[ray]'); "
+            "what generates: ours or vllm (docs/engines.md). Give it twice for both: --engine ray --engine vllm "
+            "[local, ours].",
         },
     ),
     (("--address",), {"default": None, "help": "Ray cluster address (e.g. auto or ray://host:10001) [a local one]."}),
@@ -169,7 +173,7 @@ def batch_requested(images: Sequence[str], values: dict[str, Any]) -> bool:
     """Batch mode: an output or sidecar was asked for, or an input is a folder, a list, a tar shard or a pattern."""
     from ..sources import LIST_SUFFIXES, TAR_SUFFIXES
 
-    if values.get("out") or values.get("sidecar") or values.get("sidecar_dir") or values.get("engine") == "ray":
+    if values.get("out") or values.get("sidecar") or values.get("sidecar_dir") or _pick(values, RUNNERS) == "ray":
         return True
     if values.get("question"):
         return True
@@ -180,6 +184,19 @@ def batch_requested(images: Sequence[str], values: dict[str, Any]) -> bool:
         if "{" in image and not os.path.exists(image):
             return True
     return False
+
+
+def _pick(values: dict[str, Any], kinds: tuple[str, ...]) -> str:
+    """The one `--engine` of `kinds` given (the first of `kinds` when none); two of one kind are a usage error."""
+    given = [e for e in values.get("engine") or () if e in kinds]
+    if len(set(given)) > 1:
+        raise click.UsageError(f"--engine: give one of {' or '.join(kinds)}, not {' and '.join(sorted(set(given)))}")
+    return given[0] if given else kinds[0]
+
+
+def generator_engine(engines: Sequence[str] | None) -> str:
+    """ours or vllm, from the `--engine` values of `caption`."""
+    return _pick({"engine": engines}, GENERATORS)
 
 
 def run_batch(
@@ -211,13 +228,14 @@ def run_batch(
             "batch_size": batch_size,
             "device": device,
             "dtype": dtype,
+            "engine": _pick(v, GENERATORS),
             "progress": progress,
             **gen_kwargs,
         }
     )
     # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C: worker processes stop, the ledger stays consistent.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    if v["engine"] == "ray":
+    if _pick(v, RUNNERS) == "ray":
         summary = _run_ray(images, model, opts, v)
     else:
         summary = _run_local(images, model, opts, as_json)

@@ -14,8 +14,16 @@ from typing import IO, Any
 import click
 
 from ..defaults import BATCH_SIZE
-from .batch import batch_options, batch_requested, run_batch
-from .options import generation_kwargs, generation_options, json_line, load_model, model_options, one_line
+from .batch import batch_options, batch_requested, generator_engine, run_batch
+from .options import (
+    engine_option,
+    generation_kwargs,
+    generation_options,
+    json_line,
+    load_model,
+    model_options,
+    one_line,
+)
 
 CHAT_HELP = "commands: /reset (forget the conversation), /image PATH (talk about another image), /quit (or Ctrl-D)"
 
@@ -65,7 +73,7 @@ def caption(
     if batch_requested(images, gen):
         return run_batch(images, model, device, dtype, prompt, batch_size, gen_kwargs, gen, as_json)
     # Below is the direct path: a few files named on the command line, results on stdout.
-    m = load_model(model, device, dtype)
+    m = load_model(model, device, dtype, generator_engine(gen.get("engine")))
     failed = _caption_files(m, list(images), prompt, batch_size, as_json, gen_kwargs)
     if failed:
         sys.exit(2)  # each bad file has had its one line
@@ -104,8 +112,9 @@ def _caption_files(
 @click.argument("question")
 @click.option("--json", "as_json", is_flag=True, help='One JSON line {"image", "question", "answer"}.')
 @model_options
+@engine_option
 @generation_options
-def ask(image: str, question: str, as_json: bool, model: str, device: str, dtype: str, **gen: Any) -> None:
+def ask(image: str, question: str, as_json: bool, model: str, device: str, dtype: str, engine: str, **gen: Any) -> None:
     """Answer QUESTION about IMG (visual question answering, "Question: {} Answer:")."""
     from ..processing import load_image
 
@@ -113,7 +122,7 @@ def ask(image: str, question: str, as_json: bool, model: str, device: str, dtype
     if not question.strip():
         raise click.BadParameter("the question is empty", param_hint="QUESTION")
     img = load_image(image)  # a bad image fails before the (slow) model load
-    answer = load_model(model, device, dtype).ask(img, question, **gen_kwargs)
+    answer = load_model(model, device, dtype, engine).ask(img, question, **gen_kwargs)
     if as_json:
         click.echo(json_line({"image": image, "question": question, "answer": answer}))
     else:

@@ -114,6 +114,17 @@ def model_options(f: F) -> F:
     return f
 
 
+def engine_option(f: F) -> F:
+    """`--engine ours|vllm`: which engine generates (docs/engines.md)."""
+    return click.option(
+        "--engine",
+        type=click.Choice(["ours", "vllm"]),
+        default="ours",
+        show_default=True,
+        help="ours: exact against transformers; vllm: vLLM on the same checkpoint (docs/engines.md).",
+    )(f)
+
+
 def generation_options(f: F) -> F:
     """Every generation option of `GenerationOptions`, each defaulting to "not given" (None)."""
     for name, decl, type_, help_ in reversed(GENERATION_OPTIONS):
@@ -154,11 +165,11 @@ def check_generation(kwargs: dict[str, Any]) -> None:
         raise click.UsageError(f"invalid generation options: {message}") from e
 
 
-def load_model(model: str, device: str = "auto", dtype: str = "auto") -> Blip2:
+def load_model(model: str, device: str = "auto", dtype: str = "auto", engine: str = "ours") -> Blip2:
     """`blip2.load` with the CLI's values; a missing or offline model raises `CheckpointError` (one line, exit 2)."""
     from ..pipeline import load
 
-    return load(model, device=device, dtype=dtype)
+    return load(model, device=device, dtype=dtype, engine=engine)
 
 
 # Every character `str.splitlines` breaks on, and the tab: none may appear inside one record of the text output.

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import click
 
 from ..defaults import AUTO_WAIT_MAX_S, AUTO_WAIT_MIN_S, AUTO_WAIT_SHARE, HOST, PORT, ServerSettings
-from .options import model_options
+from .options import engine_option, model_options
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,6 +31,7 @@ def setting_option(name: str, type_: click.ParamType, help_: str) -> Callable[[F
 
 @click.command()
 @model_options
+@engine_option
 @click.option(
     "--host",
     default=HOST,
@@ -87,6 +88,7 @@ def serve(
     model: str,
     device: str,
     dtype: str,
+    engine: str,
     host: str,
     port: int,
     served_model_name: str | None,
@@ -115,6 +117,7 @@ def serve(
         model=model,
         device=device,
         dtype=dtype,
+        engine=engine,
         served_name=served_model_name,
         max_batch_size=max_batch_size,
         max_wait_ms=max_wait_ms,

@@ -36,10 +36,12 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..defaults import VQA_MAX_NEW_TOKENS, ServerSettings
+from ..engines import eos_ids
 from ..errors import Blip2Error, GenerationError
 from ..processing import chat_prompt, vqa_prompt
 from . import images as img
 from .batcher import MicroBatcher, QueueFull
+from .continuous import Continuous, Disconnected, until_disconnected
 from .limits import BodyLimit
 from .openai import (
     CONTEXT_TOKENS,
@@ -76,8 +78,9 @@ def load_in_background(state: State, loader: Callable[[], Any], on_error: Callab
         try:
             m = loader()
             state.counter = copy.deepcopy(m.tokenizer)
-            eos = getattr(getattr(m.model.language_model, "generation_config", None), "eos_token_id", None)
-            state.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+            state.eos_ids = getattr(m, "eos_ids", None) or eos_ids(
+                m.tokenizer, getattr(m.model.language_model, "generation_config", None)
+            )
             state.model = m
             state.status = "ok"
             log.info("model %s loaded in %.1f s", state.settings.model, time.perf_counter() - started)
@@ -100,7 +103,7 @@ def create_app(
         def loader() -> Any:
             from ..pipeline import load
 
-            return load(settings.model, device=settings.device, dtype=settings.dtype)
+            return load(settings.model, device=settings.device, dtype=settings.dtype, engine=settings.engine)
 
     state = State(settings)
 
@@ -109,7 +112,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.batcher = MicroBatcher(generate, settings.max_batch_size, settings.max_wait_ms, settings.max_queue)
+        if settings.engine == "vllm":  # vLLM batches continuously: each request goes to it as it comes
+            state.batcher = Continuous(lambda: state.model, settings.max_queue)
+        else:
+            state.batcher = MicroBatcher(generate, settings.max_batch_size, settings.max_wait_ms, settings.max_queue)
         state.batcher.start()
         load_in_background(state, loader, on_load_error or (lambda e: None))
         yield
@@ -213,9 +219,12 @@ async def pixels_of(state: State, data: bytes, field: str) -> Any:
     return await run_in_threadpool(img.image_pixels, data, field, state.settings.max_image_pixels, transform)
 
 
-async def run_generation(state: State, image: Any, prompt: str, options: Any) -> list[Any]:
+async def run_generation(state: State, image: Any, prompt: str, options: Any, request: Request) -> list[Any]:
+    """The request's generations; a client that disconnects meanwhile cancels its request (and frees its slot)."""
     try:
-        return await state.batcher.submit(image, prompt, options)
+        return await until_disconnected(request.receive, state.batcher.submit(image, prompt, options))
+    except Disconnected as e:  # nobody reads this answer; nginx's code for it
+        raise ApiError(499, str(e), "client_disconnected") from e
     except (QueueFull, Blip2Error) as e:
         raise api_error(e) from e
 
@@ -341,7 +350,7 @@ def add_routes(app: FastAPI, state: State, auth: list[Any]) -> None:
         return {"object": "list", "data": [entry]}
 
     @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat_completions(body: ChatRequest) -> Any:
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
         m = ready_model(state)
         conversation = parse_conversation(body, s.max_history_turns)
         options = chat_options(body, s.max_tokens_limit)
@@ -353,9 +362,10 @@ def add_routes(app: FastAPI, state: State, auth: list[Any]) -> None:
             prompt = ""
         prompt_tokens = m.config.num_query_tokens + count_tokens(state, prompt)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        if body.stream and options.num_return_sequences == 1 and options.num_beams == 1:
+        one_sequence = options.num_return_sequences == 1 and options.num_beams == 1
+        if body.stream and one_sequence and isinstance(state.batcher, MicroBatcher):  # vLLM's path: one chunk so far
             return await stream_chat(state, image, prompt, options, prompt_tokens, include_usage)
-        gens = await run_generation(state, image, prompt, options)
+        gens = await run_generation(state, image, prompt, options, request)
         reasons = [finish_reason(g, options, state.eos_ids) for g in gens]
         if body.stream:  # several answers or beam search: each answer whole, as one content chunk
             return StreamingResponse(
@@ -430,7 +440,7 @@ async def simple_route(state: State, request: Request, kind: str) -> dict[str, A
         prompt, default_max = body.prompt or "", DEFAULT_MAX_TOKENS
     options = simple_options(body, default_max, s.max_tokens_limit)
     image = await pixels_of(state, data, name)
-    gens = await run_generation(state, image, prompt, options)
+    gens = await run_generation(state, image, prompt, options, request)
     reasons = [finish_reason(g, options, state.eos_ids) for g in gens]
     prompt_tokens = m.config.num_query_tokens + count_tokens(state, prompt)
     return simple_response(kind, s.name, gens, reasons, prompt_tokens, time.perf_counter() - started)

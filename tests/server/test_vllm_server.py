@@ -1,0 +1,130 @@
+"""The server with the vLLM engine (`blip2 serve --engine vllm`): each request goes straight to vLLM, which batches
+them continuously; answers equal the API's; a client that disconnects frees its slot."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from server_helpers import free_port
+
+from blip2.defaults import ServerSettings
+from blip2.server import create_app
+
+pytestmark = pytest.mark.vllm
+
+
+def _png(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (37, 45, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server(vllm_model, vllm_ckpt) -> Iterator[str]:
+    """Our server in a thread of this process, with the session's vLLM engine."""
+    import uvicorn
+
+    settings = ServerSettings(model=str(vllm_ckpt), engine="vllm", dtype="fp32")
+    app = create_app(settings, loader=lambda: vllm_model)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    yield url
+    srv.should_exit = True
+    thread.join(10)
+
+
+def _chat(image: bytes, question: str, max_tokens: int = 12) -> dict:
+    url = "data:image/png;base64," + base64.b64encode(image).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]
+    return {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
+
+
+def _prompt(m, question: str) -> str:
+    """The prompt the server makes of a one-question chat."""
+    from blip2.processing import chat_prompt
+
+    return chat_prompt([], question, lambda s: len(m.tokenizer(s).input_ids), 10_000)
+
+
+def test_concurrent_answers_equal_the_api(server: str, vllm_model) -> None:
+    """8 clients at once: each gets the answer the API gives for its image alone, none waits for a batch to end."""
+    images = [_png(i) for i in range(8)]
+
+    async def ask_all() -> list[str]:
+        async with httpx.AsyncClient(base_url=server, timeout=120) as client:
+            rs = await asyncio.gather(*(client.post("/v1/chat/completions", json=_chat(im, "what?")) for im in images))
+        return [r.json()["choices"][0]["message"]["content"] for r in rs]
+
+    answers = asyncio.run(ask_all())
+    prompt = _prompt(vllm_model, "what?")
+    assert answers == [vllm_model.caption(im, prompt=prompt, max_new_tokens=12) for im in images]
+    form = {"max_tokens": "9"}
+    caption = httpx.post(server + "/v1/caption", files={"file": ("a.png", images[0])}, data=form, timeout=60).json()
+    assert caption["text"] == vllm_model.caption(images[0], max_new_tokens=9)
+
+
+def test_refused_option_is_a_400_naming_it(server: str) -> None:
+    """An option vLLM lacks is a client error that says so, not a silent change of decoding."""
+    r = httpx.post(server + "/v1/caption", json={"image": base64.b64encode(_png(0)).decode(), "num_beams": 3})
+    assert r.status_code == 400
+    assert "beam search" in r.json()["error"]["message"]
+
+
+def _running(vllm_url: str) -> float:
+    """Requests in vLLM's running batch (its Prometheus metrics)."""
+    text = httpx.get(vllm_url + "/metrics", timeout=10).text
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith("vllm:num_requests_running"))
+
+
+def test_disconnected_client_frees_its_slot(server: str, vllm_model) -> None:
+    """A client that gives up mid-answer is aborted in vLLM (its slot in the running batch is free) and nothing
+    stays in flight in the server."""
+    tokens = 250
+    prompt = _prompt(vllm_model, "what?")
+    # an image whose answer runs to the end (no early end of text), so it is still running when the client leaves
+    long = [
+        i for i in range(16) if len(vllm_model.generate([_png(i)], [prompt], max_new_tokens=tokens)[0].tokens) == tokens
+    ]
+    assert long, "no image of the 16 gives a long answer"
+    image = _png(long[0])
+    log = Path(vllm_model.server.log.name)
+    aborts_before = log.read_text(errors="replace").count("Aborted request")
+
+    async def give_up() -> None:
+        async with httpx.AsyncClient(base_url=server, timeout=120) as client:
+            task = asyncio.ensure_future(client.post("/v1/chat/completions", json=_chat(image, "what?", tokens)))
+            deadline = time.monotonic() + 30
+            while not await asyncio.to_thread(_running, vllm_model.url) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert not task.done(), "the answer came before the client could leave"
+            task.cancel()  # the client closes its connection mid-answer
+
+    asyncio.run(give_up())
+    deadline = time.monotonic() + 30
+    while log.read_text(errors="replace").count("Aborted request") == aborts_before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert log.read_text(errors="replace").count("Aborted request") == aborts_before + 1
+    assert httpx.get(server + "/healthz").json()["queued"] == 0
+    assert _running(vllm_model.url) == 0
