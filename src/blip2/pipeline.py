@@ -20,7 +20,7 @@ import contextlib
 import hashlib
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from .model import Blip2Model, sequence_scores
 from .processing import QFORMER_TEXT_TOKENS, ImageTransform, chat_prompt, load_image, vqa_prompt
 from .quant import bf16_sums_in_fp32
 from .scoring import itc_similarity, itm_logits, match_probability
+from .streaming import TextStream
 
 # A path, encoded bytes, a PIL image, or pixels already prepared by `Blip2.transform`: a (3, S, S) float tensor (the
 # server and the batch engines decode each image once, in their own threads or workers, and pass the pixels).
@@ -236,9 +237,12 @@ class Blip2:
         specials = set(self.tokenizer.all_special_ids)
         for row, score in zip(tokens.tolist(), scores.tolist()):
             kept = [t for t in row if t not in specials]
-            text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
-            out.append(Generation(text=text, tokens=kept, score=float(score)))
+            out.append(Generation(text=self.text(kept), tokens=kept, score=float(score)))
         return out
+
+    def text(self, tokens: list[int]) -> str:
+        """The answer's text of generated token ids: special tokens dropped, stripped."""
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
     def require_text_side(self) -> None:
         """Raise `ConfigError` unless the checkpoint has a Q-Former text side (ITC/ITM: blip2-itm-vit-g, stage 1)."""
@@ -319,6 +323,34 @@ class Blip2:
         images = [image] if single else list(image)
         texts = [g.text for g in self.generate(images, [self.caption_prompt(prompt)] * len(images), **gen)]
         return texts[0] if single else texts
+
+    def stream(
+        self, image: ImageInput, prompt: str | None = None, options: GenerationOptions | None = None, **gen: Any
+    ) -> TextStream:
+        """`caption(image, prompt, **gen)` as text pieces, given out as the tokens are generated: joined, they are
+        that caption exactly (`blip2.streaming`). Beam search gives the answer as one piece when it is done.
+
+        The image is read and encoded now (a bad one raises here); the generation starts at the first `next()`, in
+        a thread. One stream or other call on a model at a time: close a stream (or read it to its end) first.
+        """
+        opts = self._stream_options(options, gen)
+        prompt = self.caption_prompt(prompt)
+        prefix = self.image_prefix([image], [prompt])  # (1, Nq, d)
+        ids, mask = self.tokenize([prompt])
+
+        def run(hooks: dict[str, Any]) -> Generation:
+            with self._seeded(opts.seed):
+                return self.decode(*self.model.generate(prefix, ids, mask, **opts.hf_kwargs(), **hooks))[0]
+
+        return TextStream(run, self.text, streamable=opts.num_beams == 1)
+
+    def _stream_options(self, options: GenerationOptions | None, gen: dict[str, Any]) -> GenerationOptions:
+        if self.model.language_model is None:
+            raise ConfigError(f"{self.name}: a retrieval checkpoint has no language model; use similarity/match")
+        opts = replace(options or GenerationOptions(), **gen)
+        if opts.num_return_sequences != 1:
+            raise GenerationError(f"a stream gives one answer: num_return_sequences must be 1; got {opts}")
+        return opts
 
     def ask(self, image: ImageInput | Sequence[ImageInput], question: str | Sequence[str], **gen: Any):
         """Visual question answering with the `question_prompt` template."""
@@ -476,22 +508,44 @@ class Chat:
 
     @torch.no_grad()
     def ask(self, question: str, **gen: Any) -> str:
-        opts = replace(GenerationOptions(), **gen)
+        generation = self._turn(question, replace(GenerationOptions(), **gen))({})
+        self._record(question, generation)
+        return generation.text
+
+    def stream(self, question: str, **gen: Any) -> TextStream:
+        """`ask(question, **gen)` as text pieces, given out as the tokens are generated (`Blip2.stream`); the turn
+        joins the history when the whole answer has been read. A stream closed before its end leaves the history
+        as it was (the kept key/value cache stays consistent: the next turn reuses what it shares)."""
+        opts = self.m._stream_options(None, gen)
+        return TextStream(
+            self._turn(question, opts), self.m.text, opts.num_beams == 1, lambda g: self._record(question, g)
+        )
+
+    def _turn(self, question: str, opts: GenerationOptions) -> Callable[[dict[str, Any]], Generation]:
+        """Builds the turn's prompt now; returns the function that generates its answer, passing `hooks` (a
+        streamer, stopping criteria) on to `transformers`' `generate`."""
         prompt = self.prompt_for(question)
         ids, mask = self.m.tokenize([prompt])
         instruct = self.m.config.is_instruct  # a new prefix each turn: the LM's cache of the last turn does not apply
-        if instruct:
-            self.prefix = self.m.image_prefix([self.image], [prompt])
-        with self.m._seeded(opts.seed):
-            if instruct or self.m.model.is_encoder_decoder or opts.num_beams > 1 or opts.num_return_sequences > 1:
-                tokens, scores = self.m.model.generate(self.prefix, ids, mask, **opts.hf_kwargs())
-            else:
-                tokens, scores = self._generate_cached(ids, opts)
-        self.last = self.m.decode(tokens, scores)[0]  # the full Generation (tokens, score) of this answer
-        self.history.append((question.strip(), self.last.text))
-        return self.last.text
+        prefix = self.m.image_prefix([self.image], [prompt]) if instruct else self.prefix
 
-    def _generate_cached(self, ids: torch.Tensor, opts: GenerationOptions) -> tuple[torch.Tensor, torch.Tensor]:
+        def run(hooks: dict[str, Any]) -> Generation:
+            with self.m._seeded(opts.seed):
+                if instruct or self.m.model.is_encoder_decoder or opts.num_beams > 1 or opts.num_return_sequences > 1:
+                    tokens, scores = self.m.model.generate(prefix, ids, mask, **opts.hf_kwargs(), **hooks)
+                else:
+                    tokens, scores = self._generate_cached(ids, opts, hooks)
+            return self.m.decode(tokens, scores)[0]
+
+        return run
+
+    def _record(self, question: str, generation: Generation) -> None:
+        self.last = generation  # the full Generation (tokens, score) of this answer
+        self.history.append((question.strip(), generation.text))
+
+    def _generate_cached(
+        self, ids: torch.Tensor, opts: GenerationOptions, hooks: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.m.model
         full = model.placeholder_ids(ids)  # (1, Nq + T)
         full_list = full[0].tolist()
@@ -502,7 +556,7 @@ class Chat:
                 break
             common += 1
         keep = min(common, len(full_list) - 1)  # generate needs at least one uncached token
-        gen = {**opts.hf_kwargs(), "return_dict_in_generate": True, "output_scores": True}
+        gen = {**opts.hf_kwargs(), **hooks, "return_dict_in_generate": True, "output_scores": True}
         ones = torch.ones_like(full)
         if self._kv is not None and keep >= n_query:
             self._kv.crop(keep - self._kv.get_seq_length())  # negative: drop the tail after the common prefix

@@ -142,7 +142,7 @@ def ask(image: str, question: str, as_json: bool, model: str, device: str, dtype
 @model_options
 @generation_options
 def chat(image: str, model: str, device: str, dtype: str, **gen: Any) -> None:
-    """Talk about IMG: one question per line on stdin, one answer per line on stdout.
+    """Talk about IMG: one question per line on stdin, one answer per line on stdout, printed as it is generated.
 
     \b
     /reset        forget the conversation so far
@@ -170,12 +170,23 @@ def chat(image: str, model: str, device: str, dtype: str, **gen: Any) -> None:
                     return
                 continue
             try:
-                click.echo(one_line(session.ask(line, **gen_kwargs)))
+                _print_answer(session, line, gen_kwargs)
             except Blip2Error as e:  # e.g. options that do not fit: say so and keep the conversation
                 _echo_error(e)
     except KeyboardInterrupt:  # Ctrl-C at the prompt leaves like Ctrl-D
         if interactive:
             click.echo(err=True)
+
+
+def _print_answer(session: Any, question: str, gen_kwargs: dict[str, Any]) -> None:
+    """The answer's words as they are generated (`Chat.stream`; beam search prints it when done), then a newline.
+    Pieces never split a run of whitespace, so `one_line` on each piece is `one_line` on the answer."""
+    with session.stream(question, **gen_kwargs) as pieces:
+        try:
+            for piece in pieces:
+                click.echo(one_line(piece), nl=False)  # click.echo flushes
+        finally:
+            click.echo()
 
 
 def _chat_command(session: Any, line: str) -> str | None:

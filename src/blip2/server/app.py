@@ -14,12 +14,13 @@ The model loads in a background thread so the port opens at once and `/healthz` 
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hmac
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from .limits import BodyLimit
 from .openai import (
     CONTEXT_TOKENS,
     DEFAULT_MAX_TOKENS,
+    Chunks,
     chat_chunks,
     chat_options,
     chat_response,
@@ -223,12 +225,98 @@ async def run_generation(state: State, image: Any, prompt: str, options: Any, re
         return await until_disconnected(request.receive, state.batcher.submit(image, prompt, options))
     except Disconnected as e:  # nobody reads this answer; nginx's code for it
         raise ApiError(499, str(e), "client_disconnected") from e
+    except (QueueFull, Blip2Error) as e:
+        raise api_error(e) from e
+
+
+def api_error(e: BaseException) -> ApiError:
+    """A generation's failure as the answer the client gets."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, QueueFull):
+        return ApiError(503, f"server busy: {e}; retry shortly", "queue_full", {"Retry-After": "1"})
+    if isinstance(e, GenerationError):
+        return ApiError(400, str(e), "invalid_options")
+    if isinstance(e, Blip2Error):
+        return ApiError(400, str(e), "invalid_request")
+    log.error("a streamed generation failed: %s: %s", type(e).__name__, e)
+    return ApiError(500, f"internal error: {type(e).__name__}: {e}", "internal_error")
+
+
+def open_stream(model: Any, image: Any, prompt: str, options: Any) -> Any:
+    """The one place a streamed answer starts (in the batcher's worker thread): an iterator of text pieces with a
+    thread-safe `cancel()` and, once read to its end, `result` (the `Generation`)."""
+    return model.stream(image, prompt, options)
+
+
+async def stream_chat(
+    state: State, image: Any, prompt: str, options: Any, prompt_tokens: int, include_usage: bool
+) -> StreamingResponse:
+    """One answer streamed token by token. It runs alone in the batcher's worker thread, in arrival order with the
+    batched requests; a client that goes away cancels it (not started: dropped; started: stopped at the next step),
+    which frees the worker."""
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue = asyncio.Queue()  # ("start" | "piece" | "end" | "error", value), from the worker thread
+    opened: list[Any] = []  # the stream, once open
+    cancelled = threading.Event()
+
+    def put(kind: str, value: Any = None) -> None:
+        loop.call_soon_threadsafe(items.put_nowait, (kind, value))
+
+    def run() -> None:  # the worker thread
+        try:
+            stream = open_stream(state.model, image, prompt, options)
+            opened.append(stream)
+            if cancelled.is_set():  # set before `opened` was filled: `cancel` below did not see the stream
+                stream.cancel()
+            put("start")
+            for piece in stream:
+                put("piece", piece)
+            put("end", stream.result)
+        except Exception as e:  # noqa: BLE001 - answered to its client
+            put("error", e)
+
+    def cancel() -> None:
+        cancelled.set()
+        future.cancel()
+        for stream in opened:
+            stream.cancel()
+
+    try:
+        future = state.batcher.submit_alone(run)
     except QueueFull as e:
-        raise ApiError(503, f"server busy: {e}; retry shortly", "queue_full", {"Retry-After": "1"}) from e
-    except GenerationError as e:
-        raise ApiError(400, str(e), "invalid_options") from e
-    except Blip2Error as e:
-        raise ApiError(400, str(e), "invalid_request") from e
+        raise api_error(e) from e
+
+    def failed(f: asyncio.Future) -> None:  # e.g. the server stopping before the call ran
+        if not f.cancelled() and f.exception() is not None:
+            items.put_nowait(("error", f.exception()))
+
+    future.add_done_callback(failed)
+    kind, value = await items.get()
+    if kind == "error":  # before any text: an HTTP error status
+        raise api_error(value)
+
+    async def events() -> AsyncIterator[str]:
+        chunks = Chunks(state.settings.name)
+        try:
+            yield chunks.role(0)
+            while True:
+                kind, value = await items.get()
+                if kind == "piece":
+                    yield chunks.content(0, value)
+                    continue
+                if kind == "error":
+                    yield chunks.error(api_error(value))
+                else:
+                    yield chunks.finish(0, finish_reason(value, options, state.eos_ids))
+                    if include_usage:
+                        yield chunks.usage(prompt_tokens, [value])
+                break
+            yield Chunks.DONE
+        finally:  # the end, or the client went away (the response is cancelled)
+            cancel()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def count_tokens(state: State, text: str) -> int:
@@ -272,11 +360,14 @@ def add_routes(app: FastAPI, state: State, auth: list[Any]) -> None:
             prompt = chat_prompt(conversation.history, conversation.question, lambda t: count_tokens(state, t), budget)
         else:  # an empty question asks for a caption, with no history
             prompt = m.caption_prompt()
+        prompt_tokens = m.config.num_query_tokens + count_tokens(state, prompt)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        one_sequence = options.num_return_sequences == 1 and options.num_beams == 1
+        if body.stream and one_sequence and isinstance(state.batcher, MicroBatcher):  # vLLM's path: one chunk so far
+            return await stream_chat(state, image, prompt, options, prompt_tokens, include_usage)
         gens = await run_generation(state, image, prompt, options, request)
         reasons = [finish_reason(g, options, state.eos_ids) for g in gens]
-        prompt_tokens = m.config.num_query_tokens + count_tokens(state, prompt)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream:  # several answers or beam search: each answer whole, as one content chunk
             return StreamingResponse(
                 chat_chunks(s.name, gens, reasons, prompt_tokens, include_usage),
                 media_type="text/event-stream",

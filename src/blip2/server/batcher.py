@@ -52,6 +52,7 @@ class Job:
     key: Any
     future: asyncio.Future
     arrived: float  # the batcher's clock
+    run: Callable[[], Any] | None = None  # a call of its own (a streamed answer), run alone in the worker thread
 
 
 @dataclass
@@ -133,12 +134,25 @@ class MicroBatcher:
         return replace(options, seed=None) if not options.do_sample else options
 
     async def submit(self, image: Any, prompt: str, options: GenerationOptions) -> list[Generation]:
+        return await self._enqueue(Job(image, prompt, options, self.batch_key(options), self._future(), self.clock()))
+
+    def submit_alone(self, run: Callable[[], Any]) -> asyncio.Future:
+        """Queue `run()` to be called in the worker thread, alone, in arrival order with the other requests (a
+        streamed answer runs so: it holds the model until its last token or its cancellation). Returns its future;
+        cancel it to drop a call that has not started. Raises `QueueFull` now."""
+        job = Job(None, "", GenerationOptions(), ("alone", next(self._alone)), self._future(), self.clock(), run)
+        self._enqueue(job)
+        return job.future
+
+    def _future(self) -> asyncio.Future:
+        return asyncio.get_running_loop().create_future()
+
+    def _enqueue(self, job: Job) -> asyncio.Future:
         if len(self._pending) >= self.max_queue:
             raise QueueFull(f"{len(self._pending)} requests are already waiting (--max-queue {self.max_queue})")
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append(Job(image, prompt, options, self.batch_key(options), future, self.clock()))
+        self._pending.append(job)
         self._wakeup.set()
-        return await future
+        return job.future
 
     # ---- the loop --------------------------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -172,7 +186,7 @@ class MicroBatcher:
             return []
         first = self._pending[0]
         deadline = max(first.arrived, self._free_since) + self.wait_s()
-        while self._count(first.key) < self.max_batch_size:
+        while first.run is None and self._count(first.key) < self.max_batch_size:
             remaining = deadline - self.clock()
             if remaining <= 0:
                 break
@@ -198,6 +212,11 @@ class MicroBatcher:
     def _generate_batch(self, batch: list[Job]) -> list[list[Generation] | BaseException]:
         """Runs in the worker thread. One model call for the batch; if it fails, each request alone, so one bad
         request cannot fail the others."""
+        if batch[0].run is not None:
+            try:
+                return [batch[0].run()]
+            except Exception as e:  # noqa: BLE001 - reported to its request
+                return [e]
         options = batch[0].options
         n = options.num_return_sequences
         try:

@@ -167,28 +167,52 @@ def chat_response(model: str, gens: list[Generation], reasons: list[str], prompt
     }
 
 
+class Chunks:
+    """Server-sent events of one streamed chat completion, as OpenAI streams them: per choice a role chunk, content
+    chunks, a finish chunk; then (when asked) a usage chunk, and `data: [DONE]`."""
+
+    DONE = "data: [DONE]\n\n"
+
+    def __init__(self, model: str) -> None:
+        self.base = {"id": new_id(), "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+
+    def event(self, choices: list[dict[str, Any]], **extra: Any) -> str:
+        return f"data: {json.dumps({**self.base, 'choices': choices, **extra})}\n\n"
+
+    def delta(self, index: int, delta: dict[str, Any], reason: str | None = None) -> str:
+        return self.event([{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}])
+
+    def role(self, index: int) -> str:
+        return self.delta(index, {"role": "assistant", "content": ""})
+
+    def content(self, index: int, text: str) -> str:
+        return self.delta(index, {"content": text})
+
+    def finish(self, index: int, reason: str) -> str:
+        return self.delta(index, {}, reason)
+
+    def usage(self, prompt_tokens: int, gens: list[Generation]) -> str:
+        return self.event([], usage=usage(prompt_tokens, gens))
+
+    def error(self, error: ApiError) -> str:
+        """An error after the answer began (the status line is already sent): one event with OpenAI's error body."""
+        return f"data: {json.dumps(error.body())}\n\n"
+
+
 def chat_chunks(
     model: str, gens: list[Generation], reasons: list[str], prompt_tokens: int, include_usage: bool
 ) -> Iterator[str]:
-    """Server-sent events as OpenAI streams them: role, content, finish_reason per choice, (usage), [DONE].
-
-    BLIP-2 answers are a few tokens and come out of a batched call whole, so each answer is one content delta.
-    """
-    base = {"id": new_id(), "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
-
-    def event(choices: list[dict[str, Any]], **extra: Any) -> str:
-        return f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n"
-
+    """Answers already whole (several choices, beam search: they come out of a batched call) as events: each answer
+    is one content chunk. A single greedy or sampled answer streams token by token instead (`app`)."""
+    chunks = Chunks(model)
     for i, (g, reason) in enumerate(zip(gens, reasons)):
-        yield event(
-            [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
-        )
+        yield chunks.role(i)
         if g.text:
-            yield event([{"index": i, "delta": {"content": g.text}, "logprobs": None, "finish_reason": None}])
-        yield event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
+            yield chunks.content(i, g.text)
+        yield chunks.finish(i, reason)
     if include_usage:
-        yield event([], usage=usage(prompt_tokens, gens))
-    yield "data: [DONE]\n\n"
+        yield chunks.usage(prompt_tokens, gens)
+    yield Chunks.DONE
 
 
 def simple_response(
