@@ -62,6 +62,12 @@ class Engine(Protocol):
     def stream(self, image: ImageInput, prompt: str | None = None, **gen: Any) -> Iterator[str]:
         """Text deltas of one generation as they come; joined they equal `generate`'s text."""
 
+    def caption_prompt(self, prompt: str | None = None) -> str:
+        """The LM prompt a caption is asked with (`prompt`, or the model family's default)."""
+
+    def question_prompt(self, question: str) -> str:
+        """The LM prompt of a visual question (the model family's VQA template)."""
+
     def caption(self, image: Any, prompt: str | None = None, **gen: Any) -> Any: ...
 
     def ask(self, image: Any, question: Any, **gen: Any) -> Any: ...

@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 
 from ..checkpoint import is_lavis, peek_keys, resolve, weight_files
-from ..config import Blip2Config
+from ..config import Blip2Config, VisionConfig
 from ..defaults import BATCH_SIZE
 from ..errors import Blip2Error, CheckpointError, ConfigError, GenerationError
 from ..pipeline import VQA_OPTIONS, Generation, GenerationOptions, ImageInput
@@ -85,6 +85,10 @@ def check_checkpoint(folder: Path, tokenizer: Any) -> dict[str, Any]:
     cfg = Blip2Config.from_json_file(folder / "config.json")
     if not cfg.has_language_model:
         raise ConfigError(f"{folder}: a retrieval checkpoint (no language model); engine 'vllm' only generates text")
+    if cfg.is_instruct:
+        raise ConfigError(f"{folder}: an InstructBLIP checkpoint; engine 'vllm' runs BLIP-2 only (use engine 'ours')")
+    if not isinstance(cfg.vision_config, VisionConfig):
+        raise ConfigError(f"{folder}: a BLIP-2 on a transformers image tower; vLLM knows EVA only (use engine 'ours')")
     lm_type = cfg.text_config.get("model_type")
     if lm_type != "opt":
         raise ConfigError(
@@ -431,8 +435,16 @@ class VllmBlip2:
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
         questions = [question] * len(images) if isinstance(question, str) else list(question)
-        texts = [g.text for g in self.generate(images, [vqa_prompt(q) for q in questions], VQA_OPTIONS, **gen)]
+        prompts = [self.question_prompt(q) for q in questions]
+        texts = [g.text for g in self.generate(images, prompts, VQA_OPTIONS, **gen)]
         return texts[0] if single else texts
+
+    def caption_prompt(self, prompt: str | None = None) -> str:
+        """BLIP-2 (the only family vLLM runs) captions from the image alone, or continues `prompt`."""
+        return prompt or ""
+
+    def question_prompt(self, question: str) -> str:
+        return vqa_prompt(question)
 
     def chat(self, image: ImageInput, **kwargs: Any) -> Any:
         raise ConfigError("engine 'vllm' does not chat (a chat keeps its cache between turns); use engine 'ours'")
