@@ -81,6 +81,16 @@ def test_vllm_refuses_checkpoints_it_cannot_run(t5_ckpt: Path, itm_ckpt: Path) -
         blip2.load(t5_ckpt, engine="vllm", dtype="int8")
 
 
+def test_vllm_refuses_instructblip(tmp_path: Path) -> None:
+    """An InstructBLIP checkpoint (its Q-Former reads the prompt, which vLLM's BLIP-2 does not do) fails at once,
+    naming the kind, instead of generating from a prefix without the instruction."""
+    from instruct_checkpoints import make_instruct_llama_checkpoint
+
+    folder = make_instruct_llama_checkpoint(tmp_path / "instruct")
+    with pytest.raises(ConfigError, match="InstructBLIP"):
+        blip2.load(folder, engine="vllm")
+
+
 def test_text_deltas_add_up_to_the_decoded_text(vllm_ours) -> None:
     """Token by token, the deltas never take back text, hold half characters and trailing spaces, and join to
     `Blip2.decode`'s stripped text with special tokens dropped."""
