@@ -44,7 +44,7 @@ from ..checkpoint import is_lavis, peek_keys, resolve, weight_files
 from ..config import Blip2Config, VisionConfig
 from ..defaults import BATCH_SIZE
 from ..errors import Blip2Error, CheckpointError, ConfigError, GenerationError
-from ..pipeline import VQA_OPTIONS, Generation, GenerationOptions, ImageInput
+from ..pipeline import Blip2, Generation, GenerationOptions, ImageInput
 from ..processing import ImageTransform, load_image, vqa_prompt
 from . import TextDeltas, eos_ids
 
@@ -423,21 +423,8 @@ class VllmBlip2:
         """`generate` for images already prepared by `self.transform` (B, 3, S, S)."""
         return self.generate(list(pixel_values), prompts, options, **gen)
 
-    def caption(self, image: ImageInput | Sequence[ImageInput], prompt: str | None = None, **gen: Any):
-        """A caption, or with `prompt` the continuation of it. A list of images gives a list of strings."""
-        single = not isinstance(image, (list, tuple))
-        images = [image] if single else list(image)
-        texts = [g.text for g in self.generate(images, [prompt or ""] * len(images), **gen)]
-        return texts[0] if single else texts
-
-    def ask(self, image: ImageInput | Sequence[ImageInput], question: str | Sequence[str], **gen: Any):
-        """Visual question answering with the `Question: {} Answer:` template."""
-        single = not isinstance(image, (list, tuple))
-        images = [image] if single else list(image)
-        questions = [question] * len(images) if isinstance(question, str) else list(question)
-        prompts = [self.question_prompt(q) for q in questions]
-        texts = [g.text for g in self.generate(images, prompts, VQA_OPTIONS, **gen)]
-        return texts[0] if single else texts
+    caption = Blip2.caption  # the same tasks as our engine, over this engine's `generate` and prompts
+    ask = Blip2.ask
 
     def caption_prompt(self, prompt: str | None = None) -> str:
         """BLIP-2 (the only family vLLM runs) captions from the image alone, or continues `prompt`."""
