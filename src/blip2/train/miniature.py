@@ -2,13 +2,15 @@
 
     python -m blip2.train.miniature build --work build/miniature --export examples/miniature   (make miniature)
     python -m blip2.train.miniature demo examples/miniature                                     (make demo)
+    python -m blip2.train.miniature tower --first examples/miniature     (blip2 miniature tower: a CLIP tower)
 
 `build` renders the data, pretrains the two frozen towers (a tiny EVA ViT on attribute labels, a tiny OPT on the
 texts), then runs the library's own `train()` for stage 1 (ITC + ITM + ITG) and stage 2 (twice: from the stage-1
 Q-Former, and from a fresh one, the "without stage 1" baseline), and evaluates on held-out images: caption
 attribute accuracy, VQA accuracy, and retrieval R@1 (ITC, then ITM re-ranking) against chance. Each phase leaves
 its result in `--work` and is skipped when run again. `--export` copies the models (HF layout), sample images and
-`results.json` to a folder small enough to commit.
+`results.json` to a folder small enough to commit. `tower` builds it again on a second, different image tower (a
+`transformers` CLIP tower) with the first model's data, LM and recipe, and reports both towers' figures.
 """
 
 from __future__ import annotations
