@@ -383,6 +383,20 @@ def test_miniature_build_runs_the_implementation_with_the_options(monkeypatch, t
     assert seen == [{"work": str(tmp_path / "w"), "export_dir": str(tmp_path / "e"), "quick": True}]
 
 
+def test_miniature_tower_runs_the_implementation_offline(monkeypatch, tmp_path):
+    """`blip2 miniature tower` must reach train/miniature.py's second-tower phase, with its options and offline."""
+    from blip2.train import miniature
+
+    seen: list[tuple[dict, str | None]] = []
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(
+        miniature.tower_command, "callback", lambda **kw: seen.append((kw, os.environ.get("HF_HUB_OFFLINE")))
+    )
+    result = run("miniature", "tower", "--first", EXAMPLE, "--work", tmp_path / "w")
+    assert result.exit_code == 0, result.output
+    assert seen == [({"first": str(EXAMPLE), "work": str(tmp_path / "w")}, "1")]
+
+
 def test_demo_needs_no_extra():
     """A core install (`pip install -e .`, no extras) must run `blip2 demo`: with every extra made unimportable,
     the miniature's modules import and its model loads and captions."""

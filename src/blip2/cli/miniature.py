@@ -73,3 +73,17 @@ def finetune(ctx: click.Context, model: str, work: str, pair: tuple[str, str], s
     from ..train import miniature as implementation
 
     ctx.invoke(implementation.finetune_command, model=model, work=work, pair=pair, steps=steps)
+
+
+@miniature.command()
+@click.option("--first", default=MINIATURE_EXPORT, show_default=True, type=click.Path(file_okay=False))
+@click.option("--work", default=f"{MINIATURE_WORK}-tower", show_default=True, type=click.Path(file_okay=False))
+@click.pass_context
+def tower(ctx: click.Context, first: str, work: str) -> None:
+    """Build the miniature again on a second, different image tower (a `transformers` CLIP tower) with the same
+    data, frozen LM and recipe as the exported model in --first; prints both towers' held-out figures and writes
+    them to WORK/results.json (about 10-20 minutes on a 2-core CPU; needs the `train` extra)."""
+    _offline()
+    from ..train import miniature as implementation
+
+    ctx.invoke(implementation.tower_command, first=first, work=work)

@@ -2,13 +2,15 @@
 
     python -m blip2.train.miniature build --work build/miniature --export examples/miniature   (make miniature)
     python -m blip2.train.miniature demo examples/miniature                                     (make demo)
+    python -m blip2.train.miniature tower --first examples/miniature     (blip2 miniature tower: a CLIP tower)
 
 `build` renders the data, pretrains the two frozen towers (a tiny EVA ViT on attribute labels, a tiny OPT on the
 texts), then runs the library's own `train()` for stage 1 (ITC + ITM + ITG) and stage 2 (twice: from the stage-1
 Q-Former, and from a fresh one, the "without stage 1" baseline), and evaluates on held-out images: caption
 attribute accuracy, VQA accuracy, and retrieval R@1 (ITC, then ITM re-ranking) against chance. Each phase leaves
 its result in `--work` and is skipped when run again. `--export` copies the models (HF layout), sample images and
-`results.json` to a folder small enough to commit.
+`results.json` to a folder small enough to commit. `tower` builds it again on a second, different image tower (a
+`transformers` CLIP tower) with the first model's data, LM and recipe, and reports both towers' figures.
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ def _common(r: Recipe, out: Path, data: Path, steps: int, max_text_length: int) 
     }
 
 
-def run_stages(work: Path, r: Recipe) -> dict[str, float]:
+def run_stages(work: Path, r: Recipe, only: Sequence[str] | None = None) -> dict[str, float]:
+    """Stage 1 and the stage-2 runs (`only` those named, if given) on the towers in `work`."""
     from .trainer import train
 
     seconds = {}
@@ -166,7 +169,7 @@ def run_stages(work: Path, r: Recipe) -> dict[str, float]:
         long = dict(phases[1][1] if name == "stage2_short" else phases[2][1])
         phases.append((name, {**long, "out": str(work / name), "steps": steps, "warmup_steps": min(100, steps // 10)}))
     for name, cfg in phases:
-        if (work / name / "model" / "config.json").is_file():
+        if (only is not None and name not in only) or (work / name / "model" / "config.json").is_file():
             continue
         if cfg["stage"] == 2:
             cfg.update(stage1=str(work / "stage1" / "model"), language_model=str(work / "lm"))
@@ -262,7 +265,8 @@ def eval_retrieval(m, items: Sequence[tuple[str, Scene]], k: int = 8) -> dict:
 STAGE2_RUNS = ("stage2", "stage2_without_stage1", "stage2_short", "stage2_without_stage1_short")
 
 
-def evaluate(work: Path, r: Recipe) -> dict:
+def evaluate(work: Path, r: Recipe, runs: Sequence[str] = STAGE2_RUNS) -> dict:
+    """Retrieval by the stage-1 model, captions and VQA by each stage-2 run, on the test and held-out splits."""
     import blip2
 
     data = work / "data"
@@ -270,12 +274,91 @@ def evaluate(work: Path, r: Recipe) -> dict:
     out: dict = {}
     retrieval = blip2.load(work / "stage1" / "model", device="cpu", dtype="fp32")
     out["retrieval"] = {name: eval_retrieval(retrieval, items) for name, items in splits.items()}
-    for model_name in STAGE2_RUNS:
+    for model_name in runs:
         m = blip2.load(work / model_name / "model", device="cpu", dtype="fp32")
         out[model_name] = {
             name: {"caption": eval_captions(m, items), "vqa": eval_vqa(m, items, r.seed)}
             for name, items in splits.items()
         }
+    return out
+
+
+# ---- a second, different image tower ------------------------------------------------------------------------------
+CLIP_TOWER = {  # a `transformers` CLIP vision tower of the first tower's size (backbones.py)
+    "model_type": "clip_vision_model",
+    "hidden_size": 96,
+    "intermediate_size": 192,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 8,
+}
+FIGURES = ("retrieval", "stage2")  # the results a tower is compared on: stage-1 retrieval, stage-2 captions and VQA
+
+
+def _first_lm(first: Path, folder: Path) -> None:
+    """The frozen LM (and its tokenizer) of the exported miniature model, as a folder stage 2 reads."""
+    from transformers import AutoTokenizer
+
+    from .models import load_stage2
+
+    if (folder / "config.json").is_file():
+        return
+    model = first / "model"
+    if not (model / "config.json").is_file():
+        raise click.ClickException(f"{first} holds no miniature model (no model/config.json): export one first")
+    load_stage2(model).blip.language_model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model).save_pretrained(folder)
+
+
+def second_tower(first: Path, work: Path, r: Recipe, tower: dict | None = None) -> dict:
+    """The miniature built again on a second, different image tower (default: a `transformers` CLIP tower), beside
+    the first (EVA) one exported in `first`: the tower is pretrained on the attribute labels as the first was, then
+    stage 1 and stage 2 run with the same data, the same frozen LM (the first model's) and the same recipe, and both
+    are compared on the same new and held-out images. Results in `work/results.json`."""
+    from ..backbones import load_tower, save_tower
+    from .shapes import make_qformer_tokenizer, pretrain_encoder, vision_accuracy
+
+    tower = dict(tower or CLIP_TOWER)
+    first_results = json.loads((first / "results.json").read_text()) if (first / "results.json").is_file() else None
+    if first_results is None or not set(FIGURES) <= set(first_results):
+        raise click.ClickException(f"{first} holds no miniature results.json with {FIGURES}: export a build first")
+    _claim(work, r)
+    t0 = time.perf_counter()
+    make_data(work, r)
+    _first_lm(first, work / "lm")
+    info_path = work / "tower.json"
+    if not info_path.is_file():
+        make_qformer_tokenizer(work / "qformer_tokenizer")
+        _log(f"pretraining the {tower['model_type']} tower ({r.vision_steps} steps)")
+        t1 = time.perf_counter()
+        torch.manual_seed(r.seed)
+        encoder = load_tower(tower)
+        encoder, heads = pretrain_encoder(encoder, encoder.config.hidden_size, r.vision_steps, seed=r.seed)
+        save_tower(encoder, work / "vision")
+        info = {
+            "vision_seconds": round(time.perf_counter() - t1),
+            "vision_accuracy_seen_pairs": vision_accuracy(encoder, heads, all_scenes(held_out=False), 512, r.seed + 10),
+            "vision_accuracy_held_out_pairs": vision_accuracy(
+                encoder, heads, all_scenes(held_out=True), 512, r.seed + 11
+            ),
+        }
+        atomic_write(info_path, json.dumps(info, indent=2) + "\n")
+    seconds = run_stages(work, r, only=("stage1", "stage2"))
+    _log("evaluating on held-out images")
+    second = {"vision_config": tower, "towers": json.loads(info_path.read_text()), **evaluate(work, r, ("stage2",))}
+    first_config = json.loads((first / "model" / "config.json").read_text())["vision_config"]
+    out = {
+        "recipe": asdict(r),
+        "first_recipe": first_results.get("recipe"),
+        "towers": {
+            "eva": {"vision_config": first_config, "towers": first_results.get("towers")}
+            | {k: first_results[k] for k in FIGURES},
+            tower["model_type"]: second,
+        },
+        "seconds_this_run": {**seconds, "total": round(time.perf_counter() - t0)},
+    }
+    atomic_write(work / "results.json", json.dumps(out, indent=2) + "\n")
     return out
 
 
@@ -392,6 +475,15 @@ def demo(folder: Path, echo=print) -> list[dict]:
     return rows
 
 
+def _claim(work: Path, r: Recipe) -> None:
+    """Make `work` the folder of a run of recipe `r`: finished phases in it are reused when run again."""
+    work.mkdir(parents=True, exist_ok=True)
+    recipe_file = work / "recipe.json"
+    if recipe_file.is_file() and json.loads(recipe_file.read_text()) != asdict(r):
+        raise click.ClickException(f"{work} holds a build with another recipe; remove it or use another --work")
+    recipe_file.write_text(json.dumps(asdict(r), indent=2) + "\n")
+
+
 @click.group()
 def cli() -> None:
     """The miniature BLIP-2 on the shapes world."""
@@ -418,11 +510,7 @@ def build(work: str, export_dir: str | None, quick: bool) -> None:
         )
     torch.set_num_threads(r.threads)
     work_dir = Path(work)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    recipe_file = work_dir / "recipe.json"
-    if recipe_file.is_file() and json.loads(recipe_file.read_text()) != asdict(r):
-        raise click.ClickException(f"{work_dir} holds a build with another recipe; remove it or use another --work")
-    recipe_file.write_text(json.dumps(asdict(r), indent=2) + "\n")  # finished phases are reused when run again
+    _claim(work_dir, r)
     t0 = time.perf_counter()
     make_data(work_dir, r)
     towers = make_towers(work_dir, r)
@@ -459,6 +547,26 @@ def finetune_command(model: str, work: str, pair: tuple[str, str], steps: int) -
         parts = [f"{name} {out[when][name]['all_four_correct']:.1%}" for name in ("pair", "seen_pairs")]
         _log(f"{when}: captions with all four attributes right: " + ", ".join(parts))
     _log(f"results in {work_dir / 'finetune.json'}")
+
+
+@cli.command("tower")
+@click.option("--first", default=MINIATURE_EXPORT, show_default=True, type=click.Path(file_okay=False))
+@click.option("--work", default=f"{MINIATURE_WORK}-tower", show_default=True, type=click.Path(file_okay=False))
+def tower_command(first: str, work: str) -> None:
+    """Build the miniature again on a CLIP tower; its held-out figures beside the first (EVA) model's."""
+    r = Recipe()
+    torch.set_num_threads(r.threads)
+    out = second_tower(Path(first), Path(work), r)
+    for name, t in out["towers"].items():
+        novel, seen = t["stage2"]["novel"], t["stage2"]["test"]
+        _log(
+            f"{name}: captions all four right {seen['caption']['all_four_correct']:.1%} seen / "
+            f"{novel['caption']['all_four_correct']:.1%} held-out pairs; VQA {seen['vqa']['accuracy']:.1%} / "
+            f"{novel['vqa']['accuracy']:.1%}; R@1 image->text (ITC) "
+            f"{t['retrieval']['test']['image_to_text_R@1_itc']:.1%} / "
+            f"{t['retrieval']['novel']['image_to_text_R@1_itc']:.1%}"
+        )
+    _log(f"results in {Path(work) / 'results.json'}")
 
 
 @cli.command("demo")

@@ -265,24 +265,30 @@ def pretrain_vision(cfg: VisionConfig, steps: int, batch: int = 64, lr: float = 
             nn.init.trunc_normal_(m.weight, std=0.02)
     with torch.no_grad():
         vit.embeddings.position_embedding.normal_(0, 0.02)
-    heads = nn.ModuleDict({k: nn.Linear(cfg.hidden_size, len(v)) for k, v in ATTRIBUTES.items()})
+    return pretrain_encoder(vit, cfg.hidden_size, steps, batch, lr, seed)
+
+
+def pretrain_encoder(encoder: nn.Module, width: int, steps: int, batch: int = 64, lr: float = 2e-3, seed: int = 0):
+    """Any image encoder (pixels (B, 3, 32, 32) -> features (B, N, width)) trained as `pretrain_vision` trains its
+    ViT: linear heads on the mean token name the four attributes; the encoder is returned frozen, with its heads."""
+    heads = nn.ModuleDict({k: nn.Linear(width, len(v)) for k, v in ATTRIBUTES.items()})
     data = scene_batches(all_scenes(), batch, seed)
 
     def loss() -> torch.Tensor:
         pixels, scenes = next(data)
-        feats = vit(pixels).mean(dim=1)  # (B, D)
+        feats = encoder(pixels).mean(dim=1)  # (B, D)
         return sum(
             F.cross_entropy(heads[k](feats), torch.tensor([v.index(getattr(s, k)) for s in scenes]))
             for k, v in ATTRIBUTES.items()
         )
 
-    _fit(list(vit.parameters()) + list(heads.parameters()), loss, steps, lr, 0.05, "vision")
-    vit.eval().requires_grad_(False)
-    return vit, heads.eval()
+    _fit(list(encoder.parameters()) + list(heads.parameters()), loss, steps, lr, 0.05, "vision")
+    encoder.eval().requires_grad_(False)
+    return encoder, heads.eval()
 
 
 @torch.no_grad()
-def vision_accuracy(vit: VisionTransformer, heads: nn.ModuleDict, scenes: list[Scene], n: int, seed: int) -> dict:
+def vision_accuracy(vit: nn.Module, heads: nn.ModuleDict, scenes: list[Scene], n: int, seed: int) -> dict:
     pixels, chosen = next(scene_batches(scenes, n, seed))
     feats = vit(pixels).mean(dim=1)
     return {
