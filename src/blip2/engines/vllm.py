@@ -362,8 +362,7 @@ class VllmBlip2:
         out = []
         for choice in sorted(answer["choices"], key=lambda c: c["index"]):
             whole = StreamedAnswer(self.tokenizer)  # a whole answer is one chunk
-            whole.add(choice)
-            whole.finish()
+            whole.add(choice, deltas=False)
             out.append(whole.generation())
         return out
 
@@ -473,17 +472,22 @@ class VllmBlip2:
         return self._async[loop]
 
     async def agenerate(self, image: ImageInput, prompt: str, options: GenerationOptions) -> list[Generation]:
-        """One request's generations. Cancelling the task closes its connection, and vLLM aborts the request."""
+        """One request's generations. They are streamed from vLLM and gathered here: vLLM aborts a streamed request
+        whose connection closes (a non-streamed one runs on to its end), so cancelling the task frees its slot."""
         import httpx
 
-        body = await asyncio.to_thread(self.request, image, prompt, options)
+        body = await asyncio.to_thread(self.request, image, prompt, options, True)
+        answers: dict[int, StreamedAnswer] = {}
         try:
-            r = await self._client().post("/v1/chat/completions", json=body)
+            async with self._client().stream("POST", "/v1/chat/completions", json=body) as r:
+                if r.status_code != 200:
+                    raise self._error(r.status_code, (await r.aread()).decode("utf-8", "replace"))
+                async for line in r.aiter_lines():
+                    for choice in _sse_choices([line]):
+                        answers.setdefault(choice["index"], StreamedAnswer(self.tokenizer)).add(choice, deltas=False)
         except httpx.HTTPError as e:
             raise self._lost(e) from e
-        if r.status_code != 200:
-            raise self._error(r.status_code, r.text)
-        return self._generations(r.json())
+        return [answers[i].generation() for i in sorted(answers)]
 
     def astream(self, image: ImageInput, prompt: str, options: GenerationOptions) -> VllmStream:
         """Text deltas as vLLM produces them (`async for`), then `result`; `aclose()` aborts the request in vLLM."""
@@ -496,22 +500,25 @@ class StreamedAnswer:
     summed as the score)."""
 
     def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
         self.deltas = TextDeltas(tokenizer)
         self.specials = set(tokenizer.all_special_ids)
         self.tokens: list[int] = []
         self.score = 0.0
 
-    def add(self, choice: dict[str, Any]) -> str:
+    def add(self, choice: dict[str, Any], deltas: bool = True) -> str:
+        """The chunk's new text ("" when none is certain yet, or without `deltas`)."""
         ids = choice.get("token_ids") or []
         self.tokens += [t for t in ids if t not in self.specials]
         self.score += sum(lp["logprob"] for lp in (choice.get("logprobs") or {}).get("content") or [])
-        return self.deltas.add(ids) if ids else ""
+        return self.deltas.add(ids) if ids and deltas else ""
 
     def finish(self) -> str:
         return self.deltas.finish()
 
     def generation(self) -> Generation:
-        return Generation(text=self.deltas.sent, tokens=self.tokens, score=float(self.score))
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()  # as `Blip2.decode`
+        return Generation(text=text, tokens=self.tokens, score=float(self.score))
 
 
 class VllmStream:
