@@ -1,15 +1,16 @@
 """The server with the vLLM engine (`blip2 serve --engine vllm`): each request goes straight to vLLM, which batches
-them continuously; answers equal the API's; a client that disconnects frees its slot."""
+them continuously; answers equal the API's; streamed answers come token by token and add up to the same answer; a
+client that disconnects frees its slot."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import io
+import json
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -35,7 +36,7 @@ def server(vllm_model, vllm_ckpt) -> Iterator[str]:
     """Our server in a thread of this process, with the session's vLLM engine."""
     import uvicorn
 
-    settings = ServerSettings(model=str(vllm_ckpt), engine="vllm", dtype="fp32")
+    settings = ServerSettings(model=str(vllm_ckpt), engine="vllm", dtype="fp32", max_tokens_limit=400)
     app = create_app(settings, loader=lambda: vllm_model)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -92,44 +93,99 @@ def test_refused_option_is_a_400_naming_it(server: str) -> None:
     assert "beam search" in r.json()["error"]["message"]
 
 
-def _running(vllm_url: str) -> float:
-    """Requests in vLLM's running batch (its Prometheus metrics)."""
+def _metric(vllm_url: str, prefix: str) -> float:
+    """The sum of vLLM's Prometheus metric lines that start with `prefix`."""
     text = httpx.get(vllm_url + "/metrics", timeout=10).text
-    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith("vllm:num_requests_running"))
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(prefix))
 
 
-@pytest.mark.xfail(
-    reason="vLLM's log shows no abort after our server cancels its request to vLLM when the client leaves; "
-    "whether vLLM aborts a non-streamed request whose connection closes is not confirmed",
-    strict=False,
-)
-def test_disconnected_client_frees_its_slot(server: str, vllm_model) -> None:
-    """A client that gives up mid-answer is aborted in vLLM (its slot in the running batch is free) and nothing
-    stays in flight in the server."""
-    tokens = 250
-    prompt = _prompt(vllm_model, "what?")
-    # an image whose answer runs to the end (no early end of text), so it is still running when the client leaves
-    long = [
-        i for i in range(16) if len(vllm_model.generate([_png(i)], [prompt], max_new_tokens=tokens)[0].tokens) == tokens
-    ]
-    assert long, "no image of the 16 gives a long answer"
-    image = _png(long[0])
-    log = Path(vllm_model.server.log.name)
-    aborts_before = log.read_text(errors="replace").count("Aborted request")
+def _running(vllm_url: str) -> float:
+    """Requests in vLLM's running batch."""
+    return _metric(vllm_url, "vllm:num_requests_running")
 
-    async def give_up() -> None:
+
+def _content(line: str) -> str:
+    return "".join(c["delta"].get("content", "") for c in json.loads(line[6:]).get("choices", []))
+
+
+def _streamed(server: str, payload: dict) -> list[str]:
+    """Every event line of a streamed request, [DONE] last."""
+    body = {**payload, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    return lines[:-1]
+
+
+def _long_image(m, tokens: int) -> bytes:
+    """An image whose answer runs to `tokens` (no early end of text), so it is still running when a client leaves."""
+    prompt = _prompt(m, "what?")
+    for i in range(16):
+        if len(m.generate([_png(i)], [prompt], max_new_tokens=tokens)[0].tokens) == tokens:
+            return _png(i)
+    raise AssertionError("no image of the 16 gives a long answer")
+
+
+def test_streamed_chunks_join_to_the_answer(server: str) -> None:
+    """Otherwise a streaming client of `--engine vllm` would read another answer than a non-streaming one, get it
+    in one piece at the end (no time-to-first-token gain), or a wrong finish_reason or usage."""
+    for seed in range(3):
+        payload = _chat(_png(seed), "what?", 12)
+        whole = httpx.post(server + "/v1/chat/completions", json=payload, timeout=120).json()
+        lines = _streamed(server, payload)
+        pieces = [_content(line) for line in lines if _content(line)]
+        assert "".join(pieces) == whole["choices"][0]["message"]["content"]
+        assert whole["usage"]["completion_tokens"] > 1
+        assert len(pieces) > 1, "a multi-token answer came as one chunk"
+        chunks = [json.loads(line[6:]) for line in lines]
+        finals = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        assert finals == [whole["choices"][0]["finish_reason"]]
+        assert chunks[-1]["usage"] == whole["usage"]
+
+
+def _leaves_mid_answer(server: str, vllm_model, stream: bool) -> None:
+    """A client asks for an answer that runs to 400 tokens and leaves after its first token; then vLLM's running
+    batch must be empty with fewer than 400 tokens generated for it, and nothing in flight in the server."""
+    tokens = 400
+    image = _long_image(vllm_model, tokens)
+    generated = _metric(vllm_model.url, "vllm:generation_tokens_total")
+    body = {**_chat(image, "what?", tokens), "stream": stream}
+
+    async def leave() -> None:  # the answer's headers come only at its end: the request is cancelled meanwhile
         async with httpx.AsyncClient(base_url=server, timeout=120) as client:
-            task = asyncio.ensure_future(client.post("/v1/chat/completions", json=_chat(image, "what?", tokens)))
+            task = asyncio.ensure_future(client.post("/v1/chat/completions", json=body))
             deadline = time.monotonic() + 30
             while not await asyncio.to_thread(_running, vllm_model.url) and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             assert not task.done(), "the answer came before the client could leave"
-            task.cancel()  # the client closes its connection mid-answer
+            task.cancel()
 
-    asyncio.run(give_up())
-    deadline = time.monotonic() + 30
-    while log.read_text(errors="replace").count("Aborted request") == aborts_before and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert log.read_text(errors="replace").count("Aborted request") == aborts_before + 1
-    assert httpx.get(server + "/healthz").json()["queued"] == 0
+    if stream:
+        with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=120) as r:
+            next(line for line in r.iter_lines() if line.startswith("data: {") and _content(line))
+    else:
+        asyncio.run(leave())
+    deadline = time.monotonic() + 60  # the connection is closed
+    while _running(vllm_model.url) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert _running(vllm_model.url) == 0
+    assert _metric(vllm_model.url, "vllm:generation_tokens_total") - generated < tokens, "it ran to max_tokens"
+    assert httpx.get(server + "/healthz").json()["queued"] == 0
+
+
+@pytest.mark.xfail(
+    reason="the server does not yet see the disconnect of a client waiting for a non-streamed answer "
+    "(until_disconnected), so vLLM generates on to max_tokens; a stream's disconnect is seen (test below)",
+    strict=False,
+)
+def test_disconnected_client_frees_its_slot(server: str, vllm_model) -> None:
+    """Otherwise a client that gives up before its (non-streamed) answer would keep its slot in vLLM's running batch
+    until max_tokens, generating for nobody."""
+    _leaves_mid_answer(server, vllm_model, stream=False)
+
+
+def test_disconnected_stream_is_aborted_in_vllm(server: str, vllm_model) -> None:
+    """Otherwise a streaming client that leaves mid-answer would keep its slot in vLLM's running batch until
+    max_tokens, generating for nobody."""
+    _leaves_mid_answer(server, vllm_model, stream=True)

@@ -30,7 +30,16 @@ if TYPE_CHECKING:
 ENGINES = ("ours", "vllm")
 DEFAULT_ENGINE = "ours"
 
-__all__ = ["DEFAULT_ENGINE", "ENGINES", "AsyncEngine", "Engine", "TextDeltas", "check_engine", "eos_ids"]
+__all__ = [
+    "DEFAULT_ENGINE",
+    "ENGINES",
+    "AsyncEngine",
+    "AsyncTextStream",
+    "Engine",
+    "TextDeltas",
+    "check_engine",
+    "eos_ids",
+]
 
 
 @runtime_checkable
@@ -81,8 +90,24 @@ class AsyncEngine(Protocol):
     async def agenerate(self, image: ImageInput, prompt: str, options: GenerationOptions) -> list[Generation]:
         """One request's generations; cancelling the awaiting task aborts the request in the engine."""
 
-    def astream(self, image: ImageInput, prompt: str, options: GenerationOptions) -> AsyncIterator[str]:
-        """Text deltas as they come; closing the iterator early aborts the request in the engine."""
+    def astream(self, image: ImageInput, prompt: str, options: GenerationOptions) -> AsyncTextStream:
+        """One request streamed: text deltas as they come, then its `Generation` as `result`."""
+
+
+@runtime_checkable
+class AsyncTextStream(Protocol):
+    """What `AsyncEngine.astream` returns: `await open()` sends the request (a refusal raises here, before any
+    text); `async for delta in stream` gives text deltas whose join is `agenerate`'s text; after the last one
+    `result` is the `Generation` (tokens, score), as `agenerate` gives it. `aclose()`, or cancelling the task that
+    reads it, aborts the request in the engine."""
+
+    result: Generation | None
+
+    async def open(self) -> None: ...
+
+    def __aiter__(self) -> AsyncIterator[str]: ...
+
+    async def aclose(self) -> None: ...
 
 
 def check_engine(engine: str) -> str:

@@ -45,7 +45,7 @@ from ..config import Blip2Config, VisionConfig
 from ..defaults import BATCH_SIZE
 from ..errors import Blip2Error, CheckpointError, ConfigError, GenerationError
 from ..pipeline import Blip2, Generation, GenerationOptions, ImageInput
-from ..processing import ImageTransform, load_image, vqa_prompt
+from ..processing import ImageTransform, load_image
 from . import TextDeltas, eos_ids
 
 PYTHON_ENV = "BLIP2_VLLM_PYTHON"  # the Python that has vLLM
@@ -365,10 +365,9 @@ class VllmBlip2:
     def _generations(self, answer: dict[str, Any]) -> list[Generation]:
         out = []
         for choice in sorted(answer["choices"], key=lambda c: c["index"]):
-            kept = [t for t in choice["token_ids"] if t not in self.specials]
-            text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
-            score = sum(lp["logprob"] for lp in (choice.get("logprobs") or {}).get("content") or [])
-            out.append(Generation(text=text, tokens=kept, score=float(score)))
+            whole = StreamedAnswer(self.tokenizer)  # a whole answer is one chunk
+            whole.add(choice, deltas=False)
+            out.append(whole.generation())
         return out
 
     def _error(self, status: int, text: str) -> Blip2Error:
@@ -398,6 +397,9 @@ class VllmBlip2:
         return self._generations(r.json())
 
     # ---- Blip2's calls -----------------------------------------------------------------------------------------
+    caption_prompt = Blip2.caption_prompt  # the prompts come from the checkpoint's config alone, as ours
+    question_prompt = Blip2.question_prompt
+
     def generate(
         self,
         images: Sequence[ImageInput],
@@ -426,13 +428,6 @@ class VllmBlip2:
     caption = Blip2.caption  # the same tasks as our engine, over this engine's `generate` and prompts
     ask = Blip2.ask
 
-    def caption_prompt(self, prompt: str | None = None) -> str:
-        """BLIP-2 (the only family vLLM runs) captions from the image alone, or continues `prompt`."""
-        return prompt or ""
-
-    def question_prompt(self, question: str) -> str:
-        return vqa_prompt(question)
-
     def chat(self, image: ImageInput, **kwargs: Any) -> Any:
         raise ConfigError("engine 'vllm' does not chat (a chat keeps its cache between turns); use engine 'ours'")
 
@@ -443,18 +438,18 @@ class VllmBlip2:
         import httpx
 
         opts = _single(replace(options or GenerationOptions(), **gen))
-        body = self.request(image, prompt or "", opts, stream=True)
-        deltas = TextDeltas(self.tokenizer)
+        body = self.request(image, self.caption_prompt(prompt), opts, stream=True)
+        answer = StreamedAnswer(self.tokenizer)
         try:
             with httpx.stream("POST", self.url + "/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT_S) as r:
                 if r.status_code != 200:
                     raise self._error(r.status_code, r.read().decode("utf-8", "replace"))
-                for ids in _sse_token_ids(r.iter_lines()):
-                    if delta := deltas.add(ids):
+                for choice in _sse_choices(r.iter_lines()):
+                    if delta := answer.add(choice):
                         yield delta
         except httpx.HTTPError as e:
             raise self._lost(e) from e
-        if rest := deltas.finish():
+        if rest := answer.finish():
             yield rest
 
     # ---- for servers: one request at a time, continuously batched by vLLM ---------------------------------------
@@ -468,36 +463,106 @@ class VllmBlip2:
         return self._async[loop]
 
     async def agenerate(self, image: ImageInput, prompt: str, options: GenerationOptions) -> list[Generation]:
-        """One request's generations. Cancelling the task closes its connection, and vLLM aborts the request."""
+        """One request's generations. They are streamed from vLLM and gathered here: vLLM aborts a streamed request
+        whose connection closes (a non-streamed one runs on to its end), so cancelling the task frees its slot."""
         import httpx
 
-        body = await asyncio.to_thread(self.request, image, prompt, options)
-        try:
-            r = await self._client().post("/v1/chat/completions", json=body)
-        except httpx.HTTPError as e:
-            raise self._lost(e) from e
-        if r.status_code != 200:
-            raise self._error(r.status_code, r.text)
-        return self._generations(r.json())
-
-    async def astream(self, image: ImageInput, prompt: str, options: GenerationOptions) -> AsyncIterator[str]:
-        """Text deltas as vLLM produces them; closing the iterator early aborts the request in vLLM."""
-        import httpx
-
-        body = await asyncio.to_thread(self.request, image, prompt, _single(options), True)
-        deltas = TextDeltas(self.tokenizer)
+        body = await asyncio.to_thread(self.request, image, prompt, options, True)
+        answers: dict[int, StreamedAnswer] = {}
         try:
             async with self._client().stream("POST", "/v1/chat/completions", json=body) as r:
                 if r.status_code != 200:
                     raise self._error(r.status_code, (await r.aread()).decode("utf-8", "replace"))
                 async for line in r.aiter_lines():
-                    for ids in _sse_token_ids([line]):
-                        if delta := deltas.add(ids):
-                            yield delta
+                    for choice in _sse_choices([line]):
+                        answers.setdefault(choice["index"], StreamedAnswer(self.tokenizer)).add(choice, deltas=False)
         except httpx.HTTPError as e:
             raise self._lost(e) from e
-        if rest := deltas.finish():
+        return [answers[i].generation() for i in sorted(answers)]
+
+    def astream(self, image: ImageInput, prompt: str, options: GenerationOptions) -> VllmStream:
+        """Text deltas as vLLM produces them (`async for`), then `result`; `aclose()` aborts the request in vLLM."""
+        return VllmStream(self, image, prompt, options)
+
+
+class StreamedAnswer:
+    """One choice of vLLM's answer, chunk by chunk (a non-streamed answer is one chunk): its text deltas
+    (`TextDeltas`), and at the end its `Generation` (special tokens dropped, the chosen tokens' log-probabilities
+    summed as the score)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.deltas = TextDeltas(tokenizer)
+        self.specials = set(tokenizer.all_special_ids)
+        self.tokens: list[int] = []
+        self.score = 0.0
+
+    def add(self, choice: dict[str, Any], deltas: bool = True) -> str:
+        """The chunk's new text ("" when none is certain yet, or without `deltas`)."""
+        ids = choice.get("token_ids") or []
+        self.tokens += [t for t in ids if t not in self.specials]
+        self.score += sum(lp["logprob"] for lp in (choice.get("logprobs") or {}).get("content") or [])
+        return self.deltas.add(ids) if ids and deltas else ""
+
+    def finish(self) -> str:
+        return self.deltas.finish()
+
+    def generation(self) -> Generation:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()  # as `Blip2.decode`
+        return Generation(text=text, tokens=self.tokens, score=float(self.score))
+
+
+class VllmStream:
+    """One generation streamed from vLLM, for servers.
+
+    `await open()` sends the request (what vLLM refuses at once raises here, before any text); `async for delta in
+    stream` gives the text deltas as vLLM produces them, joined equal to `agenerate`'s text; after the last one
+    `result` is the `Generation` (as `agenerate`'s: tokens, score). `aclose()`, or cancelling the task that reads the
+    stream, closes its connection, and vLLM aborts the request (its slot in the batch is free at the next step)."""
+
+    def __init__(self, engine: VllmBlip2, image: ImageInput, prompt: str, options: GenerationOptions) -> None:
+        self.result: Generation | None = None
+        self._opened = False
+        self._chunks = self._run(engine, image, prompt, _single(options))
+
+    async def _run(
+        self, engine: VllmBlip2, image: ImageInput, prompt: str, options: GenerationOptions
+    ) -> AsyncIterator[str | None]:
+        import httpx
+
+        body = await asyncio.to_thread(engine.request, image, prompt, options, True)
+        answer = StreamedAnswer(engine.tokenizer)
+        try:
+            async with engine._client().stream("POST", "/v1/chat/completions", json=body) as r:
+                if r.status_code != 200:
+                    raise engine._error(r.status_code, (await r.aread()).decode("utf-8", "replace"))
+                yield None  # open
+                async for line in r.aiter_lines():
+                    for choice in _sse_choices([line]):
+                        if delta := answer.add(choice):
+                            yield delta
+        except httpx.HTTPError as e:
+            raise engine._lost(e) from e
+        if rest := answer.finish():
             yield rest
+        self.result = answer.generation()
+
+    async def open(self) -> None:
+        if not self._opened:
+            self._opened = True
+            await self._chunks.__anext__()
+
+    def __aiter__(self) -> VllmStream:
+        return self
+
+    async def __anext__(self) -> str:
+        await self.open()
+        delta = await self._chunks.__anext__()
+        assert delta is not None
+        return delta
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
 
 
 def _single(opts: GenerationOptions) -> GenerationOptions:
@@ -506,17 +571,15 @@ def _single(opts: GenerationOptions) -> GenerationOptions:
     return opts
 
 
-def _sse_token_ids(lines: Any) -> Iterator[list[int]]:
-    """The token ids of each `data:` chunk of vLLM's stream (an error chunk raises `Blip2Error`)."""
+def _sse_choices(lines: Any) -> Iterator[dict[str, Any]]:
+    """The choices of each `data:` chunk of vLLM's stream (an error chunk raises `Blip2Error`)."""
     for line in lines:
         if not line.startswith("data:") or line.strip() == "data: [DONE]":
             continue
         chunk = json.loads(line[5:])
         if "error" in chunk:
             raise Blip2Error(f"vLLM failed mid-stream: {chunk['error'].get('message', chunk['error'])}")
-        for choice in chunk.get("choices") or []:
-            if choice.get("token_ids"):
-                yield choice["token_ids"]
+        yield from chunk.get("choices") or []
 
 
 def load(

@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ class State:
     model: Any = None
     counter: Any = None  # a private tokenizer copy for counting, so the worker thread's tokenizer is never shared
     eos_ids: set[int] = field(default_factory=set)
-    batcher: MicroBatcher | None = None
+    batcher: MicroBatcher | Continuous | None = None
 
 
 def load_in_background(state: State, loader: Callable[[], Any], on_error: Callable[[BaseException], None]) -> None:
@@ -249,19 +250,14 @@ def open_stream(model: Any, image: Any, prompt: str, options: Any) -> Any:
     return model.stream(image, prompt, options)
 
 
-async def stream_chat(
-    state: State, image: Any, prompt: str, options: Any, prompt_tokens: int, include_usage: bool
-) -> StreamingResponse:
-    """One answer streamed token by token. It runs alone in the batcher's worker thread, in arrival order with the
-    batched requests; a client that goes away cancels it (not started: dropped; started: stopped at the next step),
+def stream_in_worker(
+    state: State, image: Any, prompt: str, options: Any, put: Callable[..., None]
+) -> Callable[[], None]:
+    """`Continuous.submit_stream` for our engine: the stream runs alone in the micro-batcher's worker thread, in
+    arrival order with the batched requests; cancelling drops it if not started, else stops it at the next step,
     which frees the worker."""
-    loop = asyncio.get_running_loop()
-    items: asyncio.Queue = asyncio.Queue()  # ("start" | "piece" | "end" | "error", value), from the worker thread
     opened: list[Any] = []  # the stream, once open
     cancelled = threading.Event()
-
-    def put(kind: str, value: Any = None) -> None:
-        loop.call_soon_threadsafe(items.put_nowait, (kind, value))
 
     def run() -> None:  # the worker thread
         try:
@@ -276,22 +272,40 @@ async def stream_chat(
         except Exception as e:  # noqa: BLE001 - answered to its client
             put("error", e)
 
+    future = state.batcher.submit_alone(run)
+
+    def failed(f: asyncio.Future) -> None:  # e.g. the server stopping before the call ran
+        if not f.cancelled() and f.exception() is not None:
+            put("error", f.exception())
+
+    future.add_done_callback(failed)
+
     def cancel() -> None:
         cancelled.set()
         future.cancel()
         for stream in opened:
             stream.cancel()
 
+    return cancel
+
+
+async def stream_chat(
+    state: State, image: Any, prompt: str, options: Any, prompt_tokens: int, include_usage: bool
+) -> StreamingResponse:
+    """One answer streamed token by token, with either engine: ours streams it in the micro-batcher's worker
+    (`stream_in_worker`), vLLM as it adds its tokens to the running batch (`Continuous.submit_stream`). A client that
+    goes away cancels it (ours: dropped, or stopped at the next step; vLLM: the request is aborted)."""
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue = asyncio.Queue()  # ("start" | "piece" | "end" | "error", value), from any thread
+
+    def put(kind: str, value: Any = None) -> None:
+        loop.call_soon_threadsafe(items.put_nowait, (kind, value))
+
+    start = state.batcher.submit_stream if isinstance(state.batcher, Continuous) else partial(stream_in_worker, state)
     try:
-        future = state.batcher.submit_alone(run)
+        cancel = start(image, prompt, options, put)
     except QueueFull as e:
         raise api_error(e) from e
-
-    def failed(f: asyncio.Future) -> None:  # e.g. the server stopping before the call ran
-        if not f.cancelled() and f.exception() is not None:
-            items.put_nowait(("error", f.exception()))
-
-    future.add_done_callback(failed)
     kind, value = await items.get()
     if kind == "error":  # before any text: an HTTP error status
         raise api_error(value)
@@ -363,7 +377,7 @@ def add_routes(app: FastAPI, state: State, auth: list[Any]) -> None:
         prompt_tokens = m.config.num_query_tokens + count_tokens(state, prompt)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         one_sequence = options.num_return_sequences == 1 and options.num_beams == 1
-        if body.stream and one_sequence and isinstance(state.batcher, MicroBatcher):  # vLLM's path: one chunk so far
+        if body.stream and one_sequence:
             return await stream_chat(state, image, prompt, options, prompt_tokens, include_usage)
         gens = await run_generation(state, image, prompt, options, request)
         reasons = [finish_reason(g, options, state.eos_ids) for g in gens]
