@@ -47,6 +47,7 @@ def page(server):
 
 def test_caption_chat_and_error(page, server, images: dict[str, Path]) -> None:
     expect = sync_api.expect
+    expect.set_options(timeout=60_000)  # a loaded CI machine may take more than the default 5 s per answer
     page.set_input_files("#file", str(images["rgb"]))
     expect(page.locator("#preview")).to_be_visible()
     expect(page.locator("#caption-btn")).to_be_enabled()
