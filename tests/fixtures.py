@@ -191,7 +191,8 @@ def _qformer_config(**extra: object) -> Blip2QFormerConfig:
 
 
 # vLLM's CPU attention takes head sizes of 32 and up: a 2-head OPT of width 64.
-VLLM_OPT = {"hidden_size": 64, "word_embed_proj_dim": 64, "num_attention_heads": 2}
+# the widths vLLM's CPU attention accepts, and room for answers long enough to leave in the middle of
+VLLM_OPT = {"hidden_size": 64, "word_embed_proj_dim": 64, "num_attention_heads": 2, "max_position_embeddings": 2048}
 
 
 def tiny_opt_config(vocab_size: int, **overrides: object) -> OPTConfig:
@@ -313,10 +314,7 @@ def make_opt_checkpoint(
     tokenizer = make_opt_tokenizer(folder)
     text_config = tiny_opt_config(
         _round8(len(tokenizer)),
-        max_position_embeddings=512,
-        eos_token_id=newline_id(tokenizer),
-        prefix="</s>",
-        **(text or {}),
+        **{"max_position_embeddings": 512, "eos_token_id": newline_id(tokenizer), "prefix": "</s>", **(text or {})},
     )
     config = Blip2Config(
         vision_config=_vision_config(image_size),

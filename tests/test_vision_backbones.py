@@ -142,7 +142,8 @@ def test_cli_captions_with_a_tower_model(tmp_path):
     images = fixtures.make_images(tmp_path / "imgs")
     expected = blip2.load(tmp_path / "m", device="cpu", dtype="fp32").caption(images["rgb"], max_new_tokens=5)
     out = CliRunner().invoke(
-        main, ["caption", str(images["rgb"]), "--model", str(tmp_path / "m"), "--max-new-tokens", "5"]
+        main,
+        ["caption", str(images["rgb"]), "--model", str(tmp_path / "m"), "--dtype", "fp32", "--max-new-tokens", "5"],
     )
     assert out.exit_code == 0, out.output
     assert expected.strip() in out.output

@@ -191,6 +191,7 @@ class VllmServer:
         overrides: dict[str, Any] | None = None,
         args: Sequence[str] = (),
         timeout_s: float = START_TIMEOUT_S,
+        max_model_len: int = 2048,
     ) -> None:
         self.folder = folder
         self.port = _free_port()
@@ -206,7 +207,8 @@ class VllmServer:
             "--dtype", dtype, "--seed", "0",
             "--hf-overrides", json.dumps(overrides or {}),
             "--chat-template", str(template), "--chat-template-content-format", "string",
-            "--max-model-len", "512", "--max-num-batched-tokens", "1024",
+            # a whole context (queries, prompt and answer) as the LM's positions allow; one step's tokens at least that
+            "--max-model-len", str(max_model_len), "--max-num-batched-tokens", str(max(1024, max_model_len)),
             "--skip-mm-profiling",  # else start-up runs the vision tower on many dummy images
             "--limit-mm-per-prompt", json.dumps({"image": 1}),
             "--disable-uvicorn-access-log",
@@ -312,7 +314,12 @@ class VllmBlip2:
         gen_config = GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").is_file() else None
         self.eos_ids = eos_ids(self.tokenizer, gen_config)
         self.specials = set(self.tokenizer.all_special_ids)
-        self.server = None if url else VllmServer(folder, find_python(python), VLLM_DTYPES[dtype], overrides, args)
+        positions = getattr(self._config.text_config, "max_position_embeddings", None) or 2048
+        self.server = (
+            None
+            if url
+            else VllmServer(folder, find_python(python), VLLM_DTYPES[dtype], overrides, args, max_model_len=positions)
+        )
         self.url = url.rstrip("/") if url else self.server.url
         self.served = str(folder) if url is None else self._served_name()
         self.device = torch.device("cpu")  # where this process keeps images; vLLM picks its own device
