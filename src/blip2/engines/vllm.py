@@ -170,10 +170,16 @@ def _free_port() -> int:
 
 # Runs vLLM's server as its child and stops it when its stdin closes, i.e. when the process that started it is gone
 # however it ended (kill -9 included). (PR_SET_PDEATHSIG would follow the starting *thread*, and the server loads its
-# model in a thread that ends once loaded.)
+# model in a thread that ends once loaded.) The watchdog's one thread also sets it on the server, so that the server
+# stops if the watchdog itself is killed (Ray kills a finished actor's whole process group).
 WATCHDOG = (
-    "import subprocess, sys\n"
-    "p = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL)\n"
+    "import ctypes, signal, subprocess, sys\n"
+    "def orphaned_stops():\n"
+    "    try:\n"
+    "        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "    except (OSError, AttributeError):\n"
+    "        pass  # not Linux: the pipe alone stops it\n"
+    "p = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, preexec_fn=orphaned_stops)\n"
     "sys.stdin.read()\n"
     "p.terminate()\n"
     "sys.exit(p.wait())\n"
