@@ -29,7 +29,7 @@ def _head_products(m, imgs, prompts, **gen) -> set[str]:
     vocab = m.model.language_model.get_output_embeddings().weight.shape[0]
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         m.generate(imgs, prompts, max_new_tokens=2, **gen)
-    products = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm")
+    products = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "mkldnn::_linear_pointwise")
     return {e.name for e in prof.events() if e.name in products and any(vocab in s for s in e.input_shapes if s)}
 
 

@@ -8,8 +8,17 @@ from click.testing import CliRunner
 from torch import nn
 
 import blip2
+from blip2 import pipeline
 from blip2.cli import main
-from blip2.quant import INT8_FP32_MIN_POSITIONS, Int8Linear, StoredEmbedding, StoredLinear, quantized_bytes
+from blip2.quant import (
+    INT8_FP32_MIN_POSITIONS,
+    Int8Linear,
+    PackedLinear,
+    StoredEmbedding,
+    StoredLinear,
+    can_pack,
+    quantized_bytes,
+)
 
 
 def _pair(folder):
@@ -269,3 +278,58 @@ def test_bf16_load_sums_in_fp32_only_where_the_cpu_lacks_bf16(opt_ckpt, images, 
     assert m.model.state_dict().keys() == ref.model.state_dict().keys()  # saving sees the same model
     a, b = _lm_logits(m, images).float(), _lm_logits(ref, images).float()
     assert (a - b).abs().max() <= 0.05 * b.abs().max()
+
+
+needs_onednn = pytest.mark.skipif(not can_pack(), reason="this PyTorch has no oneDNN prepacked linear")
+
+
+@needs_onednn
+def test_packed_linear_is_the_bf16_product_bit_for_bit():
+    """If this fails, prepacking changes the answers of dtype="bf16" instead of only their speed."""
+    torch.manual_seed(0)
+    base = nn.Linear(64, 96).bfloat16()
+    packed = PackedLinear(base)
+    for x in (torch.randn(1, 64), torch.randn(7, 64), torch.randn(3, 5, 64), torch.randn(4, 9, 64)[:, -1:]):
+        x = x.bfloat16()
+        with torch.no_grad():
+            assert torch.equal(packed(x), base(x)), x.shape
+    assert torch.equal(packed.weight, base.weight)  # unpacked on demand
+
+
+@needs_onednn
+def test_packed_linear_saves_loads_and_trains_as_a_linear():
+    """If this fails, a model loaded with packed layers saves without its weights, cannot take a state dict, or
+    breaks under gradients."""
+    torch.manual_seed(0)
+    base = nn.Linear(32, 16).bfloat16()
+    packed = PackedLinear(base)
+    sd = packed.state_dict()
+    assert set(sd) == {"weight", "bias"} and torch.equal(sd["weight"], base.weight)
+    other = nn.Linear(32, 16).bfloat16()
+    packed.load_state_dict(other.state_dict())
+    x = torch.randn(3, 32).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(packed(x), other(x))
+    x.requires_grad_(True)
+    packed(x).float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad.float()).all()
+
+
+@needs_onednn
+def test_bf16_load_packs_and_gives_the_same_answers(opt_ckpt, images, monkeypatch):
+    """If this fails, a bf16 load on a CPU where packing measures faster answers differently from the plain bf16
+    layers, or keeps both copies of the weights."""
+    monkeypatch.setenv("BLIP2_CPU_BF16", "1")  # native bf16 by the flags: every kind packed
+    imgs = [images["rgb"], images["large"]]
+    prompts = ["", "Question: what is it? Answer:"]
+    packed = blip2.load(opt_ckpt, device="cpu", dtype="bf16")
+    assert sum(isinstance(m, PackedLinear) for m in packed.model.modules()) > 10
+    monkeypatch.setattr(pipeline, "pack_bf16", lambda m: 0)
+    plain = blip2.load(opt_ckpt, device="cpu", dtype="bf16")
+    assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
+    got = packed.generate(imgs, prompts, max_new_tokens=6)
+    want = plain.generate(imgs, prompts, max_new_tokens=6)
+    assert [g.tokens for g in got] == [g.tokens for g in want]
+    head = plain.model.language_model.get_output_embeddings().weight
+    # the same bytes, but the output head's packed copy beside the input embeddings it is tied to
+    assert quantized_bytes(packed.model) - quantized_bytes(plain.model) <= head.numel() * head.element_size()

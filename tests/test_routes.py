@@ -33,21 +33,23 @@ AVX2_LIKE = timings(
     {
         "fp32": [10, 12, 14, 20, 30, 40],
         "bf16": [9, 20, 45, 90, 180, 270],  # emulated: fast at one row only
+        "bf16 packed": [8, 19, 44, 89, 179, 269],  # faster, but these layers are widened from 4 rows: not packed
         "bf16 widened to fp32": [15, 16, 21, 25, 31, 38],
         "int8": [5, 8, 15, 40, 80, 110],
         "int8 widened to fp32": [12, 13, 19, 24, 30, 37],
     },
-    {"fp32": 97, "bf16": 494, "bf16 widened to fp32": 82},
+    {"fp32": 97, "bf16": 494, "bf16 packed": 490, "bf16 widened to fp32": 82},
 )
 AMX_LIKE = timings(
     {
         "fp32": [10, 12, 14, 20, 30, 40],
         "bf16": [5, 6, 7, 8, 9, 10],  # native bf16 beats everything
+        "bf16 packed": [3, 4, 5, 7, 8, 9],  # and prepacked weights beat it at every row count
         "bf16 widened to fp32": [15, 16, 21, 25, 31, 38],
         "int8": [3, 4, 6, 12, 20, 30],
         "int8 widened to fp32": [12, 13, 19, 24, 30, 37],
     },
-    {"fp32": 97, "bf16": 20, "bf16 widened to fp32": 82},
+    {"fp32": 97, "bf16": 20, "bf16 packed": 18, "bf16 widened to fp32": 82},
 )
 
 
@@ -59,13 +61,23 @@ def test_each_kind_takes_the_faster_measured_route():
     amx = routes.choose(AMX_LIKE).kernels
     assert amx.bf16_lm == amx.bf16_vision == NEVER and not amx.widens_bf16
     assert amx.int8_lm == NEVER and amx.int8_vision == NEVER  # the int8 kernel everywhere; vision on native bf16
+    assert amx.bf16_packed_lm and amx.bf16_packed_vision  # prepacked: faster at every row count measured
+    assert not avx2.bf16_packed_lm and not avx2.bf16_packed_vision  # widened layers are not packed
+
+
+def test_packing_must_win_at_every_row_count():
+    """Prepacking that loses at some row count (a decoding batch, say) is not chosen for that kind of layer."""
+    lm = {n: [10] * 6 for n in LM_NAMES} | {"bf16 widened to fp32": [99] * 6, "bf16 packed": [5, 5, 5, 11, 5, 5]}
+    t = timings(lm, {"fp32": 9, "bf16": 5, "bf16 packed": 4, "bf16 widened to fp32": 9})
+    k = routes.choose(t).kernels
+    assert not k.bf16_packed_lm and k.bf16_packed_vision
 
 
 def test_widening_must_win_at_every_larger_row_count():
     """A route that wins at one row count by noise but loses above it does not set the threshold."""
     t = timings(
         {n: [10, 10, 10, 10, 10, 10] for n in LM_NAMES} | {"int8 widened to fp32": [20, 5, 20, 5, 5, 5]},
-        {"fp32": 1, "bf16": 1, "bf16 widened to fp32": 1},
+        {"fp32": 1, "bf16": 1, "bf16 packed": 1, "bf16 widened to fp32": 1},
     )
     assert routes.choose(t).kernels.int8_lm == 16
 

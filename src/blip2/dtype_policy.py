@@ -9,7 +9,8 @@
   it applies to fp16 only: in bf16 they are bf16 like the rest);
 * dtype "int8" (weight-only quantization, quant.py): the arithmetic stays fp32 on a CPU, fp16 on a GPU;
 * dtype bf16 on a CPU: the bf16 layers sum in fp32 on widened weights where the measurement says that pays
-  (`quant.bf16_sums_in_fp32`; without bf16 instructions PyTorch emulates bf16 GEMMs at a fifth of the fp32 speed).
+  (`quant.bf16_sums_in_fp32`; without bf16 instructions PyTorch emulates bf16 GEMMs at a fifth of the fp32 speed);
+  where no layer is widened, their weights are prepacked for oneDNN where that measures faster (`quant.pack_bf16`).
   The CPU kernels of every layer kind are installed before the model is built (`quant.use_kernels`).
 
 `placement(device, dtype)` applies all of these to a user's two strings; the loaders, the pipeline and the trainer
@@ -54,6 +55,7 @@ class Placement:
     dtype: torch.dtype  # of the arithmetic, and of every layer that `quantize` leaves alone
     quantize: str | None = None  # a quant.SCHEMES name: the layers it names are converted while loading
     bf16_sums_in_fp32: bool = False  # apply `quant.bf16_sums_in_fp32` after loading
+    pack_bf16: bool = False  # apply `quant.pack_bf16` after loading (the kinds `quant.active_kernels()` names)
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -123,8 +125,11 @@ def placement(device: str | torch.device = "auto", dtype: str | torch.dtype = "a
 
     routes = cpu_routes()  # measured on this machine (cached), or decided by an environment override
     use_kernels(routes.kernels)
+    k = routes.kernels
+    packs = k.bf16_packed_lm or k.bf16_packed_vision
     if dtype == "auto":
-        return Placement(dev, *AUTO_ROUTES[routes.auto])
+        arithmetic, scheme, sums = AUTO_ROUTES[routes.auto]
+        return Placement(dev, arithmetic, scheme, sums, packs and arithmetic == torch.bfloat16 and not sums)
     if dtype in SCHEMES:
         return Placement(dev, torch.float32, dtype)
-    return Placement(dev, torch.bfloat16, None, routes.kernels.widens_bf16)
+    return Placement(dev, torch.bfloat16, None, k.widens_bf16, packs and not k.widens_bf16)

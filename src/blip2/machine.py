@@ -98,12 +98,13 @@ def kernels(
     k: int, n: int, rows: tuple[int, ...] = ROWS, names: tuple[str, ...] | None = None
 ) -> dict[int, dict[str, float]]:
     """Milliseconds per product of each route (or of those in `names`) for an (n, k) weight at each row count."""
-    from .quant import _widened_mm
+    from .quant import _pack, _widened_mm, can_pack
 
     w = torch.randn(n, k)
     scale = w.abs().amax(1) / 127
     wq = (w / scale[:, None]).round().to(torch.int8)
     wb, sb = w.bfloat16(), scale.bfloat16()
+    wp = _pack(wb) if can_pack() else None
     out: dict[int, dict[str, float]] = {}
     for m in rows:
         x = torch.randn(m, k)
@@ -111,6 +112,10 @@ def kernels(
         routes = {
             "fp32": lambda x=x: F.linear(x, w),
             "bf16": lambda xb=xb: F.linear(xb, wb),
+            # without oneDNN there is nothing to prepack: the plain product stands in (never faster, never chosen)
+            "bf16 packed": lambda xb=xb: (
+                torch.ops.mkldnn._linear_pointwise(xb, wp, None, "none", [], "") if wp is not None else F.linear(xb, wb)
+            ),
             "bf16 widened to fp32": lambda x=x: _widened_mm(x, wb, None, None),
             "int8": lambda xb=xb: torch._weight_int8pack_mm(xb, wq, sb),
             "int8 widened to fp32": lambda x=x: _widened_mm(x, wq, scale, None),
@@ -134,7 +139,9 @@ def report(
     measured = measured_routes(recalibrate)
     in_use = cpu_routes()
     k, n = LM
-    weight_bytes = {"fp32": 4, "bf16": 2, "bf16 widened to fp32": 2, "int8": 1, "int8 widened to fp32": 1}
+    weight_bytes = {"fp32": 4, "int8": 1, "int8 widened to fp32": 1} | dict.fromkeys(
+        ("bf16", "bf16 packed", "bf16 widened to fp32"), 2
+    )
     times = measured.timings["lm"]
     read = {m: {r: weight_bytes[r] * k * n / (ms / 1e3) / 1e9 for r, ms in t.items()} for m, t in times.items()}
     return {
@@ -152,6 +159,10 @@ def report(
         "measured": measured.as_dict(),
         "in_use": in_use.as_dict(),
     }
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
 
 
 def _threshold(n: int) -> str:
@@ -181,7 +192,8 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(
             f"routes     {title} ({rt['source']}): widened to fp32: bf16 LM {_threshold(k['bf16_lm'])}, bf16 vision "
             f"{_threshold(k['bf16_vision'])}, int8 LM {_threshold(k['int8_lm'])}, int8 vision "
-            f"{_threshold(k['int8_vision'])}; dtype auto = {rt['auto']}"
+            f"{_threshold(k['int8_vision'])}; bf16 prepacked: LM {_yes(k['bf16_packed_lm'])}, vision "
+            f"{_yes(k['bf16_packed_vision'])}; dtype auto = {rt['auto']}"
         )
     for name, ms in routes["caption_ms"].items():
         may = "may be picked by auto" if routes["allowed"][name] else "not for auto (route_quality)"

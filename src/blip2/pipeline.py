@@ -44,7 +44,7 @@ from .dtype_policy import placement
 from .errors import ConfigError, GenerationError
 from .model import Blip2Model, sequence_scores
 from .processing import QFORMER_TEXT_TOKENS, ImageTransform, chat_prompt, load_image, vqa_prompt
-from .quant import bf16_sums_in_fp32
+from .quant import bf16_sums_in_fp32, pack_bf16
 from .scoring import itc_similarity, itm_logits, match_probability
 from .streaming import TextStream
 
@@ -444,6 +444,8 @@ def load(
     m.compile_decoding = compile
     if where.bf16_sums_in_fp32:
         bf16_sums_in_fp32(m)  # same arithmetic as the emulated bf16 kernel, faster (quant.StoredLinear, docs/dtypes.md)
+    if where.pack_bf16 and not compile:  # a compiled graph prepacks its own weights
+        pack_bf16(m)  # the same products, bit for bit, without a reorder of each weight per call (quant.PackedLinear)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:

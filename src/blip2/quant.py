@@ -61,6 +61,9 @@ class Kernels:
     int8_lm: int = INT8_FP32_MIN_POSITIONS  # dtype="int8": the LM's int8 layers; below, `_weight_int8pack_mm`
     int8_vision: int = 0  # dtype="int8": the vision encoder's bf16-stored layers (fp32 activations); below, bf16
 
+    bf16_packed_lm: bool = False  # dtype="bf16", layers never widened: weights prepacked for oneDNN (`PackedLinear`)
+    bf16_packed_vision: bool = False
+
     @property
     def widens_bf16(self) -> bool:
         """Whether any bf16 layer of a `dtype="bf16"` model takes the widened route (`bf16_sums_in_fp32` applies)."""
@@ -305,12 +308,88 @@ def bf16_sums_in_fp32(model: nn.Module, kernels: Kernels | None = None) -> None:
     _swap(model, make)
 
 
+class PackedLinear(nn.Module):
+    """A bf16 linear layer for CPU inference whose weight is reordered once, at load, into oneDNN's blocked layout.
+
+    `F.linear` on a plain bf16 weight makes oneDNN reorder the weight at every call: a pass over all of it, which
+    is most of a decoding step's cost (one row reads the weight once anyway). On the prepacked weight the product
+    is the same arithmetic, bit for bit, at any row count (`tests/test_quant.py`), 2-4x faster at 1-8 rows on
+    AVX512-BF16 CPUs (`bench/matmul.py`). The plain weight is dropped (kept only by a module it is tied to, such as
+    the input embeddings of a tied output head); `weight` and the state dict give it back, unpacked. With gradients
+    the layer multiplies the unpacked weight, so it stays differentiable."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = linear.bias
+        self.packed = _pack(linear.weight.detach())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.packed.to_dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            return F.linear(x, self.weight.to(x.dtype), self.bias)
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.weight
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        if prefix + "weight" in state_dict:
+            self.packed = _pack(state_dict[prefix + "weight"].to(torch.bfloat16))
+        rest = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
+        super()._load_from_state_dict(rest, prefix, *args)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 prepacked for oneDNN"
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)  # the row hint does not change the layout
+
+
+def can_pack() -> bool:
+    """Whether this PyTorch has oneDNN's prepacked linear (CPU builds with MKL-DNN)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def pack_bf16(model: nn.Module, kernels: Kernels | None = None) -> int:
+    """Make the bf16 linear layers of a loaded CPU model `PackedLinear`s: the vision encoder's if
+    `kernels.bf16_packed_vision`, every other one (Q-Former, language model, its head) if `kernels.bf16_packed_lm`
+    (default: `active_kernels()`). Returns how many were packed. One layer at a time: memory grows by one layer's
+    weight at most, and by a tied head's packed copy."""
+    k = kernels or _active
+    if not can_pack():
+        return 0
+    vision = set(map(id, model.vision_model.modules())) if hasattr(model, "vision_model") else set()
+    count = 0
+
+    def make(m: nn.Module) -> nn.Module | None:
+        nonlocal count
+        if type(m) is not nn.Linear or m.weight.dtype != torch.bfloat16 or m.weight.device.type != "cpu":
+            return None
+        if not (k.bf16_packed_vision if id(m) in vision else k.bf16_packed_lm):
+            return None
+        count += 1
+        return PackedLinear(m)
+
+    _swap(model, make)
+    return count
+
+
 def quantized_bytes(model: nn.Module | torch.Tensor) -> int:
-    """Bytes held by a tensor, or by a module's parameters and buffers (each shared tensor once)."""
+    """Bytes held by a tensor, or by a module's parameters, buffers and prepacked weights (each shared tensor once)."""
     tensors = [model] if isinstance(model, torch.Tensor) else [*model.parameters(), *model.buffers()]
     seen, total = set(), 0
     for t in tensors:
         if t.device.type != "meta" and t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
+    if isinstance(model, nn.Module):
+        total += sum(m.packed.numel() * m.packed.element_size() for m in model.modules() if isinstance(m, PackedLinear))
     return total

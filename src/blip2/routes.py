@@ -3,11 +3,14 @@
 At the first load that needs a choice (`dtype="auto"`, `"bf16"` or `"int8"` on a CPU) the products each route can
 run are timed on BLIP-2's layer shapes (a few seconds): the vision encoder's fc1 (1408 -> 6144) at 257 rows (one
 image) and the language model's fc1 (2560 -> 10240, OPT-2.7B) at 1-8 rows (decoding), 16-32 and 48 rows (a
-prompt's prefill), in fp32, on PyTorch's bf16 kernel, on bf16 weights widened to fp32 (`quant._widened_mm`), on
-the int8-weight kernel (`_weight_int8pack_mm`) and on int8 weights widened to fp32. From the timings:
+prompt's prefill), in fp32, on PyTorch's bf16 kernel, on bf16 weights prepacked for oneDNN (`quant.PackedLinear`),
+on bf16 weights widened to fp32 (`quant._widened_mm`), on the int8-weight kernel (`_weight_int8pack_mm`) and on int8
+weights widened to fp32. From the timings:
 
 - per kind of layer, the positions per sequence from which the widened route takes over (`quant.Kernels`): the
   fewest rows from which it is faster at every larger row count measured (never, if nowhere);
+- per kind of layer that is never widened, whether its bf16 weights are prepacked: if that is faster than PyTorch's
+  bf16 kernel at every row count measured (the same arithmetic, bit for bit);
 - `auto`: the estimated time of one caption (vision at 257 rows, a 48-position prefill, 20 decoding steps, scaled
   by the products of blip2-opt-2.7b) on each route that `route_quality.allowed` permits; the fastest wins.
 
@@ -38,7 +41,7 @@ from .quant import NEVER, Kernels
 from .route_quality import allowed
 
 ROUTES_ENV = "BLIP2_ROUTES"
-FORMAT = 1  # of the cache file; a new format is a new file name
+FORMAT = 2  # of the cache file; a new format is a new file name
 LM_SHAPE = (2560, 10240)  # in, out: OPT-2.7B's fc1
 VISION_SHAPE = (1408, 6144)  # EVA ViT-g's fc1
 VISION_ROWS = 257  # one image
@@ -48,8 +51,8 @@ PREFILL_ROWS, NEW_TOKENS = 48, 20
 # (1408 x (3 + 1 + 4.36 + 4.36) x 1408) per fc1; 32 OPT layers of q, k, v, out, fc1, fc2 plus the head per fc1
 VISION_PRODUCTS = 39 * (4 * 1408 + 2 * 6144) / 6144
 LM_PRODUCTS = 32 * (4 * 2560 + 2 * 10240) / 10240 + 50272 / 10240
-LM_NAMES = ("fp32", "bf16", "bf16 widened to fp32", "int8", "int8 widened to fp32")
-VISION_NAMES = ("fp32", "bf16", "bf16 widened to fp32")
+LM_NAMES = ("fp32", "bf16", "bf16 packed", "bf16 widened to fp32", "int8", "int8 widened to fp32")
+VISION_NAMES = ("fp32", "bf16", "bf16 packed", "bf16 widened to fp32")
 
 Timings = dict[str, dict[int, dict[str, float]]]  # {"lm" | "vision": {rows: {route name: ms}}}
 
@@ -113,12 +116,17 @@ def choose(timings: Timings, source: str = "measured") -> Routes:
     """The kernels and the auto route that the timings make fastest (see the module's docstring)."""
     lm, vision = timings["lm"], timings["vision"][VISION_ROWS]
     vision_widens = vision["bf16 widened to fp32"] < vision["bf16"]
+    bf16_lm = widen_from(lm, "bf16", "bf16 widened to fp32")
     k = Kernels(
-        bf16_lm=widen_from(lm, "bf16", "bf16 widened to fp32"),
+        bf16_lm=bf16_lm,
         bf16_vision=0 if vision_widens else NEVER,
         int8_lm=widen_from(lm, "int8", "int8 widened to fp32"),
         int8_vision=0 if vision_widens else NEVER,
+        bf16_packed_lm=bf16_lm == NEVER and all(t["bf16 packed"] < t["bf16"] for t in lm.values()),
+        bf16_packed_vision=not vision_widens and vision["bf16 packed"] < vision["bf16"],
     )
+    native_lm = "bf16 packed" if k.bf16_packed_lm else "bf16"
+    native_vision = vision["bf16 packed" if k.bf16_packed_vision else "bf16"]
 
     def caption(v: float, lm_route: Callable[[int], str]) -> float:
         prefill, step = lm[PREFILL_ROWS][lm_route(PREFILL_ROWS)], lm[1][lm_route(1)]
@@ -130,13 +138,13 @@ def choose(timings: Timings, source: str = "measured") -> Routes:
     widened = vision["bf16 widened to fp32"]
     candidates = {
         "fp32": caption(vision["fp32"], lambda r: "fp32"),
-        "bf16": caption(vision["bf16"], lambda r: "bf16"),
+        "bf16": caption(native_vision, lambda r: native_lm),
         "int8" if vision_widens else "int8+bf16-vision": caption(
             widened if vision_widens else vision["bf16"], split("int8", "int8 widened to fp32", k.int8_lm)
         ),
     }
     if k.widens_bf16:
-        v = widened if vision_widens else vision["bf16"]
+        v = widened if vision_widens else native_vision
         candidates["bf16-fp32-sums"] = caption(v, split("bf16", "bf16 widened to fp32", k.bf16_lm))
     ok = {name: allowed(name) for name in candidates}
     auto = min((name for name in candidates if ok[name]), key=candidates.__getitem__)
@@ -146,7 +154,7 @@ def choose(timings: Timings, source: str = "measured") -> Routes:
 def _flags_routes(native_bf16: bool, source: str) -> Routes:
     """Routes without measuring: bf16 native where the flags say so, else the AVX2 defaults (quant.Kernels)."""
     if native_bf16:
-        return Routes(Kernels(bf16_lm=NEVER, bf16_vision=NEVER), "bf16", source)
+        return Routes(Kernels(NEVER, NEVER, bf16_packed_lm=True, bf16_packed_vision=True), "bf16", source)
     return Routes(Kernels(), "fp32", source)
 
 
