@@ -5,9 +5,12 @@
     python bench/serve_load.py --full                  # full-size random-weight checkpoint (bench/common.py)
     python bench/serve_load.py --engine vllm --clients 8 --clients 32   # ours+vLLM beside `vllm serve` itself
 
-With `--engine vllm` the modes are our server with `--engine vllm` (continuous batching in vLLM behind our API) and
-vLLM's own OpenAI server on the same checkpoint (`blip2.engines.vllm.VllmServer`, the arguments our engine uses);
-requests are streamed, so each result also has the time to first token (`ttft_p50_ms`) and p95 latency.
+With `--engine vllm` the modes are our server on our engine (micro-batches of 8), our server with `--engine vllm`
+(continuous batching in vLLM behind our API) and vLLM's own OpenAI server on the same checkpoint
+(`blip2.engines.vllm.VllmServer`, the arguments our engine uses); requests to vLLM are streamed, so their results
+also have the time to first token (`ttft_p50_ms`) and p95 latency (our engine streams an answer alone, so its
+mode sends unstreamed requests, which it batches). Every request carries an image not sent before (vLLM's
+prefix cache and our image cache would skip the vision encoder for a repeated one).
 
 Each mode starts its own server on a free loopback port (`--max-batch-size 8` vs `--max-batch-size 1`), sends
 OpenAI chat completions (one image, one question, greedy, fixed length so every request costs the same) from
@@ -71,7 +74,9 @@ def image_uris(count: int) -> list[str]:
     return uris
 
 
-def start_server(model: Path, batch: int, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(
+    model: Path, batch: int, args: argparse.Namespace, log: Path, engine: str
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [
         sys.executable,
@@ -89,7 +94,7 @@ def start_server(model: Path, batch: int, args: argparse.Namespace, log: Path) -
         "--max-batch-size",
         str(batch),
         "--engine",
-        args.engine,
+        engine,
         "--max-queue",
         "256",
         "--log-level",
@@ -198,8 +203,12 @@ def steady_rate(ends: list[float], together: float = 0.05) -> float | None:
     return (len(ends) - first) / (ends[-1] - ends[0])
 
 
-def run_mode(model: Path, batch: int, uris: list[str], args: argparse.Namespace, logdir: Path) -> dict:
-    proc, url = start_server(model, batch, args, logdir / f"server-batch{batch}.log")
+def run_mode(
+    model: Path, batch: int, uris: list[str], args: argparse.Namespace, logdir: Path, engine: str | None = None
+) -> dict:
+    engine = engine or args.engine
+    args.stream = engine == "vllm"  # our engine streams an answer alone in its worker; unstreamed, it batches
+    proc, url = start_server(model, batch, args, logdir / f"server-{engine}-batch{batch}.log", engine)
     try:
         result = asyncio.run(load(url, uris, args))
         stats = httpx.get(f"{url}/healthz").json().get("batches", {})
@@ -222,6 +231,7 @@ def run_vllm_serve(model: Path, uris: list[str], args: argparse.Namespace) -> di
 
     overrides = check_checkpoint(model, AutoTokenizer.from_pretrained(model))
     server = VllmServer(model, find_python(), VLLM_DTYPES[args.dtype], overrides, timeout_s=args.load_timeout)
+    args.stream = True  # time to first token, as through our server
     try:
         result = asyncio.run(load(server.url, uris, args))
     finally:
@@ -245,7 +255,6 @@ def main() -> None:
     parser.add_argument("--load-timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve_load.json")
     args = parser.parse_args()
-    args.stream = args.engine == "vllm"  # streamed: time to first token
 
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
         tmp_path = Path(tmp)
@@ -255,13 +264,14 @@ def main() -> None:
             model, kind = full_checkpoint(), "full-size random blip2-opt-2.7b"
         else:
             model, kind = tiny_checkpoint(tmp_path), "tiny random opt"
-        uris = image_uris(32)
+        uris = image_uris(2048)  # distinct: vLLM's prefix cache and ours skip an image seen before
         args.served = str(model)
         by_clients = {}
         for clients in args.clients or [8]:
             args.clients = clients
             if args.engine == "vllm":
                 modes = {
+                    "ours": run_mode(model, 8, uris, args, tmp_path, engine="ours"),
                     "ours+vllm": run_mode(model, 8, uris, args, tmp_path),
                     "vllm_serve": run_vllm_serve(model, uris, args),
                 }
@@ -272,9 +282,11 @@ def main() -> None:
                 }
             by_clients[clients] = modes
     if args.engine == "vllm":
+        from blip2.machine import cpu_flags, cpu_name
+
         report = {"benchmark": "serve_load", "engine": "vllm", "model": str(args.model) if args.model else kind,
-                  "max_tokens": args.max_tokens, "dtype": args.dtype, "cpu_count": os.cpu_count(),
-                  "duration_s": args.duration, "clients": by_clients}  # fmt: skip
+                  "max_tokens": args.max_tokens, "dtype": args.dtype, "cpu": cpu_name(), "cpu_flags": cpu_flags(),
+                  "cpu_count": os.cpu_count(), "duration_s": args.duration, "clients": by_clients}  # fmt: skip
         for modes in by_clients.values():
             rates = modes["ours+vllm"]["requests_per_s"], modes["vllm_serve"]["requests_per_s"]
             modes["ours_over_vllm_serve"] = round(rates[0] / rates[1], 3) if all(rates) else None

@@ -178,6 +178,7 @@ def main() -> None:
                 t, caps_ours0 = run_ours(ours, paths, args.batch_size, 0, gen)
                 runs["ours_workers_0"].append(t)
 
+        del ref  # a full-size transformers model, ours and vLLM do not fit in 24 GB together
         vllm_sides = run_vllm(folder, paths, warm, workers, gen, args) if args.engine == "vllm" else {}
         # token ids, not only texts: the stand-in tokenizer of --full decodes many ids to nothing
         tokens_ours = [g.tokens for g in ours.generate(paths, batch_size=args.batch_size, **gen)]

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from .adapter import apply_adapter, find_adapter
-from .checkpoint import load_model
+from .checkpoint import freed_memory_returned, load_model
 from .defaults import (
     BATCH_SIZE,
     CONTEXT_TOKENS,
@@ -434,7 +434,8 @@ def load(
 
     where = placement(device, dtype)  # device, dtypes and kernels: dtype_policy decides them all
     dev = where.device
-    m, folder = load_model(model, where.dtype, where.quantize, base)
+    pack = where.pack_bf16 and not compile  # a compiled graph prepacks its own weights
+    m, folder = load_model(model, where.dtype, where.quantize, base, mmap=not pack)
     adapter = adapter if adapter is not None else find_adapter(folder)
     if adapter is not None:
         apply_adapter(m, adapter)
@@ -444,8 +445,9 @@ def load(
     m.compile_decoding = compile
     if where.bf16_sums_in_fp32:
         bf16_sums_in_fp32(m)  # same arithmetic as the emulated bf16 kernel, faster (quant.StoredLinear, docs/dtypes.md)
-    if where.pack_bf16 and not compile:  # a compiled graph prepacks its own weights
-        pack_bf16(m)  # the same products, bit for bit, without a reorder of each weight per call (quant.PackedLinear)
+    if pack:  # the same products, bit for bit, without a reorder of each weight per call (quant.PackedLinear)
+        with freed_memory_returned():
+            pack_bf16(m)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:

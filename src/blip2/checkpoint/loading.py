@@ -31,17 +31,21 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     quantize: str | None = None,
     base: str | os.PathLike | None = None,
+    mmap: bool = True,
 ) -> tuple[Blip2Model, Path]:
     """Build and load a checkpoint (HF or LAVIS layout) on the CPU; returns the model in eval mode and its folder.
     `quantize` ("int8", see quant.py) converts the layers it names while loading; `dtype` is then the dtype of
     the arithmetic and of the layers it leaves alone.
 
     A LAVIS `.pth` file (trained weights only) loads over `base`, the checkpoint with its frozen ViT and LM (found
-    from the file's LAVIS model type when not given; see lavis.py); the folder returned is then the base's."""
+    from the file's LAVIS model type when not given; see lavis.py); the folder returned is then the base's.
+    `mmap=False` reads every tensor into memory of its own (as `quantize` does) for a caller that replaces the
+    weights after loading (`quant.pack_bf16`): a memory-mapped file stays mapped, and counted, while any of its
+    tensors lives."""
     base = base if base is not None else getattr(model, "base", None)  # a `LavisCheckpoint` carries its base
-    with _freed_memory_returned():
+    with freed_memory_returned():
         if is_lavis_file(model):
-            lavis = load_lavis(model, base, mmap=not quantize)
+            lavis = load_lavis(model, base, mmap=mmap and not quantize)
             cfg, tensors, folder, source = lavis.config, lavis.tensors, lavis.folder, lavis.name
         elif base is not None:
             raise CheckpointError(f"{model}: a base (--base) completes a LAVIS .pth file; this is not a file")
@@ -50,7 +54,7 @@ def load_model(
             folder = resolve(model)
             cfg = Blip2Config.from_json_file(folder / "config.json")
             files = weight_files(folder)
-            tensors, source = to_hf(peek_keys(files), iter_tensors(files, mmap=not quantize)), str(folder)
+            tensors, source = to_hf(peek_keys(files), iter_tensors(files, mmap=mmap and not quantize)), str(folder)
         m = build_empty(cfg)
         if lavis is not None:
             check_trained_parts(lavis, (k for k, _ in m.named_parameters()))
@@ -162,7 +166,7 @@ def _assign(model: nn.Module, key: str, param: nn.Parameter) -> None:
 
 
 @contextlib.contextmanager
-def _freed_memory_returned() -> Iterator[None]:
+def freed_memory_returned() -> Iterator[None]:
     """Building on meta and quantizing leave transient buffers of a few MB among long-lived ones. glibc serves
     blocks under its adaptive mmap threshold (which climbs to 32 MB) from the heap, where such a mix fragments:
     the int8 2.7B model peaked at 8.5 GiB instead of 5.4. A fixed 1 MB threshold returns freed transients to
