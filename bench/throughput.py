@@ -111,19 +111,23 @@ def checkpoint(args: argparse.Namespace, tmp: Path) -> Path:
 
 
 def run_vllm(folder: Path, paths: list[Path], warm: list[Path], workers: int, gen: dict, args) -> dict:
-    """The two vLLM sides, interleaved `--repeat` times after a warm-up: seconds per run, and vLLM's token ids."""
+    """The two vLLM sides, interleaved `--repeat` times after a warm-up: seconds per run, and vLLM's token ids on
+    `paths`. vLLM caches by image content (a seen image skips the vision encoder and the prompt's prefill), so each
+    side of each run gets images of its own that vLLM has not seen, as many and as large as `paths`."""
     import blip2
 
     vm = blip2.load(folder, engine="vllm", dtype=args.dtype)
     try:
         run_ours(vm, warm, args.batch_size, 0, gen)
         runs: dict[str, list[float]] = {"ours+vllm": [], "vllm_direct": []}
-        for _ in range(args.repeat):  # vLLM caches by image content: every run after the first has those hits alike
-            runs["ours+vllm"].append(run_ours(vm, paths, args.batch_size, workers, gen)[0])
+        for i in range(args.repeat):
+            fresh = [make_images(paths[0].parent.parent / f"vllm-{i}-{side}", len(paths), seed=10 + 2 * i + side)
+                     for side in (0, 1)]  # fmt: skip
+            runs["ours+vllm"].append(run_ours(vm, fresh[0], args.batch_size, workers, gen)[0])
             t = time.perf_counter()
-            gens = vm.generate(paths, **gen)
+            vm.generate(fresh[1], **gen)
             runs["vllm_direct"].append(time.perf_counter() - t)
-        return {"runs": runs, "tokens": [g.tokens for g in gens]}
+        return {"runs": runs, "tokens": [g.tokens for g in vm.generate(paths, **gen)]}
     finally:
         vm.close()
 
