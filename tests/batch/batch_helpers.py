@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +62,26 @@ def make_tar(path: Path, images: list[Path], compress: bool = False) -> Path:
             info.size = len(text)
             tar.addfile(info, io.BytesIO(text))
     return path
+
+
+def vllm_servers(folder: Path, but_url: str) -> list[int]:
+    """Pids of vLLM servers of `folder` running on this machine, but the one at `but_url` (the session's)."""
+    port = but_url.rsplit(":", 1)[1]
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue  # ended meanwhile
+        if b"vllm.entrypoints.openai.api_server" in args and str(folder).encode() in args:
+            if port.encode() not in args:
+                pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def assert_no_vllm_server_left(folder: Path, but_url: str) -> None:
+    """Within a minute (a server stopping takes a few seconds), no vLLM server of `folder` but the session's."""
+    deadline = time.monotonic() + 60  # a server stopping takes a few seconds
+    while vllm_servers(folder, but_url) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert vllm_servers(folder, but_url) == [], "a vLLM server outlived the process that started it"

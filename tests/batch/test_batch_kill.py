@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from batch_helpers import GEN, make_good
+from batch_helpers import GEN, assert_no_vllm_server_left, make_good
 
 
 @pytest.fixture
@@ -33,9 +33,11 @@ def slow(*args, **kwargs):  # slow the tiny model down so that the parent can ki
 run_module.generate_batch = slow
 
 from blip2.batch import caption_images
-ckpt, folder, out, caps, workers = sys.argv[1:]
+ckpt, folder, out, caps, workers = sys.argv[1:6]
+engine = sys.argv[6] if len(sys.argv) > 6 else "ours"
 for _ in caption_images([folder], model=ckpt, out=[out, out[:-6] + ".parquet"], sidecar_dir=caps, existing="append",
-                        batch_size=2, workers=int(workers), device="cpu", dtype="fp32", max_new_tokens=MAX_NEW):
+                        batch_size=2, workers=int(workers), device="cpu", dtype="fp32", max_new_tokens=MAX_NEW,
+                        engine=engine):
     pass
 """.replace("MAX_NEW", str(GEN["max_new_tokens"]))
 
@@ -92,3 +94,37 @@ def test_sigkill_and_rerun_exactly_once(model, opt_ckpt: Path, tmp_path: Path) -
         text = (caps / f"{p.stem}.txt").read_text(encoding="utf-8")
         assert text == (f"old tags, {want[str(p)]}\n" if i % 3 == 0 else f"{want[str(p)]}\n")
     assert not list(caps.glob(".*.blip2tmp"))  # no temp file left over once every write has been redone
+
+
+@pytest.mark.vllm
+def test_sigkill_with_the_vllm_engine_then_rerun_exactly_once(vllm_model, vllm_ckpt: Path, tmp_path: Path) -> None:
+    """Otherwise `--engine vllm` would lose or repeat captions when its process is killed, or leave the killed run's
+    vLLM server running."""
+    imgs = make_good(tmp_path / "in", 8)
+    out = tmp_path / "out" / "run.jsonl"
+    caps = tmp_path / "caps"
+    caps.mkdir()
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    args = [str(vllm_ckpt), str(tmp_path / "in"), str(out), str(caps), "0", "vllm"]
+
+    proc = _start(script, args)
+    deadline = time.monotonic() + 600  # the child starts its own vLLM first
+    while _lines(out) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _lines(out) < len(imgs)
+    assert_no_vllm_server_left(vllm_ckpt, vllm_model.url)  # the watchdog stops it when its parent dies
+
+    proc = _start(script, args)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in imgs)  # each image once
+    want = {str(p): vllm_model.caption(str(p), **GEN) for p in imgs}  # uninterrupted, on the session's vLLM
+    assert {r["path"]: r["caption"] for r in rows} == want
+    for p in imgs:
+        assert (caps / f"{p.stem}.txt").read_text(encoding="utf-8") == f"{want[str(p)]}\n"
+    assert_no_vllm_server_left(vllm_ckpt, vllm_model.url)

@@ -4,11 +4,10 @@ are the local vLLM engine's, every image once, and a rerun redoes only what is m
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
-from batch_helpers import GEN, make_good
+from batch_helpers import GEN, assert_no_vllm_server_left, make_good
 
 ray = pytest.importorskip("ray")
 
@@ -28,28 +27,6 @@ def cluster():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
-
-
-def _servers(folder: Path, but_url: str) -> list[int]:
-    """Pids of vLLM servers of `folder` running on this machine, but the one at `but_url` (the session's)."""
-    port = but_url.rsplit(":", 1)[1]
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue  # ended meanwhile
-        if b"vllm.entrypoints.openai.api_server" in args and str(folder).encode() in args:
-            if port.encode() not in args:
-                pids.append(int(cmdline.parent.name))
-    return pids
-
-
-def _no_server_outlives_its_actor(folder: Path, but_url: str) -> None:
-    deadline = time.monotonic() + 60  # a server stopping takes a few seconds
-    while _servers(folder, but_url) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _servers(folder, but_url) == [], "an actor's vLLM server outlived the run"
 
 
 def _rows(out: Path) -> list[dict]:
@@ -72,7 +49,7 @@ def test_ray_vllm_actor_matches_local_vllm_and_resumes(cluster, vllm_model, vllm
     assert sorted(r["path"] for r in rows) == sorted(local)  # every image exactly once
     assert {r["path"]: r["caption"] for r in rows} == captions
     assert (summary.done, summary.failed) == (5, 1)
-    _no_server_outlives_its_actor(vllm_ckpt, vllm_model.url)  # else each run would leave a vLLM running
+    assert_no_vllm_server_left(vllm_ckpt, vllm_model.url)  # else each run would leave a vLLM running
 
     # Lose one shard (as if the run died before writing it): a rerun redoes only its images.
     parts = sorted(out.glob("part-*"))
