@@ -144,7 +144,7 @@ def choose(timings: Timings, source: str = "measured") -> Routes:
         ),
     }
     if k.widens_bf16:
-        v = widened if vision_widens else native_vision
+        v = widened if vision_widens else vision["bf16"]  # a route that widens any layer packs none
         candidates["bf16-fp32-sums"] = caption(v, split("bf16", "bf16 widened to fp32", k.bf16_lm))
     ok = {name: allowed(name) for name in candidates}
     auto = min((name for name in candidates if ok[name]), key=candidates.__getitem__)
