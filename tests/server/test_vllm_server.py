@@ -8,6 +8,7 @@ import asyncio
 import base64
 import io
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -142,22 +143,25 @@ def _leaves_mid_answer(server: str, vllm_model, stream: bool) -> None:
     generated = _metric(vllm_model.url, "vllm:generation_tokens_total")
     body = {**_chat(_png(0), "what?", tokens), "min_tokens": tokens, "stream": stream}
 
-    async def leave() -> None:  # the answer's headers come only at its end: the request is cancelled meanwhile
-        async with httpx.AsyncClient(base_url=server, timeout=120) as client:
-            task = asyncio.ensure_future(client.post("/v1/chat/completions", json=body))
+    def leave() -> None:  # a raw socket, closed by hand: the server must see this client go
+        url = httpx.URL(server)
+        data = json.dumps(body).encode()
+        head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: application/json\r\n"
+        with socket.create_connection((url.host, url.port)) as sock:
+            sock.sendall(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
             deadline = time.monotonic() + 30  # until vLLM has generated a token for it (a counter: never missed)
-            while not task.done() and time.monotonic() < deadline:
-                if await asyncio.to_thread(_metric, vllm_model.url, "vllm:generation_tokens_total") > generated:
-                    break
-                await asyncio.sleep(0.005)
-            assert not task.done(), "the answer came before the client could leave"
-            task.cancel()
+            while _metric(vllm_model.url, "vllm:generation_tokens_total") <= generated:
+                assert time.monotonic() < deadline, "vLLM generated nothing for the request"
+                time.sleep(0.005)
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):  # the answer's headers come only at its end: none yet
+                sock.recv(1)
 
     if stream:
         with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=120) as r:
             next(line for line in r.iter_lines() if line.startswith("data: {") and _content(line))
     else:
-        asyncio.run(leave())
+        leave()
     deadline = time.monotonic() + 60  # the connection is closed
     while _running(vllm_model.url) and time.monotonic() < deadline:
         time.sleep(0.05)
