@@ -3,8 +3,10 @@
 #   bash bench/gpu.sh [OUTDIR]
 # tests/test_cuda.py (parity with transformers in fp16/bf16, int8, compiled decoding), then full-size
 # blip2-opt-2.7b (random weights) on the GPU: latency and batch throughput against transformers in the same
-# process, and the server under 8 clients, batched vs one by one. Every step has its own time limit and runs
-# whatever the others did; logs and JSON results go to OUTDIR (default bench/results).
+# process, eager and compiled (static KV cache, CUDA graphs), the server under 8 clients, batched vs one by one,
+# and, where the machine's python3 has vLLM (its CUDA build), batch captioning on the vLLM engine against vLLM
+# given the images directly. Every step has its own time limit and runs whatever the others did; logs and JSON
+# results go to OUTDIR (default bench/results). All steps take ~17 minutes: STEPS picks some.
 # Packages missing on the machine may be put as wheels in .whl/: they are installed into a temporary folder first.
 out=${1:-bench/results}
 mkdir -p "$out"
@@ -18,7 +20,8 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name(0))"
 
-steps=" ${STEPS:-test_cuda checkpoint latency throughput serve_load} "  # STEPS="a b": only those
+all="test_cuda checkpoint latency throughput latency_compiled throughput_compiled serve_load vllm"
+steps=" ${STEPS:-$all} "  # STEPS="a b": only those
 step() {  # step NAME SECONDS COMMAND...: its log in OUTDIR/NAME.log, its tail here
   local name=$1 limit=$2 log=$out/$1.log; shift 2
   [[ $steps == *" $name "* ]] || return 0
@@ -31,7 +34,16 @@ step checkpoint 80 python3 -c "import sys, tempfile, pathlib; sys.path[:0] = ['b
 common.make_full_checkpoint(pathlib.Path(tempfile.gettempdir()) / 'blip2-bench' / 'opt-2.7b')"
 step latency 80 python3 bench/latency.py --device cuda --dtype fp16 --in-process --repeat 3
 step throughput 150 python3 bench/throughput.py --full --device cuda --dtype fp16 --images 96 --repeat 3
+step latency_compiled 150 python3 bench/latency.py --device cuda --dtype fp16 --in-process --repeat 3 --compile
+step throughput_compiled 200 python3 bench/throughput.py --full --device cuda --dtype fp16 --images 96 --repeat 3 \
+  --compile
 step serve_load 170 python3 bench/serve_load.py --full --device cuda --dtype fp16 --duration 30 --warmup 6 \
   --out bench/results/serve_load_full_cuda_fp16.json
+if python3 -c "import vllm" 2>/dev/null; then
+  BLIP2_VLLM_PYTHON=$(command -v python3) step vllm 240 python3 bench/throughput.py --full --device cuda --dtype fp16 \
+    --images 96 --repeat 1 --engine vllm
+else
+  echo "== vllm: skipped, python3 has no vllm (install its CUDA build, or put its wheels in .whl/)"
+fi
 cp bench/results/*cuda*.json "$out"/ 2>/dev/null
 ls -la "$out"

@@ -1,13 +1,20 @@
-"""Where a batch's time goes on each CPU route: one profiled batch per route, the heaviest operators and copies.
+"""Where a batch's time goes on each CPU route: the phases timed plainly against the machine's limits, then one
+profiled batch per route with the heaviest operators and copies.
 
     python bench/profile_routes.py [--folder F] [--routes auto,int8] [--images 8] [--tokens 20]
 
 On the full-size blip2-opt-2.7b architecture with random weights (`common.make_full_checkpoint`), each route in
-its own process: load, one warm-up batch, then `--images` new 300x400 images captioned in one call under
-`torch.profiler`. Reported per route: the batch's seconds unprofiled and profiled, the operators with the most
-self time (name, input shapes, calls, milliseconds, share), and the largest `aten::copy_` calls: a copy of a whole
-weight per call (as `F.linear` on a strided input once did to the LM head, 4 of 8 s) shows there first. The
-machine (CPU, flags) and the routes in use are recorded beside them.
+its own process: load, one warm-up batch, then `--images` new 300x400 images:
+- **phases**, unprofiled: the image prefix (vision encoder and Q-Former), the prompt's prefill with the first token,
+  and each further decoding step; the vision encoder's linear products in GFLOP/s and the decoding steps' reading
+  of the language model's weights in GB/s, each beside the machine's own limit (`blip2.machine`: bf16 GEMM on the
+  vision encoder's shape, memory copy) as a share of it;
+- **operators**, under `torch.profiler`: the batch's seconds unprofiled and profiled, the operators with the most
+  self time (name, input shapes, calls, milliseconds, share), and the largest `aten::copy_` calls: a copy of a whole
+  weight per call (as `F.linear` on a strided input once did to the LM head, 4 of 8 s) shows there first. The
+  profiler's bookkeeping inflates ops that allocate (a profiled batch takes ~1.25x as long), so shares of small
+  ops such as the KV cache's `aten::cat` overstate them: the phases are the measure, the operators the pointer.
+The machine (CPU, flags) and the routes in use are recorded beside them.
 Result: bench/results/profile_routes.json.
 """
 
@@ -34,6 +41,45 @@ def images(n: int, seed: int) -> list:
     return [Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)) for _ in range(n)]
 
 
+def phases(m, n: int, tokens: int) -> dict:
+    """Seconds of each phase for `n` new images, unprofiled, and the rates they reach against the machine's."""
+    import torch
+
+    from blip2.machine import gemm, memory
+    from blip2.quant import quantized_bytes
+
+    def timed(fn):
+        t = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - t, out
+
+    with torch.no_grad():
+        vision_s, prefix = timed(lambda: m.image_prefix(images(n, seed=4), [PROMPT] * n))
+        ids, mask = m.tokenize([PROMPT] * n)
+        first_s, _ = timed(lambda: m.model.generate(prefix, ids, mask, max_new_tokens=1, min_new_tokens=1))
+        all_s, _ = timed(lambda: m.model.generate(prefix, ids, mask, max_new_tokens=tokens, min_new_tokens=tokens))
+    step_s = (all_s - first_s) / (tokens - 1)
+    vision = m.model.vision_model
+    rows = n * vision.config.num_positions
+    flop = sum(
+        2 * rows * layer.in_features * layer.out_features
+        for layer in vision.modules()
+        if hasattr(layer, "out_features")
+    )
+    lm_bytes = quantized_bytes(m.model.language_model)
+    limits = {"bf16_gemm_gflops": gemm(257, 1408, 6144)["bf16"], "copy_gbs": memory()["copy_gbs"]}
+    return {
+        "vision_and_qformer_s": round(vision_s, 3),
+        "prefill_and_first_token_s": round(first_s, 3),
+        "step_ms": round(step_s * 1e3, 1),
+        "vision_linear_gflops": round(flop / vision_s / 1e9, 1),
+        "vision_share_of_bf16_gemm": round(flop / vision_s / 1e9 / limits["bf16_gemm_gflops"], 3),
+        "decoding_weight_gbs": round(lm_bytes / step_s / 1e9, 1),
+        "decoding_share_of_copy": round(lm_bytes / step_s / 1e9 / limits["copy_gbs"], 3),
+        "limits": limits,
+    }
+
+
 def child(folder: str, route: str, n: int, tokens: int, top: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -43,6 +89,7 @@ def child(folder: str, route: str, n: int, tokens: int, top: int) -> dict:
     m = blip2.load(folder, device="cpu", dtype=route)
     gen = dict(max_new_tokens=tokens, min_new_tokens=tokens, batch_size=n)
     m.generate(images(2, seed=1), [PROMPT] * 2, **gen)  # warm-up
+    phase = phases(m, n, tokens)
     t = time.perf_counter()
     m.generate(images(n, seed=2), [PROMPT] * n, **gen)
     plain_s = time.perf_counter() - t
@@ -68,6 +115,7 @@ def child(folder: str, route: str, n: int, tokens: int, top: int) -> dict:
         "route": route,
         "resolved_dtype": str(m.dtype).replace("torch.", ""),
         "kernels": cpu_routes().as_dict()["kernels"],
+        "phases": phase,
         "batch_s": round(plain_s, 2),
         "batch_profiled_s": round(profiled_s, 2),
         "top_ops": [row(r) for r in heaviest],

@@ -116,7 +116,9 @@ def run_vllm(folder: Path, paths: list[Path], warm: list[Path], workers: int, ge
     side of each run gets images of its own that vLLM has not seen, as many and as large as `paths`."""
     import blip2
 
-    vm = blip2.load(folder, engine="vllm", dtype=args.dtype)
+    # on a GPU our engine's model stays resident: vLLM may take the rest (its default is 90% of the GPU)
+    gpu = ["--gpu-memory-utilization", "0.75"] if args.device.startswith("cuda") else []
+    vm = blip2.load(folder, engine="vllm", dtype=args.dtype, args=gpu)
     try:
         run_ours(vm, warm, args.batch_size, 0, gen)
         runs: dict[str, list[float]] = {"ours+vllm": [], "vllm_direct": []}
@@ -148,6 +150,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="our decoding workers [cores - 1]")
     ap.add_argument("--engine", choices=["ours", "vllm"], default="ours", help="vllm: also the two vLLM sides")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of each side, interleaved; medians reported")
+    ap.add_argument("--compile", action="store_true", help="ours with compile=True (static KV cache, compiled step)")
     args = ap.parse_args()
     ref_name = reference_dtype(args.dtype, args.ref_dtype)
     dtype = REF_DTYPES[ref_name]
@@ -163,7 +166,7 @@ def main() -> None:
         folder = checkpoint(args, tmp)
         paths = make_images(tmp / "images", args.images)
         warm = make_images(tmp / "warm", 2, seed=1)
-        ours = blip2.load(folder, device=args.device, dtype=args.dtype)
+        ours = blip2.load(folder, device=args.device, dtype=args.dtype, compile=args.compile)
         ref = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(args.device).eval()
         proc = Blip2Processor.from_pretrained(folder)
         run_ours(ours, warm, args.batch_size, 0, gen)  # warm-up: first-call allocations, kernel selection
@@ -196,6 +199,7 @@ def main() -> None:
         "model": "full opt-2.7b shape" if args.full else (args.model or "tiny random opt"),
         "dtype": args.dtype,
         "device": args.device,
+        "compiled": args.compile,
         "transformers_dtype": ref_name,
         "command": " ".join(["python bench/throughput.py", *sys.argv[1:]]),
         "images": n,
@@ -223,7 +227,7 @@ def main() -> None:
         result["ours_vllm_over_direct"] = min(times["vllm_direct"]) / min(times["ours+vllm"])
         result["vllm_identical_token_ids_to_ours"] = sum(a == b for a, b in zip(vllm_sides["tokens"], tokens_ours))
     name = "throughput" + (f"_full_{args.dtype}" if args.full else "") + ("_vllm" if vllm_sides else "")
-    name += "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
+    name += ("" if args.device == "cpu" else f"_{args.device.split(':')[0]}") + ("_compiled" if args.compile else "")
     out = write_result(name, result)
     print(json.dumps(result, indent=1), machine()["cpu_count"], "cores ->", out)
 

@@ -83,6 +83,26 @@ def test_batch_equals_one_by_one(pair, images):
         assert b.score == pytest.approx(a.score, abs=1e-4)
 
 
+def test_a_large_batch_passes_the_vision_encoder_in_chunks_with_the_same_features(pair):
+    """If this fails, a large CPU batch runs the vision encoder on all its images at once (slower, and its
+    activations grow with the batch), or the chunks change the features the captions come from."""
+    ours, _, _ = pair
+    from blip2.model import CPU_VISION_CHUNK as n
+
+    size = ours.model.config.vision_config.image_size
+    px = torch.randn(2 * n + 3, 3, size, size)
+    passes = []
+    hook = ours.model.vision_model.register_forward_pre_hook(lambda mod, args: passes.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            chunked = ours.model.encode_image(px)
+            whole = ours.model.vision_model(px)
+    finally:
+        hook.remove()
+    assert passes == [n, n, 3, 2 * n + 3]
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
 def test_sampling_is_seeded(pair, images):
     """If this fails, `seed` does not make sampled captions reproducible."""
     ours, _, _ = pair

@@ -23,6 +23,8 @@ from .config import Blip2Config
 from .language import build_language_model
 from .qformer import QFormer, TextEmbeddings
 
+CPU_VISION_CHUNK = 8  # images per pass of the vision encoder on a CPU (encode_image)
+
 
 @dataclass
 class Blip2Output:
@@ -70,8 +72,16 @@ class Blip2Model(nn.Module):
 
     # ---- image side -------------------------------------------------------------------------------------------
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, N, Dv) vision features (after the encoder's final LayerNorm)."""
-        return self.vision_model(pixel_values)
+        """(B, 3, S, S) -> (B, N, Dv) vision features (after the encoder's final LayerNorm).
+
+        On a CPU, without gradients, at most `CPU_VISION_CHUNK` images go through the encoder at a time: its
+        products are at full speed from a few hundred rows on, and larger ones only spill the caches (EVA ViT-g,
+        AVX512-BF16 EPYC: 1.57 s per image in one pass of 32 images, 1.34 s in passes of 8). The encoder's
+        activations then stay those of a chunk, whatever the batch."""
+        n = CPU_VISION_CHUNK
+        if pixel_values.device.type != "cpu" or torch.is_grad_enabled() or pixel_values.shape[0] <= n:
+            return self.vision_model(pixel_values)
+        return torch.cat([self.vision_model(chunk) for chunk in pixel_values.split(n)])
 
     def query_output(
         self,
