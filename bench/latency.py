@@ -171,7 +171,6 @@ def main() -> None:
     name = "latency_" + ("" if args.device == "cpu" else f"{args.device.split(':')[0]}_") + args.dtype
     name += f"_vs_{dtypes['transformers']}" if args.ref_dtype else ""
     name += "_compiled" if args.compile else ""
-    name += "_compiled" if args.compile else ""
     print(write_result(name + ("_inprocess" if args.in_process else ""), result))
     print({k: v for k, v in result.items() if "speedup" in k or k.startswith("same")})
     # The stand-in tokenizer knows 401 of the 50304 ids, so texts are mostly empty: compare token ids instead.
