@@ -136,6 +136,9 @@ def test_streamed_chunks_join_to_the_answer(server: str) -> None:
         assert chunks[-1]["usage"] == whole["usage"]
 
 
+LONG_ANSWER = 1800  # tokens, exactly: no early end of text, so the answer is still running when the client leaves
+
+
 def _leaves_mid_answer(server: str, vllm_model, stream: bool, attempts: int = 3) -> None:
     """A client asks for an answer of exactly 1800 tokens and leaves after vLLM's first ones; then vLLM's running
     batch must be empty with fewer than 1800 tokens generated for it, and nothing in flight in the server.
@@ -147,15 +150,14 @@ def _leaves_mid_answer(server: str, vllm_model, stream: bool, attempts: int = 3)
     outcomes = []
     for _ in range(attempts):
         outcomes.append(_one_client_leaves(server, vllm_model, stream))
-        if outcomes[-1] < 1800:
+        if outcomes[-1] < LONG_ANSWER:
             break
-    assert outcomes[-1] < 1800, f"every request ran to max_tokens: {outcomes} tokens"
+    assert outcomes[-1] < LONG_ANSWER, f"every request ran to max_tokens: {outcomes} tokens"
 
 
 def _one_client_leaves(server: str, vllm_model, stream: bool) -> float:
-    tokens = 1800  # exactly: no early end of text, so the answer is still running when the client leaves
     generated = _metric(vllm_model.url, "vllm:generation_tokens_total")
-    body = {**_chat(_png(0), "what?", tokens), "min_tokens": tokens, "stream": stream}
+    body = {**_chat(_png(0), "what?", LONG_ANSWER), "min_tokens": LONG_ANSWER, "stream": stream}
 
     # a raw socket, closed by hand: an httpx client can keep its connection open after it is done with a response,
     # until it is collected, and then the server never sees this client go
