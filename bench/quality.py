@@ -3,12 +3,16 @@
     python bench/quality.py            # tiny random OPT and T5 (tests/fixtures.py) and the full-size opt-2.7b shape
     python bench/quality.py --tiny     # the tiny ones only (seconds)
 
-    python bench/quality.py --table-from bench/results/quality_bf16_int8.json   # src/blip2/route_quality.py's table
+    python bench/quality.py --routes int8,int8-activations   # full size: these routes (and fp32) only
+    python bench/quality.py --table-from bench/results/quality_bf16_int8.json bench/results/quality_int8_activations.json
+                                       # src/blip2/route_quality.py's table (a later file's routes replace)
 
 Each route is named as src/blip2/route_quality.py names it and pinned by the environment of its process, so that
 it runs the same arithmetic on every CPU: `bf16` on PyTorch's bf16 kernels (`BLIP2_CPU_BF16=1`, what the reference
 runs: the yardstick `dtype="auto"` is held to), `bf16-fp32-sums` with products summed in fp32 on widened weights
-(`BLIP2_CPU_BF16=0`, quant.bf16_sums_in_fp32), `int8` with its vision encoder in fp32 (`BLIP2_ROUTES=flags`). On
+(`BLIP2_CPU_BF16=0`, quant.bf16_sums_in_fp32), `int8` with its vision encoder in fp32 (`BLIP2_ROUTES=flags`),
+`int8-activations` with the activations of every int8 layer, the vision encoder's included, quantized per
+position (`BLIP2_INT8_ACTIVATIONS=1`, quant._int8_activations_mm; on a CPU without VNNI or AMX it is slow). On
 random weights mere bf16 rounding already moves logits a lot (on the tiny random T5, rounding only its token
 embeddings to bf16 moves the logits by 11% of their range: such networks amplify any perturbation). At full size
 the bf16 routes run only with `--full-bf16` (the native kernels take minutes on a CPU that emulates bf16).
@@ -40,7 +44,8 @@ ROUTE_ENV = {  # pins each route's kernels on any CPU (blip2.routes)
     "fp32": {},
     "bf16": {"BLIP2_CPU_BF16": "1"},
     "bf16-fp32-sums": {"BLIP2_CPU_BF16": "0"},
-    "int8": {"BLIP2_ROUTES": "flags", "BLIP2_CPU_BF16": ""},
+    "int8": {"BLIP2_ROUTES": "flags", "BLIP2_CPU_BF16": "", "BLIP2_INT8_ACTIVATIONS": "0"},
+    "int8-activations": {"BLIP2_ROUTES": "flags", "BLIP2_CPU_BF16": "", "BLIP2_INT8_ACTIVATIONS": "1"},
 }
 OLD_NAMES = {"bf16": "bf16-fp32-sums", "bf16-native": "bf16"}  # in files with a "bf16-native" entry
 PROMPTS = ["", "a photo of", "Question: what is in the picture? Answer:", "Question: what colour is it? Answer:"]
@@ -63,7 +68,7 @@ def run_side(folder: str, dtype: str, out: str, tokens: int) -> None:
     import blip2
 
     torch.manual_seed(0)
-    m = blip2.load(folder, device="cpu", dtype="bf16" if dtype.startswith("bf16") else dtype)
+    m = blip2.load(folder, device="cpu", dtype=dtype.split("-")[0])  # a route's dtype: bf16-fp32-sums is bf16
     ims = images(len(PROMPTS))
     ids, mask = m.tokenize(PROMPTS)
     extra = {}
@@ -116,14 +121,15 @@ def measure(folder: Path, tokens: int, tmp: Path, dtypes=("fp32", "bf16", "bf16-
     return result
 
 
-def table_from(path: str) -> dict[str, dict[str, float]]:
-    """route_quality.QUALITY from a full-size result file."""
-    full = json.loads(Path(path).read_text())["full_opt_2.7b"]
-    if "bf16-native" in full:
-        full = {OLD_NAMES.get(k, k): v for k, v in full.items()}
+def table_from(paths: list[str]) -> dict[str, dict[str, float]]:
+    """route_quality.QUALITY from full-size result files; a route in a later file replaces an earlier file's."""
     keys = ("max_relative_deviation", "top1_agreement", "greedy_identical_share")
     table = {"fp32": {"max_relative_deviation": 0.0, "top1_agreement": 1.0, "greedy_identical_share": 1.0}}
-    table |= {r: {k: round(full[r][k], 4) for k in keys} for r in ROUTE_ENV if r in full}
+    for path in paths:
+        full = json.loads(Path(path).read_text())["full_opt_2.7b"]
+        if "bf16-native" in full:
+            full = {OLD_NAMES.get(k, k): v for k, v in full.items()}
+        table |= {r: {k: round(full[r][k], 4) for k in keys} for r in ROUTE_ENV if r in full}
     return table
 
 
@@ -133,7 +139,8 @@ def main() -> None:
     ap.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "blip2-bench" / "opt-2.7b"))
     ap.add_argument("--tokens", type=int, default=20)
     ap.add_argument("--full-bf16", action="store_true", help="also bf16 at full size (slow without native bf16)")
-    ap.add_argument("--table-from", help="print route_quality.QUALITY from this full-size result file")
+    ap.add_argument("--routes", help="full size: these routes against fp32, comma-separated (else all or int8)")
+    ap.add_argument("--table-from", nargs="+", help="print route_quality.QUALITY from these full-size result files")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -152,9 +159,13 @@ def main() -> None:
         result["tiny_t5"] = measure(make_t5_checkpoint(tmp / "tiny_t5"), args.tokens, tmp)
         if not args.tiny:
             dtypes = ("fp32", "bf16", "bf16-fp32-sums", "int8") if args.full_bf16 else ("fp32", "int8")
+            if args.routes:
+                dtypes = ("fp32", *args.routes.split(","))
             result["full_opt_2.7b"] = measure(make_full_checkpoint(args.folder), args.tokens, tmp, dtypes)
     print(json.dumps(result, indent=1))
     name = "quality_int8_tiny" if args.tiny else ("quality_bf16_int8" if args.full_bf16 else "quality_int8")
+    if args.routes:
+        name = "quality_" + args.routes.replace(",", "_").replace("-", "_")
     print(write_result(name, result))
 
 

@@ -48,3 +48,23 @@ def test_doctor_prints_json_and_recalibrates(fake_routes):
     assert len(fake_routes) == 1  # the second run read the cache
     assert CliRunner().invoke(main, ["doctor", "--recalibrate"]).exit_code == 0
     assert len(fake_routes) == 2
+
+
+def test_a_hopeless_int8_gemm_is_timed_once_not_at_every_row_count(monkeypatch):
+    """If this fails, the first load on a CPU without VNNI or AMX (int8 GEMMs at ~1% of fp32's speed) spends many
+    seconds timing int8 activations at every row count, and an image's 257 rows, for a route it will never take."""
+    import time
+
+    import blip2.machine as machine
+    import blip2.quant as quant
+
+    calls = []
+    monkeypatch.setattr(quant, "_int8_activations_mm", lambda *a: calls.append(1) or time.sleep(0.02))
+    hopeless: set[str] = set()
+    t = machine.kernels(64, 64, rows=(1, 8, 48), hopeless=hopeless)
+    assert calls and t[1]["int8 activations"] >= 20 and hopeless == {"int8 activations"}
+    assert t[8]["int8 activations"] == t[48]["int8 activations"] == float("inf")
+    assert all(0 < ms < float("inf") for r in t for name, ms in t[r].items() if name != "int8 activations")
+    n = len(calls)
+    assert machine.kernels(64, 64, rows=(257,), hopeless=hopeless)[257]["int8 activations"] == float("inf")
+    assert len(calls) == n  # the vision shape's timing skips it too

@@ -37,8 +37,9 @@ AVX2_LIKE = timings(
         "bf16 widened to fp32": [15, 16, 21, 25, 31, 38],
         "int8": [5, 8, 15, 40, 80, 110],
         "int8 widened to fp32": [12, 13, 19, 24, 30, 37],
+        "int8 activations": [60] + [float("inf")] * 5,  # no VNNI: too slow to time beyond one row
     },
-    {"fp32": 97, "bf16": 494, "bf16 packed": 490, "bf16 widened to fp32": 82},
+    {"fp32": 97, "bf16": 494, "bf16 packed": 490, "bf16 widened to fp32": 82, "int8 activations": float("inf")},
 )
 AMX_LIKE = timings(
     {
@@ -48,8 +49,9 @@ AMX_LIKE = timings(
         "bf16 widened to fp32": [15, 16, 21, 25, 31, 38],
         "int8": [3, 4, 6, 12, 20, 30],
         "int8 widened to fp32": [12, 13, 19, 24, 30, 37],
+        "int8 activations": [2, 3, 4, 6, 9, 12],  # AMX/VNNI: int8 x int8 beats the int8-weight kernel everywhere
     },
-    {"fp32": 97, "bf16": 20, "bf16 packed": 18, "bf16 widened to fp32": 82},
+    {"fp32": 97, "bf16": 20, "bf16 packed": 18, "bf16 widened to fp32": 82, "int8 activations": 11},
 )
 
 
@@ -68,7 +70,7 @@ def test_each_kind_takes_the_faster_measured_route():
 def test_packing_must_win_at_every_row_count():
     """Prepacking that loses at some row count (a decoding batch, say) is not chosen for that kind of layer."""
     lm = {n: [10] * 6 for n in LM_NAMES} | {"bf16 widened to fp32": [99] * 6, "bf16 packed": [5, 5, 5, 11, 5, 5]}
-    t = timings(lm, {"fp32": 9, "bf16": 5, "bf16 packed": 4, "bf16 widened to fp32": 9})
+    t = timings(lm, {"fp32": 9, "bf16": 5, "bf16 packed": 4, "bf16 widened to fp32": 9, "int8 activations": 9})
     k = routes.choose(t).kernels
     assert not k.bf16_packed_lm and k.bf16_packed_vision
 
@@ -77,7 +79,7 @@ def test_widening_must_win_at_every_larger_row_count():
     """A route that wins at one row count by noise but loses above it does not set the threshold."""
     t = timings(
         {n: [10, 10, 10, 10, 10, 10] for n in LM_NAMES} | {"int8 widened to fp32": [20, 5, 20, 5, 5, 5]},
-        {"fp32": 1, "bf16": 1, "bf16 packed": 1, "bf16 widened to fp32": 1},
+        {"fp32": 1, "bf16": 1, "bf16 packed": 1, "bf16 widened to fp32": 1, "int8 activations": 1},
     )
     assert routes.choose(t).kernels.int8_lm == 16
 
@@ -89,7 +91,21 @@ def test_auto_is_the_fastest_route_that_quality_allows():
     assert avx2.caption_ms["int8"] < avx2.caption_ms["fp32"]  # faster, yet not picked
     amx = routes.choose(AMX_LIKE)
     assert amx.auto == "bf16" and amx.caption_ms["bf16"] < amx.caption_ms["fp32"]
-    assert "int8+bf16-vision" in amx.caption_ms and not amx.allowed["int8+bf16-vision"]  # not measured: never auto
+    # faster than bf16, yet its top-1 agreement with fp32 falls short of bf16's: never auto
+    assert amx.caption_ms["int8-activations"] < amx.caption_ms["bf16"] and not amx.allowed["int8-activations"]
+
+
+def test_int8_activations_must_win_everywhere_for_both_kinds():
+    """If this fails, `dtype="int8"` quantizes activations on a CPU without a fast int8 GEMM (AVX2: about 1% of
+    fp32's speed), or where it loses for one kind of layer or at some decoding batch size."""
+    assert not routes.choose(AVX2_LIKE).kernels.int8_activations
+    assert routes.choose(AMX_LIKE).kernels.int8_activations
+    loses_at_8_rows = {k: {r: dict(t) for r, t in v.items()} for k, v in AMX_LIKE.items()}
+    loses_at_8_rows["lm"][8]["int8 activations"] = 7  # the int8-weight kernel takes 6 there
+    assert not routes.choose(loses_at_8_rows).kernels.int8_activations
+    loses_on_images = {k: {r: dict(t) for r, t in v.items()} for k, v in AMX_LIKE.items()}
+    loses_on_images["vision"][routes.VISION_ROWS]["int8 activations"] = 21  # bf16 takes 20
+    assert not routes.choose(loses_on_images).kernels.int8_activations
 
 
 def test_quality_gate_is_transformers_bf16_top1():
@@ -161,6 +177,19 @@ def test_environment_overrides_skip_the_measurement(measured, monkeypatch, env, 
     r = routes.cpu_routes()
     assert measured == [] and r.auto == auto and r.source == f"{env}={value}"
     assert placement("cpu", "bf16").bf16_sums_in_fp32 is (value == "0")
+
+
+@pytest.mark.parametrize("value", ["0", "1"])
+def test_int8_activations_variable_overrides_the_measurement(measured, monkeypatch, value):
+    """If this fails, a user cannot choose the more accurate weight-only int8 on a CPU measured to prefer int8
+    activations (or try int8 activations elsewhere)."""
+    monkeypatch.setattr(routes, "measure", lambda: measured.append(1) or AMX_LIKE)
+    monkeypatch.setenv(routes.INT8_ACTIVATIONS_ENV, value)
+    r = routes.cpu_routes()
+    assert r.kernels.int8_activations is (value == "1") and r.source.endswith(f"BLIP2_INT8_ACTIVATIONS={value}")
+    monkeypatch.setenv(routes.INT8_ACTIVATIONS_ENV, "yes")
+    with pytest.raises(ConfigError, match="BLIP2_INT8_ACTIVATIONS='yes': expected 0 or 1"):
+        routes.cpu_routes()
 
 
 def test_bad_routes_variable_is_a_clear_error(measured, monkeypatch):

@@ -17,6 +17,7 @@ in cores, caches and memory channels. Each figure is the best of a few runs, aft
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -32,6 +33,8 @@ from .quant import NEVER
 ROWS = (1, 4, 8, 24, 64, 257)  # decoding 1-8 sequences, the thresholds' region, a prompt's prefill, one image
 LM_SHAPE = (2560, 10240)  # in, out: OPT-2.7B's fc1
 VISION_GEMM = (257, 1408, 6144)  # rows, in, out: one image through EVA ViT-g's fc1
+HOPELESS = 8  # times the fastest route's time: `kernels` stops timing a route of SKIPPABLE there
+SKIPPABLE = ("int8 activations",)
 
 
 def best_seconds(fn: Callable[[], Any], repeat: int = 3, budget_s: float = 2.0) -> float:
@@ -95,10 +98,16 @@ def gemm(rows: int, k: int, n: int) -> dict[str, float]:
 
 @torch.no_grad()
 def kernels(
-    k: int, n: int, rows: tuple[int, ...] = ROWS, names: tuple[str, ...] | None = None
+    k: int, n: int, rows: tuple[int, ...] = ROWS, names: tuple[str, ...] | None = None, hopeless: set[str] | None = None
 ) -> dict[int, dict[str, float]]:
-    """Milliseconds per product of each route (or of those in `names`) for an (n, k) weight at each row count."""
-    from .quant import _pack, _widened_mm, can_pack
+    """Milliseconds per product of each route (or of those in `names`) for an (n, k) weight at each row count.
+
+    Int8 activations (`SKIPPABLE`) taking `HOPELESS` times the fastest route's time at some row count are not run
+    at larger ones (nor at all if named in `hopeless`, which collects such routes): their time there is infinite.
+    Without VNNI or AMX, PyTorch's int8 GEMM runs at about 1% of fp32's speed, and timing it at an image's rows
+    would take seconds."""
+    hopeless = set() if hopeless is None else hopeless
+    from .quant import _int8_activations_mm, _pack, _widened_mm, can_pack
 
     w = torch.randn(n, k)
     scale = w.abs().amax(1) / 127
@@ -119,10 +128,13 @@ def kernels(
             "bf16 widened to fp32": lambda x=x: _widened_mm(x, wb, None, None),
             "int8": lambda xb=xb: torch._weight_int8pack_mm(xb, wq, sb),
             "int8 widened to fp32": lambda x=x: _widened_mm(x, wq, scale, None),
+            "int8 activations": lambda x=x: _int8_activations_mm(x, wq, scale),
         }
-        out[m] = {
-            name: best_seconds(fn, budget_s=0.3) * 1e3 for name, fn in routes.items() if name in (names or routes)
-        }
+        out[m] = {}
+        for name in (n for n in routes if n in (names or routes)):
+            out[m][name] = math.inf if name in hopeless else best_seconds(routes[name], budget_s=0.3) * 1e3
+        fastest = min(out[m].values())
+        hopeless.update(name for name in SKIPPABLE if out[m].get(name, 0) >= HOPELESS * fastest)
     return out
 
 
@@ -139,8 +151,10 @@ def report(
     measured = measured_routes(recalibrate)
     in_use = cpu_routes()
     k, n = LM
-    weight_bytes = {"fp32": 4, "int8": 1, "int8 widened to fp32": 1} | dict.fromkeys(
-        ("bf16", "bf16 packed", "bf16 widened to fp32"), 2
+    weight_bytes = (
+        dict.fromkeys(("int8", "int8 widened to fp32", "int8 activations"), 1)
+        | {"fp32": 4}
+        | dict.fromkeys(("bf16", "bf16 packed", "bf16 widened to fp32"), 2)
     )
     times = measured.timings["lm"]
     read = {m: {r: weight_bytes[r] * k * n / (ms / 1e3) / 1e9 for r, ms in t.items()} for m, t in times.items()}
@@ -193,7 +207,8 @@ def format_report(r: dict[str, Any]) -> str:
             f"routes     {title} ({rt['source']}): widened to fp32: bf16 LM {_threshold(k['bf16_lm'])}, bf16 vision "
             f"{_threshold(k['bf16_vision'])}, int8 LM {_threshold(k['int8_lm'])}, int8 vision "
             f"{_threshold(k['int8_vision'])}; bf16 prepacked: LM {_yes(k['bf16_packed_lm'])}, vision "
-            f"{_yes(k['bf16_packed_vision'])}; dtype auto = {rt['auto']}"
+            f"{_yes(k['bf16_packed_vision'])}; int8 activations: {_yes(k['int8_activations'])}; "
+            f"dtype auto = {rt['auto']}"
         )
     for name, ms in routes["caption_ms"].items():
         may = "may be picked by auto" if routes["allowed"][name] else "not for auto (route_quality)"

@@ -23,7 +23,7 @@ from .config import Blip2Config
 from .language import build_language_model
 from .qformer import QFormer, TextEmbeddings
 
-CPU_VISION_CHUNK = 8  # images per pass of the vision encoder on a CPU (encode_image)
+CPU_VISION_CHUNK = 4  # images per pass of the vision encoder on a CPU (encode_image)
 
 
 @dataclass

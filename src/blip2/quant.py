@@ -64,6 +64,10 @@ class Kernels:
     bf16_packed_lm: bool = False  # dtype="bf16", layers never widened: weights prepacked for oneDNN (`PackedLinear`)
     bf16_packed_vision: bool = False
 
+    # dtype="int8": activations quantized too, per position, for `torch._int_mm` (`_int8_activations_mm`), in every
+    # int8 layer at every row count; the vision encoder's layers are then stored int8 as well
+    int8_activations: bool = False
+
     @property
     def widens_bf16(self) -> bool:
         """Whether any bf16 layer of a `dtype="bf16"` model takes the widened route (`bf16_sums_in_fp32` applies)."""
@@ -86,12 +90,15 @@ def active_kernels() -> Kernels:
 class Int8Linear(nn.Module):
     """y = x W^T + b with W stored as int8 (symmetric, one fp32 scale per output channel)."""
 
-    def __init__(self, linear: nn.Linear, min_positions: int = INT8_FP32_MIN_POSITIONS) -> None:
+    def __init__(
+        self, linear: nn.Linear, min_positions: int = INT8_FP32_MIN_POSITIONS, activations: bool = False
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # the meta parameter until `set_weight`, then an int8 buffer of the same name
         self.bias = linear.bias
         self.min_positions = min_positions  # from here on (positions per sequence) the widened fp32 route
+        self.activations = activations  # quantize the activations too (`_int8_activations_mm`), at every row count
         self.register_buffer("scale", None)
 
     @torch.no_grad()
@@ -113,6 +120,11 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activations and x.device.type == "cpu" and not torch.is_grad_enabled():
+            mm = _int8_activations_op if torch.compiler.is_compiling() else _int8_activations_mm
+            bias = None if self.bias is None else self.bias.float()
+            y = mm(x.reshape(-1, self.in_features), self.weight, self.scale, bias)
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if _positions(x) >= self.min_positions and _widening_applies(x):
             y = _widened_mm(x.reshape(-1, self.in_features).float(), self.weight, self.scale, self.bias)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -128,7 +140,8 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+        acts = ", int8 activations per position" if self.activations else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel{acts}"
 
 
 @torch.library.custom_op("blip2::int8_mm", mutates_args=())
@@ -141,6 +154,58 @@ def _int8_mm(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
 @_int8_mm.register_fake
 def _(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return rows.new_empty(rows.shape[0], weight.shape[0])
+
+
+# LLM.int8() (Dettmers et al., 2022; bitsandbytes' `llm_int8_threshold`): an input feature of magnitude above 6 at
+# any position is an outlier, multiplied in fp32 rather than squeezed into the position's int8 range
+OUTLIER_THRESHOLD = 6.0
+ROW_BLOCK = 256  # positions quantized and multiplied at a time: their int32 products stay within the cache
+
+
+def _int8_activations_mm(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ (weight * scale)^T + bias in fp32 for (M, in) activations x and an int8 (out, in) weight with per-channel scales,
+    with x quantized to int8 per position (symmetric, absmax / 127) and multiplied by `torch._int_mm` (int32
+    sums, exact), where the CPU has a fast int8 GEMM (VNNI, AMX; `routes.py` measures it). Activations above
+    `OUTLIER_THRESHOLD` are left out of the int8 product and multiplied in fp32 on their dequantized weight
+    columns, so that one large feature does not coarsen the quantization of all the others at its position (OPT's
+    activations have a few such channels in real checkpoints). Each position is quantized on its own: a batch's
+    int8 products are those of its members alone, bit for bit."""
+    rows = x.shape[0]
+    out = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=x.device)
+    block = -(-rows // -(-rows // ROW_BLOCK))  # equal blocks of at most ROW_BLOCK (257 rows: 129 + 128, not 256 + 1)
+    for i in range(0, rows, block):
+        xs = x[i : i + block].float()
+        mag = xs.abs()
+        top = mag.amax(1, keepdim=True)
+        wide = None
+        if top.max() > OUTLIER_THRESHOLD:
+            big = mag > OUTLIER_THRESHOLD
+            wide = big.any(0).nonzero().squeeze(1)  # the features that are outliers at some position of the block
+            xo, xs = (xs * big)[:, wide], xs.masked_fill(big, 0.0)
+            top = xs.abs().amax(1, keepdim=True)
+        s = top.clamp_(min=1e-12) / 127
+        y = torch.mul(torch._int_mm(torch.round(xs / s).to(torch.int8), weight.t()), s, out=out[i : i + block])
+        y.mul_(scale)
+        if wide is not None:
+            y.addmm_(xo, (weight[:, wide].float() * scale[:, None]).t())
+        if bias is not None:
+            y.add_(bias)
+    return out
+
+
+@torch.library.custom_op("blip2::int8_activations_mm", mutates_args=())
+def _int8_activations_op(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """`_int8_activations_mm` as one opaque op for `torch.compile` (the same arithmetic as in eager mode)."""
+    return _int8_activations_mm(x, weight, scale, bias)
+
+
+@_int8_activations_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
 
 class StoredLinear(nn.Linear):
@@ -280,12 +345,14 @@ def prepare(
     lm = model.language_model
     if lm is not None:
         table = lm.get_input_embeddings().weight  # T5's encoder and decoder embeddings share it
-        _swap(lm, lambda m: Int8Linear(m, k.int8_lm) if type(m) is nn.Linear else None)
+        _swap(lm, lambda m: Int8Linear(m, k.int8_lm, k.int8_activations) if type(m) is nn.Linear else None)
         shares_table = lambda m: type(m) is nn.Embedding and m.weight is table  # noqa: E731
         _swap(lm, lambda m: StoredEmbedding(m, torch.bfloat16, compute) if shares_table(m) else None)
-    _swap(
-        model.vision_model, lambda m: StoredLinear(m, torch.bfloat16, k.int8_vision) if type(m) is nn.Linear else None
-    )
+    if k.int8_activations:
+        vision = lambda m: Int8Linear(m, NEVER, activations=True)  # noqa: E731
+    else:
+        vision = lambda m: StoredLinear(m, torch.bfloat16, k.int8_vision)  # noqa: E731
+    _swap(model.vision_model, lambda m: vision(m) if type(m) is nn.Linear else None)
 
 
 def bf16_sums_in_fp32(model: nn.Module, kernels: Kernels | None = None) -> None:

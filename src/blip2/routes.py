@@ -4,13 +4,16 @@ At the first load that needs a choice (`dtype="auto"`, `"bf16"` or `"int8"` on a
 run are timed on BLIP-2's layer shapes (a few seconds): the vision encoder's fc1 (1408 -> 6144) at 257 rows (one
 image) and the language model's fc1 (2560 -> 10240, OPT-2.7B) at 1-8 rows (decoding), 16-32 and 48 rows (a
 prompt's prefill), in fp32, on PyTorch's bf16 kernel, on bf16 weights prepacked for oneDNN (`quant.PackedLinear`),
-on bf16 weights widened to fp32 (`quant._widened_mm`), on the int8-weight kernel (`_weight_int8pack_mm`) and on int8
-weights widened to fp32. From the timings:
+on bf16 weights widened to fp32 (`quant._widened_mm`), on the int8-weight kernel (`_weight_int8pack_mm`), on int8
+weights widened to fp32, and with the activations quantized to int8 as well (`quant._int8_activations_mm`, PyTorch's
+int8 GEMM: fast where the CPU has VNNI or AMX, a fallback elsewhere). From the timings:
 
 - per kind of layer, the positions per sequence from which the widened route takes over (`quant.Kernels`): the
   fewest rows from which it is faster at every larger row count measured (never, if nowhere);
 - per kind of layer that is never widened, whether its bf16 weights are prepacked: if that is faster than PyTorch's
   bf16 kernel at every row count measured (the same arithmetic, bit for bit);
+- whether `dtype="int8"` quantizes the activations too: if that is faster than its weight-only products at every
+  row count measured, for both kinds of layer;
 - `auto`: the estimated time of one caption (vision at 257 rows, a 48-position prefill, 20 decoding steps, scaled
   by the products of blip2-opt-2.7b) on each route that `route_quality.allowed` permits; the fastest wins.
 
@@ -18,7 +21,8 @@ The timings are cached per CPU model, core count, torch thread count and torch v
 `$XDG_CACHE_HOME/blip2/routes-<hash>.json` (else `~/.cache/blip2/`), written atomically; a file that cannot be read
 is measured again with a warning naming it. `blip2 doctor` prints them (`--recalibrate` measures again).
 Overrides: `BLIP2_ROUTES=flags` skips the measurement and decides by CPU flags with the defaults of `quant.Kernels`;
-`BLIP2_CPU_BF16=0|1` does the same with the bf16 capability forced (the tests use both).
+`BLIP2_CPU_BF16=0|1` does the same with the bf16 capability forced (the tests use both); `BLIP2_INT8_ACTIVATIONS=0|1`
+forces whether `dtype="int8"` quantizes activations (0: weights only, the more accurate int8 route).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +45,7 @@ from .quant import NEVER, Kernels
 from .route_quality import allowed
 
 ROUTES_ENV = "BLIP2_ROUTES"
-FORMAT = 2  # of the cache file; a new format is a new file name
+FORMAT = 3  # of the cache file; a new format is a new file name
 LM_SHAPE = (2560, 10240)  # in, out: OPT-2.7B's fc1
 VISION_SHAPE = (1408, 6144)  # EVA ViT-g's fc1
 VISION_ROWS = 257  # one image
@@ -51,8 +55,9 @@ PREFILL_ROWS, NEW_TOKENS = 48, 20
 # (1408 x (3 + 1 + 4.36 + 4.36) x 1408) per fc1; 32 OPT layers of q, k, v, out, fc1, fc2 plus the head per fc1
 VISION_PRODUCTS = 39 * (4 * 1408 + 2 * 6144) / 6144
 LM_PRODUCTS = 32 * (4 * 2560 + 2 * 10240) / 10240 + 50272 / 10240
-LM_NAMES = ("fp32", "bf16", "bf16 packed", "bf16 widened to fp32", "int8", "int8 widened to fp32")
-VISION_NAMES = ("fp32", "bf16", "bf16 packed", "bf16 widened to fp32")
+INT8_ACTIVATIONS_ENV = "BLIP2_INT8_ACTIVATIONS"
+LM_NAMES = ("fp32", "bf16", "bf16 packed", "bf16 widened to fp32", "int8", "int8 widened to fp32", "int8 activations")
+VISION_NAMES = ("fp32", "bf16", "bf16 packed", "bf16 widened to fp32", "int8 activations")
 
 Timings = dict[str, dict[int, dict[str, float]]]  # {"lm" | "vision": {rows: {route name: ms}}}
 
@@ -66,7 +71,7 @@ class Routes:
     """The kernels of each kind of layer and the route `dtype="auto"` takes, with what they were decided from."""
 
     kernels: Kernels
-    auto: str  # a route_quality name: fp32, bf16, bf16-fp32-sums or int8
+    auto: str  # a route_quality name: fp32, bf16, bf16-fp32-sums, int8 or int8-activations
     source: str  # "measured", "cache <file>", or the environment variable that decided
     timings: Timings | None = None
     caption_ms: dict[str, float] = field(default_factory=dict)  # estimated, per route auto considered
@@ -97,9 +102,10 @@ def measure() -> Timings:
     """Milliseconds of each route's product at each kind's row counts (`machine.kernels`)."""
     from .machine import kernels
 
+    hopeless: set[str] = set()  # a route hopeless for the LM's rows is not timed at an image's
     return {
-        "lm": kernels(*LM_SHAPE, rows=LM_ROWS, names=LM_NAMES),
-        "vision": kernels(*VISION_SHAPE, rows=(VISION_ROWS,), names=VISION_NAMES),
+        "lm": kernels(*LM_SHAPE, rows=LM_ROWS, names=LM_NAMES, hopeless=hopeless),
+        "vision": kernels(*VISION_SHAPE, rows=(VISION_ROWS,), names=VISION_NAMES, hopeless=hopeless),
     }
 
 
@@ -112,18 +118,28 @@ def widen_from(times: dict[int, dict[str, float]], narrow: str, wide: str) -> in
     return NEVER
 
 
+def split(narrow: str, wide: str, threshold: int) -> Callable[[int], str]:
+    """The route at each row count for a kind of layer widened from `threshold` positions."""
+    return lambda rows: wide if rows >= threshold else narrow
+
+
 def choose(timings: Timings, source: str = "measured") -> Routes:
     """The kernels and the auto route that the timings make fastest (see the module's docstring)."""
     lm, vision = timings["lm"], timings["vision"][VISION_ROWS]
     vision_widens = vision["bf16 widened to fp32"] < vision["bf16"]
     bf16_lm = widen_from(lm, "bf16", "bf16 widened to fp32")
+    int8_lm = widen_from(lm, "int8", "int8 widened to fp32")
+    int8_weights_only = split("int8", "int8 widened to fp32", int8_lm)
+    int8_vision = vision["bf16 widened to fp32"] if vision_widens else vision["bf16"]
     k = Kernels(
         bf16_lm=bf16_lm,
         bf16_vision=0 if vision_widens else NEVER,
-        int8_lm=widen_from(lm, "int8", "int8 widened to fp32"),
+        int8_lm=int8_lm,
         int8_vision=0 if vision_widens else NEVER,
         bf16_packed_lm=bf16_lm == NEVER and all(t["bf16 packed"] < t["bf16"] for t in lm.values()),
         bf16_packed_vision=not vision_widens and vision["bf16 packed"] < vision["bf16"],
+        int8_activations=vision["int8 activations"] < int8_vision
+        and all(t["int8 activations"] < t[int8_weights_only(r)] for r, t in lm.items()),
     )
     native_lm = "bf16 packed" if k.bf16_packed_lm else "bf16"
     native_vision = vision["bf16 packed" if k.bf16_packed_vision else "bf16"]
@@ -132,19 +148,16 @@ def choose(timings: Timings, source: str = "measured") -> Routes:
         prefill, step = lm[PREFILL_ROWS][lm_route(PREFILL_ROWS)], lm[1][lm_route(1)]
         return VISION_PRODUCTS * v + LM_PRODUCTS * (prefill + NEW_TOKENS * step)
 
-    def split(narrow: str, wide: str, threshold: int) -> Callable[[int], str]:
-        return lambda rows: wide if rows >= threshold else narrow
-
-    widened = vision["bf16 widened to fp32"]
     candidates = {
         "fp32": caption(vision["fp32"], lambda r: "fp32"),
         "bf16": caption(native_vision, lambda r: native_lm),
-        "int8" if vision_widens else "int8+bf16-vision": caption(
-            widened if vision_widens else vision["bf16"], split("int8", "int8 widened to fp32", k.int8_lm)
-        ),
     }
+    if k.int8_activations:
+        candidates["int8-activations"] = caption(vision["int8 activations"], lambda r: "int8 activations")
+    else:
+        candidates["int8" if vision_widens else "int8+bf16-vision"] = caption(int8_vision, int8_weights_only)
     if k.widens_bf16:
-        v = widened if vision_widens else vision["bf16"]  # a route that widens any layer packs none
+        v = int8_vision  # a route that widens any layer packs none: the vision encoder's bf16 or widened product
         candidates["bf16-fp32-sums"] = caption(v, split("bf16", "bf16 widened to fp32", k.bf16_lm))
     ok = {name: allowed(name) for name in candidates}
     auto = min((name for name in candidates if ok[name]), key=candidates.__getitem__)
@@ -201,14 +214,33 @@ _memo: dict[str, Routes] = {}
 def cpu_routes() -> Routes:
     """The routes loads use on this CPU: the environment's override, else the measured ones (once per process)."""
     forced = os.environ.get(CPU_BF16_ENV, "").strip()
-    if forced:
-        return _flags_routes(cpu_has_native_bf16(), f"{CPU_BF16_ENV}={forced}")
     mode = os.environ.get(ROUTES_ENV, "").strip() or "measure"
-    if mode == "flags":
-        return _flags_routes(cpu_has_native_bf16(), f"{ROUTES_ENV}=flags")
-    if mode != "measure":
+    if forced:
+        chosen = _flags_routes(cpu_has_native_bf16(), f"{CPU_BF16_ENV}={forced}")
+    elif mode == "flags":
+        chosen = _flags_routes(cpu_has_native_bf16(), f"{ROUTES_ENV}=flags")
+    elif mode != "measure":
         raise ConfigError(f"{ROUTES_ENV}={mode!r}: expected measure or flags")
-    key = settings_hash(machine_key())
-    if key not in _memo:
-        _memo[key] = measured_routes()
-    return _memo[key]
+    else:
+        key = settings_hash(machine_key())
+        if key not in _memo:
+            _memo[key] = measured_routes()
+        chosen = _memo[key]
+    return _int8_activations_override(chosen)
+
+
+def _int8_activations_override(chosen: Routes) -> Routes:
+    """`chosen` with `BLIP2_INT8_ACTIVATIONS=0|1` applied, if set."""
+    forced = os.environ.get(INT8_ACTIVATIONS_ENV, "").strip()
+    if not forced:
+        return chosen
+    if forced not in ("0", "1"):
+        raise ConfigError(f"{INT8_ACTIVATIONS_ENV}={forced!r}: expected 0 or 1")
+    on = forced == "1"
+    auto = {"int8": "int8-activations", "int8-activations": "int8"}.get(chosen.auto, chosen.auto)
+    return replace(
+        chosen,
+        kernels=replace(chosen.kernels, int8_activations=on),
+        auto=auto if chosen.kernels.int8_activations != on else chosen.auto,
+        source=f"{chosen.source}; {INT8_ACTIVATIONS_ENV}={forced}",
+    )

@@ -1,0 +1,130 @@
+"""`dtype="int8"` with int8 activations (quant._int8_activations_mm): what `routes.py` picks where the CPU's int8
+GEMM is fast (VNNI, AMX). `BLIP2_INT8_ACTIVATIONS=1` forces it here, on any CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import blip2
+from blip2.quant import OUTLIER_THRESHOLD, ROW_BLOCK, Int8Linear, StoredEmbedding
+
+
+def _layer(width: int, out: int = 24, seed: int = 0) -> Int8Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(width, out)
+    q = Int8Linear(lin, activations=True)
+    q.set_weight(lin.weight.detach())
+    return q
+
+
+def _spelled_out(x: torch.Tensor, q: Int8Linear) -> torch.Tensor:
+    """The arithmetic the route promises, written plainly: per position, activations above the outlier threshold
+    multiplied in float64 on the dequantized weight; the rest rounded to int8 on their absmax / 127 scale,
+    multiplied by the int8 weight exactly (float64 holds the int32 sums), then scaled back."""
+    x = x.reshape(-1, q.in_features).float()
+    big = x.abs() > OUTLIER_THRESHOLD
+    rest = x.masked_fill(big, 0.0)
+    s = rest.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
+    xq = torch.round(rest / s).double()
+    w, scale = q.weight.double(), q.scale.double()
+    y = (xq @ w.t()) * s.double() * scale + (x * big).double() @ (w * scale[:, None]).t()
+    return y + q.bias.double()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, ROW_BLOCK + 1, 3 * ROW_BLOCK])
+@pytest.mark.parametrize("width", [32, 37])
+def test_product_is_the_per_position_int8_arithmetic(rows, width):
+    """If this fails, the int8-activations product computes something else than its quantized arithmetic: a block
+    of positions left out or scaled by another position's scale, an output channel scaled wrongly, the bias lost."""
+    q = _layer(width)
+    x = torch.randn(rows, width) * 2
+    x[rows // 2, 3] = 40.0  # one outlier, in one block
+    with torch.no_grad():
+        got = q(x)
+    torch.testing.assert_close(got.double(), _spelled_out(x, q), atol=1e-5, rtol=1e-5)
+
+
+def test_an_outlier_does_not_coarsen_its_position():
+    """If this fails, one large activation (OPT's outlier channels in real checkpoints) becomes the int8 scale of
+    its whole position, and every other feature there is rounded to a few levels: answers degrade."""
+    q = _layer(256, 64)
+    x = torch.randn(4, 256)
+    x[1, 5] = 80.0
+    exact = x.double() @ q.dequantized().double().t() + q.bias.double()
+    with torch.no_grad():
+        err = (q(x).double() - exact).abs().amax(1)
+    s = x.abs().amax(1, keepdim=True) / 127  # the same product without the guard
+    naive = (torch.round(x / s) * s).double() @ q.dequantized().double().t() + q.bias.double()
+    naive_err = (naive - exact).abs().amax(1)
+    assert err[1] <= 2 * err.median(), err  # the outlier's position is as accurate as the others
+    assert naive_err[1] >= 10 * err[1], (naive_err, err)  # and the guard is what made it so
+
+
+@pytest.mark.parametrize("outliers", [False, True])
+def test_each_sequence_of_a_batch_gets_what_it_gets_alone(outliers):
+    """If this fails, batched captions differ from one-by-one captions on this route: a position's quantization
+    depends on the other positions of its block."""
+    q = _layer(64, 96)
+    x = torch.randn(40, 7, 64)
+    if outliers:
+        x[3, 2, 10] = 50.0
+        x[17, 0, 40] = -30.0
+    with torch.no_grad():
+        batched = q(x)
+        for i in range(len(x)):
+            alone = q(x[i : i + 1])[0]
+            if outliers:  # the fp32 product of the outlier features sums other zeros: equal up to rounding
+                torch.testing.assert_close(batched[i], alone, atol=1e-6, rtol=1e-6)
+            else:  # int32 sums are exact: bit for bit
+                assert torch.equal(batched[i], alone), i
+
+
+@pytest.fixture
+def int8_activations(monkeypatch):
+    monkeypatch.setenv("BLIP2_INT8_ACTIVATIONS", "1")
+
+
+def test_every_layer_of_the_model_takes_int8_activations(opt_ckpt, int8_activations):
+    """If this fails, `BLIP2_INT8_ACTIVATIONS=1` (or a CPU measured to want it) leaves some layers on another route:
+    bf16 vision weights where int8 ones were promised, or language-model layers on the weight-only kernel."""
+    q = blip2.load(opt_ckpt, dtype="int8")
+    for part in (q.model.language_model, q.model.vision_model):
+        linears = [m for m in part.modules() if isinstance(m, nn.Linear | Int8Linear)]
+        assert linears and all(type(m) is Int8Linear and m.activations for m in linears)
+        assert all(m.weight.dtype == torch.int8 for m in linears)
+    assert type(q.model.language_model.get_input_embeddings()) is StoredEmbedding
+    assert all(p.dtype == torch.float32 for p in q.model.qformer.parameters())
+
+
+def test_int8_activations_stay_close_to_fp32_and_batch_as_alone(opt_ckpt, images, monkeypatch):
+    """If this fails, the route's logits drift from fp32's more than twice as far as bf16's do on the same inputs
+    (this tiny random model amplifies any rounding: bf16 alone moves its logits by a fifth of their range; a
+    wrong scale or a lost bias moves them by more than their range), fp32's next
+    token falls out of the route's top 3 at more than 15% of the positions (the figures at full size are in
+    docs/speed.md), or a batch decodes other tokens than its images one by one."""
+    pics, prompts = [images["rgb"], images["rgba"]], ["a photo of", "Question: what is it? Answer:"]
+    f = blip2.load(opt_ckpt, dtype="fp32")
+    ids, mask = f.tokenize(prompts)
+    monkeypatch.setenv("BLIP2_INT8_ACTIVATIONS", "1")
+    deviation = {}
+    for dtype in ("bf16", "int8"):
+        q = blip2.load(opt_ckpt, dtype=dtype)
+        with torch.no_grad():
+            want, got = (m.model(ids, mask, pixel_values=m.pixel_values(pics)).logits.float() for m in (f, q))
+        deviation[dtype] = (got - want).abs().max()
+    assert deviation["int8"] <= 2 * deviation["bf16"], deviation
+    top3 = got.topk(3, dim=-1).indices
+    assert (top3 == want.argmax(-1, keepdim=True)).any(-1).float().mean() >= 0.85
+    batched = q.generate(pics, prompts, max_new_tokens=8, batch_size=2)
+    alone = [q.generate([p], [t], max_new_tokens=8)[0] for p, t in zip(pics, prompts)]
+    assert [g.tokens for g in batched] == [g.tokens for g in alone]
+
+
+def test_compiled_decoding_gives_the_eager_tokens(opt_ckpt, images, int8_activations):
+    """If this fails, `compile=True` on this route crashes while compiling or decodes other tokens than eager."""
+    eager, compiled = (blip2.load(opt_ckpt, dtype="int8", compile=c) for c in (False, True))
+    pics, prompts = [images["rgb"]], ["a photo of"]
+    want = [g.tokens for g in eager.generate(pics, prompts, max_new_tokens=10)]
+    assert [g.tokens for g in compiled.generate(pics, prompts, max_new_tokens=10)] == want
