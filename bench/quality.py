@@ -4,8 +4,9 @@
     python bench/quality.py --tiny     # the tiny ones only (seconds)
 
     python bench/quality.py --routes int8,int8-activations   # full size: these routes (and fp32) only
-    python bench/quality.py --table-from bench/results/quality_bf16_int8.json bench/results/quality_int8_activations.json
-                                       # src/blip2/route_quality.py's table (a later file's routes replace)
+    # src/blip2/route_quality.py's table (a later file's routes replace an earlier one's):
+    python bench/quality.py --table-from bench/results/quality_bf16_int8.json \
+        bench/results/quality_int8_int8_activations.json
 
 Each route is named as src/blip2/route_quality.py names it and pinned by the environment of its process, so that
 it runs the same arithmetic on every CPU: `bf16` on PyTorch's bf16 kernels (`BLIP2_CPU_BF16=1`, what the reference

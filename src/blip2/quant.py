@@ -165,13 +165,13 @@ ROW_BLOCK = 256  # positions quantized and multiplied at a time: their int32 pro
 def _int8_activations_mm(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x @ (weight * scale)^T + bias in fp32 for (M, in) activations x and an int8 (out, in) weight with per-channel scales,
-    with x quantized to int8 per position (symmetric, absmax / 127) and multiplied by `torch._int_mm` (int32
-    sums, exact), where the CPU has a fast int8 GEMM (VNNI, AMX; `routes.py` measures it). Activations above
-    `OUTLIER_THRESHOLD` are left out of the int8 product and multiplied in fp32 on their dequantized weight
-    columns, so that one large feature does not coarsen the quantization of all the others at its position (OPT's
-    activations have a few such channels in real checkpoints). Each position is quantized on its own: a batch's
-    int8 products are those of its members alone, bit for bit."""
+    """x @ (weight * scale)^T + bias in fp32 for (M, in) activations x and an int8 (out, in) weight with
+    per-channel scales, with x quantized to int8 per position (symmetric, absmax / 127) and multiplied by
+    `torch._int_mm` (int32 sums, exact), where the CPU has a fast int8 GEMM (VNNI, AMX; `routes.py` measures
+    it). Activations above `OUTLIER_THRESHOLD` are left out of the int8 product and multiplied in fp32 on their
+    dequantized weight columns, so that one large feature does not coarsen the quantization of all the others at
+    its position (OPT's activations have a few such channels in real checkpoints). Each position is quantized on
+    its own: a batch's int8 products are those of its members alone, bit for bit."""
     rows = x.shape[0]
     out = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=x.device)
     block = -(-rows // -(-rows // ROW_BLOCK))  # equal blocks of at most ROW_BLOCK (257 rows: 129 + 128, not 256 + 1)
