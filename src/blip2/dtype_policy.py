@@ -36,6 +36,7 @@ AUTO_ROUTES = {
     "bf16": (torch.bfloat16, None, False),
     "bf16-fp32-sums": (torch.bfloat16, None, True),
     "int8": (torch.float32, "int8", False),
+    "int8-activations": (torch.float32, "int8", False),  # the kernels' int8_activations says which int8
 }
 DTYPE_NAMES = {
     "fp32": torch.float32,

@@ -8,17 +8,23 @@ compares them on the model's layer shapes; the figures are in docs/speed.md):
   1 byte per weight instead of 4 pays. PyTorch's own `_weight_int8pack_mm` (int8 weights, one scale per output
   channel, bf16 activations) beats fp32 and bf16 there;
 * the vision encoder multiplies 257 rows per image, and the LLM's prefill 30-50 rows per prompt: compute-bound.
-  There the same int8 kernel is slower than the fp32 GEMM, and `torch._int_mm` (int8 activations too) has no fast
-  CPU path at all. So these products run in fp32 on weights widened from their narrow storage a block at a time
-  (`_widened_mm`: the wide block stays in the cache, which makes it as fast as an fp32 GEMM on fp32 weights).
+  There the same int8 kernel is slower than the fp32 GEMM. So these products run in fp32 on weights widened from
+  their narrow storage a block at a time (`_widened_mm`: the wide block stays in the cache, which makes it as
+  fast as an fp32 GEMM on fp32 weights);
+* on CPUs with VNNI or AMX, PyTorch's int8 x int8 GEMM (`torch._int_mm`) beats all of these at every row count
+  (on an AVX512-VNNI EPYC 1.5x bf16's speed on an image's rows, and it reads int8 weights faster than the int8
+  kernel while decoding); without them it runs at about 1% of fp32's speed. There the activations are quantized
+  too, per position, with large outliers kept in fp32 (`_int8_activations_mm`), and the vision encoder's weights
+  are stored int8 as well.
 
 So `int8` means: language-model linears (with the output head) int8 per output channel, multiplied by the int8
 kernel below a number of positions per sequence (decoding) and widened to fp32 from there (prefill); vision
 linears bf16 storage, fp32 arithmetic on widened weights (or PyTorch's bf16 kernel where the CPU has a faster
-one); the Q-Former, norms, biases and embeddings as the reference keeps them (the Q-Former in fp32, the token
-embeddings stored bf16). Quality is measured, not assumed: `tests/test_quant.py`
-bounds the logit deviation from fp32 on the tiny models and `bench/quality.py` reports it on the full-size
-architecture.
+one); or, where `routes.py` measures int8 activations faster, every linear layer on int8 x int8 products. The
+Q-Former, norms, biases and embeddings stay as the reference keeps them (the Q-Former in fp32, the token
+embeddings stored bf16). Quality is measured, not assumed: `tests/test_quant.py` and
+`tests/test_int8_activations.py` bound the logit deviation from fp32 on the tiny models and `bench/quality.py`
+reports it on the full-size architecture (`route_quality.py`).
 
 The swapped modules are created before loading, with their `weight` still on the meta device; the loader hands
 each weight to `set_weight`, which converts it at once, so the full-precision copy of a layer never outlives
