@@ -12,8 +12,8 @@ int8 GEMM: fast where the CPU has VNNI or AMX, a fallback elsewhere). From the t
   fewest rows from which it is faster at every larger row count measured (never, if nowhere);
 - per kind of layer that is never widened, whether its bf16 weights are prepacked: if that is faster than PyTorch's
   bf16 kernel at every row count measured (the same arithmetic, bit for bit);
-- whether `dtype="int8"` quantizes the activations too: if that is faster than its weight-only products at every
-  row count measured, for both kinds of layer;
+- whether `dtype="int8"` quantizes the activations too: if that makes the estimated caption (below) faster than
+  int8 weights alone;
 - `auto`: the estimated time of one caption (vision at 257 rows, a 48-position prefill, 20 decoding steps, scaled
   by the products of blip2-opt-2.7b) on each route that `route_quality.allowed` permits; the fastest wins.
 
@@ -138,8 +138,6 @@ def choose(timings: Timings, source: str = "measured") -> Routes:
         int8_vision=0 if vision_widens else NEVER,
         bf16_packed_lm=bf16_lm == NEVER and all(t["bf16 packed"] < t["bf16"] for t in lm.values()),
         bf16_packed_vision=not vision_widens and vision["bf16 packed"] < vision["bf16"],
-        int8_activations=vision["int8 activations"] < int8_vision
-        and all(t["int8 activations"] < t[int8_weights_only(r)] for r, t in lm.items()),
     )
     native_lm = "bf16 packed" if k.bf16_packed_lm else "bf16"
     native_vision = vision["bf16 packed" if k.bf16_packed_vision else "bf16"]
@@ -148,19 +146,21 @@ def choose(timings: Timings, source: str = "measured") -> Routes:
         prefill, step = lm[PREFILL_ROWS][lm_route(PREFILL_ROWS)], lm[1][lm_route(1)]
         return VISION_PRODUCTS * v + LM_PRODUCTS * (prefill + NEW_TOKENS * step)
 
+    weights_only = "int8" if vision_widens else "int8+bf16-vision"
     candidates = {
         "fp32": caption(vision["fp32"], lambda r: "fp32"),
         "bf16": caption(native_vision, lambda r: native_lm),
+        weights_only: caption(int8_vision, int8_weights_only),
+        "int8-activations": caption(vision["int8 activations"], lambda r: "int8 activations"),
     }
-    if k.int8_activations:
-        candidates["int8-activations"] = caption(vision["int8 activations"], lambda r: "int8 activations")
-    else:
-        candidates["int8" if vision_widens else "int8+bf16-vision"] = caption(int8_vision, int8_weights_only)
     if k.widens_bf16:
         v = int8_vision  # a route that widens any layer packs none: the vision encoder's bf16 or widened product
         candidates["bf16-fp32-sums"] = caption(v, split("bf16", "bf16 widened to fp32", k.bf16_lm))
     ok = {name: allowed(name) for name in candidates}
     auto = min((name for name in candidates if ok[name]), key=candidates.__getitem__)
+    # dtype="int8" is the faster int8 route; unless auto is an int8 route itself, which then decides
+    activations = candidates["int8-activations"] < candidates[weights_only]
+    k = replace(k, int8_activations={"int8-activations": True, weights_only: False}.get(auto, activations))
     return Routes(k, auto, source, timings, candidates, ok)
 
 
