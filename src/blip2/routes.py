@@ -11,7 +11,8 @@ int8 GEMM: fast where the CPU has VNNI or AMX, a fallback elsewhere). From the t
 - per kind of layer, the positions per sequence from which the widened route takes over (`quant.Kernels`): the
   fewest rows from which it is faster at every larger row count measured (never, if nowhere);
 - per kind of layer that is never widened, whether its bf16 weights are prepacked: if that is faster than PyTorch's
-  bf16 kernel at every row count measured (the same arithmetic, bit for bit);
+  bf16 kernel over all the row counts measured together (the same arithmetic, bit for bit; one row count's noisy
+  timing must not undo it: unpacked weights decode at half the speed);
 - whether `dtype="int8"` quantizes the activations too: if that makes the estimated caption (below) faster than
   int8 weights alone;
 - `auto`: the estimated time of one caption (vision at 257 rows, a 48-position prefill, 20 decoding steps, scaled
@@ -118,6 +119,11 @@ def widen_from(times: dict[int, dict[str, float]], narrow: str, wide: str) -> in
     return NEVER
 
 
+def total(times: dict[int, dict[str, float]], route: str) -> float:
+    """A route's milliseconds summed over the row counts measured: one noisy row count cannot outweigh the rest."""
+    return sum(t[route] for t in times.values())
+
+
 def split(narrow: str, wide: str, threshold: int) -> Callable[[int], str]:
     """The route at each row count for a kind of layer widened from `threshold` positions."""
     return lambda rows: wide if rows >= threshold else narrow
@@ -136,7 +142,7 @@ def choose(timings: Timings, source: str = "measured") -> Routes:
         bf16_vision=0 if vision_widens else NEVER,
         int8_lm=int8_lm,
         int8_vision=0 if vision_widens else NEVER,
-        bf16_packed_lm=bf16_lm == NEVER and all(t["bf16 packed"] < t["bf16"] for t in lm.values()),
+        bf16_packed_lm=bf16_lm == NEVER and total(lm, "bf16 packed") < total(lm, "bf16"),
         bf16_packed_vision=not vision_widens and vision["bf16 packed"] < vision["bf16"],
     )
     native_lm = "bf16 packed" if k.bf16_packed_lm else "bf16"
