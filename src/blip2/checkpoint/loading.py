@@ -165,20 +165,32 @@ def _assign(model: nn.Module, key: str, param: nn.Parameter) -> None:
         module._parameters[attr] = param
 
 
+# glibc's mallopt parameters, and what they are set to once a model is loaded (`freed_memory_returned`)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+SERVING_MMAP_BYTES = 256 << 20
+SERVING_TRIM_BYTES = 512 << 20
+
+
 @contextlib.contextmanager
 def freed_memory_returned() -> Iterator[None]:
     """Building on meta and quantizing leave transient buffers of a few MB among long-lived ones. glibc serves
     blocks under its adaptive mmap threshold (which climbs to 32 MB) from the heap, where such a mix fragments:
     the int8 2.7B model peaked at 8.5 GiB instead of 5.4. A fixed 1 MB threshold returns freed transients to
-    the system at once; afterwards the threshold is set to 32 MB, where the adaptive one would settle."""
+    the system at once.
+
+    Afterwards, for inference, blocks up to 256 MB come from the heap and up to 512 MB of free heap stays mapped
+    (setting one threshold stops glibc from adapting both, and its fixed trim threshold of 128 KB would hand back
+    every freed activation, to be faulted in again at the next layer): an int8 batch of 8 images took 1.46 million
+    page faults and 3.1 s of system time without this, 0.1 million and 0.3 s with it (AVX512-BF16 EPYC; 7% of the
+    batch's time, 10% of one caption's). Memory freed stays reusable by the next batch; the peak is the same."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc: nothing to tune
         yield
         return
-    m_mmap_threshold = -3
-    mallopt(m_mmap_threshold, 1 << 20)
+    mallopt(M_MMAP_THRESHOLD, 1 << 20)
     try:
         yield
     finally:
-        mallopt(m_mmap_threshold, 32 << 20)
+        mallopt(M_MMAP_THRESHOLD, SERVING_MMAP_BYTES)
+        mallopt(M_TRIM_THRESHOLD, SERVING_TRIM_BYTES)
