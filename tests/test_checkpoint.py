@@ -271,4 +271,6 @@ def test_after_loading_freed_activations_are_reused_not_faulted_in_again():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
     faults_of_an_activation()
-    assert faults_of_an_activation() < 2000  # 100 MB in fresh pages would be 25,600 faults
+    # fresh pages each time (an mmap per activation) would be 25,600 faults every time; other tests' threads may
+    # grow the heap meanwhile, so the best of three reuses is bounded, at half of that
+    assert min(faults_of_an_activation() for _ in range(3)) < 12800
