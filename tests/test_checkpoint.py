@@ -252,14 +252,12 @@ def test_after_loading_freed_activations_are_reused_not_faulted_in_again():
     """If this fails, every activation freed during inference goes back to the system and is faulted in again at
     the next layer (glibc with fixed thresholds trims at 128 KB): millions of page faults and seconds of system
     time per batch on a CPU."""
-    import ctypes
     import resource
 
-    try:
-        ctypes.CDLL("libc.so.6").mallopt  # noqa: B018 - glibc has it, other C libraries do not
-    except (OSError, AttributeError):
+    from blip2.checkpoint.loading import freed_memory_returned, glibc_mallopt
+
+    if glibc_mallopt() is None:
         pytest.skip("not glibc")
-    from blip2.checkpoint import freed_memory_returned
 
     with freed_memory_returned():
         pass
