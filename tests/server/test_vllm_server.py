@@ -143,8 +143,9 @@ def _leaves_mid_answer(server: str, vllm_model, stream: bool, attempts: int = 3)
     """A client asks for an answer of exactly 1800 tokens and leaves after vLLM's first ones; then vLLM's running
     batch must be empty with fewer than 1800 tokens generated for it, and nothing in flight in the server.
 
-    Up to `attempts` clients in turn, until one's request is aborted: on a 2-core machine a request has now and
-    then run to its 1800 tokens (~5 s) while the engine's own cancel frees the slot within 0.1 s."""
+    Up to `attempts` clients in turn, until one's request is aborted: vLLM publishes its token counter in steps,
+    and on a 2-core machine the whole answer (~5 s) has now and then ended before the counter showed its first
+    token, so that the client could not leave mid-answer; the engine's own cancel frees the slot within 0.1 s."""
     outcomes = []
     for _ in range(attempts):
         outcomes.append(_one_client_leaves(server, vllm_model, stream))
@@ -164,19 +165,20 @@ def _one_client_leaves(server: str, vllm_model, stream: bool) -> float:
     head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: application/json\r\n"
     with socket.create_connection((url.host, url.port)) as sock:
         sock.sendall(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
-        # until vLLM has generated a token for it, or 0.3 s: its counters are published in steps, and waiting for
-        # them alone sometimes let the whole answer run before the client left
-        sent = time.monotonic()
+        deadline = time.monotonic() + 30  # until vLLM has generated a token for it (a counter: never missed)
         while _metric(vllm_model.url, "vllm:generation_tokens_total") <= generated:
-            if time.monotonic() - sent > 0.3:
-                break
+            assert time.monotonic() < deadline, "vLLM generated nothing for the request"
             time.sleep(0.005)
         if stream:  # the stream's headers and its first tokens
             assert sock.recv(4096).startswith(b"HTTP/1.1 200")
         else:
             sock.setblocking(False)
-            with pytest.raises(BlockingIOError):  # the answer's headers come only at its end: none yet
-                sock.recv(1)
+            try:  # the answer's headers come only at its end: none yet, unless the counter was published late
+                answered = bool(sock.recv(1))
+            except BlockingIOError:
+                answered = False
+            if answered:  # the client could not leave mid-answer: this attempt shows nothing, the next one tries
+                return LONG_ANSWER
     deadline = time.monotonic() + 60  # the connection is closed
     while _running(vllm_model.url) and time.monotonic() < deadline:
         time.sleep(0.05)
