@@ -9,18 +9,27 @@ PyTorch's int8-weight `_weight_int8pack_mm` (bf16 activations, as quant.Int8Line
 runs from there), and the whole int8 weight dequantized, then fp32. Median of 7 runs in milliseconds; results in
 bench/results/matmul.json (`--threads 1`) or matmul_<N>threads.json. (Not named kernels.py: transformers imports
 a package of that name when it can, and bench/ comes first on sys.path.)
+
+    python bench/matmul.py --int8-row-pad [--threads 2]
+
+PyTorch's int8 GEMM (`torch._int_mm`, the int8-activations route) on the int8 layers' shapes with the weight's rows
+stored contiguously and `quant.ROW_PAD` bytes apart (`quant.int8_rows`, as `Int8Linear` stores them), at the row
+counts of decoding, a prefill and an image; each product reads one of several weight copies in turn, together
+larger than the CPU's caches, so that the weight comes from memory as in the model. Result:
+bench/results/matmul_int8_row_pad.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import torch
 import torch.nn.functional as F
 from common import write_result
 
-from blip2.quant import StoredLinear, _widened_mm
+from blip2.quant import StoredLinear, _widened_mm, int8_rows
 
 SHAPES = {  # (rows, in, out)
     "LM fc1, decoding 1 sequence": (1, 2560, 10240),
@@ -64,11 +73,53 @@ def time_shape(m: int, k: int, n: int) -> dict[str, float]:
     }
 
 
+INT8_SHAPES = {  # (in, out): rows
+    "LM q/k/v/out (2560 -> 2560)": ((2560, 2560), (1, 8, 48, 168)),
+    "LM fc1 (2560 -> 10240)": ((2560, 10240), (1, 8, 48, 168)),
+    "LM fc2 (10240 -> 2560)": ((10240, 2560), (1, 8, 48, 168)),
+    "vision fc1 (1408 -> 6144)": ((1408, 6144), (8, 257)),
+    "vision fc2 (6144 -> 1408)": ((6144, 1408), (8, 257)),
+}
+
+
+def _turns(x: torch.Tensor, weights: list[torch.Tensor]):
+    """x times the next of `weights` at each call: together they exceed the caches, as a model's weights do."""
+    turn = itertools.cycle(weights)
+    return lambda: torch._int_mm(x, next(turn).t())
+
+
+@torch.no_grad()
+def int8_row_pad(copies_bytes: int = 256 * 2**20) -> dict[str, dict[int, dict[str, float]]]:
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for name, ((k, n), rows) in INT8_SHAPES.items():
+        dense = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(max(2, copies_bytes // (n * k)))]
+        padded = [int8_rows(n, k).copy_(w) for w in dense]
+        out[name] = {}
+        for m in rows:
+            x = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+            assert torch.equal(torch._int_mm(x, dense[0].t()), torch._int_mm(x, padded[0].t()))
+            times = {
+                label: median_ms(_turns(x, ws), 15)
+                for label, ws in (("contiguous rows", dense), ("padded rows", padded))
+            }
+            out[name][m] = {**times, "speedup": times["contiguous rows"] / times["padded rows"]}
+            print(name, m, {key: round(v, 2) for key, v in out[name][m].items()}, flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--int8-row-pad", action="store_true", help="int8 GEMM on contiguous against padded weight rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.int8_row_pad:
+        from blip2.machine import cpu_flags, cpu_name
+
+        command = f"python bench/matmul.py --int8-row-pad --threads {args.threads}"
+        result = {"command": command, "cpu": cpu_name(), "flags": cpu_flags(), "ms": int8_row_pad()}
+        print(write_result("matmul_int8_row_pad", result))
+        return
     rows = {}
     for name, shape in SHAPES.items():
         rows[name] = time_shape(*shape)

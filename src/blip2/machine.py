@@ -107,11 +107,12 @@ def kernels(
     Without VNNI or AMX, PyTorch's int8 GEMM runs at about 1% of fp32's speed, and timing it at an image's rows
     would take seconds."""
     hopeless = set() if hopeless is None else hopeless
-    from .quant import _int8_activations_mm, _pack, _widened_mm, can_pack
+    from .quant import _int8_activations_mm, _pack, _widened_mm, can_pack, int8_rows
 
     w = torch.randn(n, k)
     scale = w.abs().amax(1) / 127
     wq = (w / scale[:, None]).round().to(torch.int8)
+    wqa = int8_rows(n, k).copy_(wq)  # laid out as `Int8Linear` stores it for int8 activations
     wb, sb = w.bfloat16(), scale.bfloat16()
     wp = _pack(wb) if can_pack() else None
     out: dict[int, dict[str, float]] = {}
@@ -128,7 +129,7 @@ def kernels(
             "bf16 widened to fp32": lambda x=x: _widened_mm(x, wb, None, None),
             "int8": lambda xb=xb: torch._weight_int8pack_mm(xb, wq, sb),
             "int8 widened to fp32": lambda x=x: _widened_mm(x, wq, scale, None),
-            "int8 activations": lambda x=x: _int8_activations_mm(x, wq, scale),
+            "int8 activations": lambda x=x: _int8_activations_mm(x, wqa, scale),
         }
         out[m] = {}
         for name in (n for n in routes if n in (names or routes)):

@@ -110,7 +110,7 @@ class Int8Linear(nn.Module):
     @torch.no_grad()
     def set_weight(self, weight: torch.Tensor, rows: int = 1024) -> None:
         """Quantize a (out, in) weight of any float dtype, a block of rows at a time (no full fp32 copy)."""
-        q = torch.empty(weight.shape, dtype=torch.int8)
+        q = int8_rows(*weight.shape) if self.activations else torch.empty(weight.shape, dtype=torch.int8)
         scale = torch.empty(weight.shape[0], dtype=torch.float32)
         for i in range(0, weight.shape[0], rows):
             w = weight[i : i + rows].float()
@@ -160,6 +160,18 @@ def _int8_mm(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
 @_int8_mm.register_fake
 def _(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return rows.new_empty(rows.shape[0], weight.shape[0])
+
+
+ROW_PAD = 64  # bytes between the end of an int8 weight row and the start of the next (`int8_rows`)
+
+
+def int8_rows(out_features: int, in_features: int) -> torch.Tensor:
+    """An empty (out, in) int8 weight whose rows lie `ROW_PAD` bytes further apart than their length, for
+    `torch._int_mm`. Rows a multiple of 2 KiB apart (OPT-2.7B's fc2: 10240 bytes) fall on the same few cache sets,
+    and oneDNN's int8 GEMM, which walks down them, then runs 1.4x slower at 8 rows of activations, 1.2x at 48 and
+    1.05-1.1x at a prefill's or an image's rows (`bench/matmul.py --int8-row-pad`); the padded product is the same
+    to the bit, and costs 64 bytes per row."""
+    return torch.empty(out_features, in_features + ROW_PAD, dtype=torch.int8)[:, :in_features]
 
 
 # LLM.int8() (Dettmers et al., 2022; bitsandbytes' `llm_int8_threshold`): an input feature of magnitude above 6 at
