@@ -17,6 +17,13 @@ stored contiguously and `quant.ROW_PAD` bytes apart (`quant.int8_rows`, as `Int8
 counts of decoding, a prefill and an image; each product reads one of several weight copies in turn, together
 larger than the CPU's caches, so that the weight comes from memory as in the model. Result:
 bench/results/matmul_int8_row_pad.json.
+
+    python bench/matmul.py --int8-packed [--threads 2]
+
+A whole int8-activations layer (activations quantized, int8 product, scales, bias) with its weight as `Int8Linear`
+stores it (padded rows, `torch._int_mm`) and prepacked for oneDNN's int8 matmul (`quant.PackedInt8Linear`), on the
+same shapes and the LM head, weights again read in turn from copies larger than the caches. Result:
+bench/results/matmul_int8_packed.json.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from common import write_result
 
-from blip2.quant import StoredLinear, _widened_mm, int8_rows
+from blip2.quant import Int8Linear, PackedInt8Linear, StoredLinear, _widened_mm, int8_rows
 
 SHAPES = {  # (rows, in, out)
     "LM fc1, decoding 1 sequence": (1, 2560, 10240),
@@ -82,10 +89,10 @@ INT8_SHAPES = {  # (in, out): rows
 }
 
 
-def _turns(x: torch.Tensor, weights: list[torch.Tensor]):
+def _turns(x: torch.Tensor, weights: list, product=lambda x, w: torch._int_mm(x, w.t())):
     """x times the next of `weights` at each call: together they exceed the caches, as a model's weights do."""
     turn = itertools.cycle(weights)
-    return lambda: torch._int_mm(x, next(turn).t())
+    return lambda: product(x, next(turn))
 
 
 @torch.no_grad()
@@ -107,19 +114,45 @@ def int8_row_pad(copies_bytes: int = 256 * 2**20) -> dict[str, dict[int, dict[st
     return out
 
 
+@torch.no_grad()
+def int8_packed(copies_bytes: int = 256 * 2**20) -> dict[str, dict[int, dict[str, float]]]:
+    shapes = {**INT8_SHAPES, "LM head (2560 -> 50272)": ((2560, 50272), (1, 8))}
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for name, ((k, n), rows) in shapes.items():
+        plain = []
+        for _ in range(max(2, copies_bytes // (n * k))):
+            layer = Int8Linear(torch.nn.Linear(k, n), activations=True)
+            layer.set_weight(torch.randn(n, k))
+            plain.append(layer)
+        packed = [PackedInt8Linear(layer) for layer in plain]
+        out[name] = {}
+        for m in rows:
+            x = torch.randn(m, k)
+            assert torch.equal(plain[0](x), packed[0](x))
+            times = {
+                label: median_ms(_turns(x, layers, lambda x, layer: layer(x)), 15)
+                for label, layers in (("padded rows, torch._int_mm", plain), ("prepacked, oneDNN", packed))
+            }
+            out[name][m] = {**times, "speedup": times["padded rows, torch._int_mm"] / times["prepacked, oneDNN"]}
+            print(name, m, {key: round(v, 2) for key, v in out[name][m].items()}, flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--int8-row-pad", action="store_true", help="int8 GEMM on contiguous against padded weight rows")
+    ap.add_argument("--int8-packed", action="store_true", help="int8-activations layers, plain against prepacked")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.int8_row_pad:
-        from blip2.machine import cpu_flags, cpu_name
+    for flag, run in (("int8-row-pad", int8_row_pad), ("int8-packed", int8_packed)):
+        if getattr(args, flag.replace("-", "_")):
+            from blip2.machine import cpu_flags, cpu_name
 
-        command = f"python bench/matmul.py --int8-row-pad --threads {args.threads}"
-        result = {"command": command, "cpu": cpu_name(), "flags": cpu_flags(), "ms": int8_row_pad()}
-        print(write_result("matmul_int8_row_pad", result))
-        return
+            command = f"python bench/matmul.py --{flag} --threads {args.threads}"
+            result = {"command": command, "cpu": cpu_name(), "flags": cpu_flags(), "ms": run()}
+            print(write_result(f"matmul_{flag.replace('-', '_')}", result))
+            return
     rows = {}
     for name, shape in SHAPES.items():
         rows[name] = time_shape(*shape)

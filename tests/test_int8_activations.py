@@ -1,5 +1,6 @@
 """`dtype="int8"` with int8 activations (quant._int8_activations_mm): what `routes.py` picks where the CPU's int8
-GEMM is fast (VNNI, AMX). `BLIP2_INT8_ACTIVATIONS=1` forces it here, on any CPU."""
+GEMM is fast (VNNI, AMX). `BLIP2_INT8_ACTIVATIONS=1` forces it here, on any CPU, with plain weights; `packed` with
+weights prepacked for oneDNN's int8 matmul (quant.PackedInt8Linear)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ import torch
 from torch import nn
 
 import blip2
-from blip2.quant import OUTLIER_THRESHOLD, ROW_BLOCK, ROW_PAD, Int8Linear, StoredEmbedding
+from blip2.quant import (
+    OUTLIER_THRESHOLD,
+    ROW_BLOCK,
+    ROW_PAD,
+    Int8Linear,
+    PackedInt8Linear,
+    StoredEmbedding,
+    can_pack_int8,
+)
 
 
 def _layer(width: int, out: int = 24, seed: int = 0) -> Int8Linear:
@@ -141,3 +150,55 @@ def test_compiled_decoding_gives_the_eager_tokens(opt_ckpt, images, int8_activat
     pics, prompts = [images["rgb"]], ["a photo of"]
     want = [g.tokens for g in eager.generate(pics, prompts, max_new_tokens=10)]
     assert [g.tokens for g in compiled.generate(pics, prompts, max_new_tokens=10)] == want
+
+
+needs_packing = pytest.mark.skipif(not can_pack_int8(), reason="this PyTorch has no oneDNN int8 matmul to prepack for")
+
+
+@needs_packing
+@pytest.mark.parametrize("rows", [1, 8, ROW_BLOCK + 1])
+@pytest.mark.parametrize("outlier", [False, True])
+def test_prepacked_weights_multiply_bit_for_bit_as_plain_ones(rows, outlier):
+    """If this fails, `BLIP2_INT8_ACTIVATIONS=packed` (or a CPU measured to want it) gives other numbers than the
+    plain int8-activations route on the same weights: oneDNN's int8 sums shifted by its zero point, scales applied
+    in another order, or outlier features multiplied on wrong weight columns."""
+    q = _layer(96, 40)
+    x = torch.randn(2, rows, 96)
+    if outlier:
+        x[1, rows // 2, 7] = 45.0
+    with torch.no_grad():
+        want = q(x)
+        packed = PackedInt8Linear(q)
+        assert torch.equal(packed(x), want)
+        assert torch.equal(packed.weight, q.weight) and torch.equal(packed.dequantized(), q.dequantized())
+
+
+@needs_packing
+def test_prepacked_layer_trains_on_its_dequantized_weight():
+    """If this fails, a prepacked layer inside a model being fine-tuned (a LoRA or Q-Former run on an int8 LM)
+    breaks the backward pass or multiplies other weights than its own."""
+    q = _layer(32, 16)
+    packed = PackedInt8Linear(q)
+    x = torch.randn(3, 32, requires_grad=True)
+    y = packed(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, x @ q.dequantized().t() + q.bias, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, q.dequantized().sum(0).expand(3, -1), atol=1e-5, rtol=1e-5)
+
+
+@needs_packing
+def test_prepacked_model_decodes_the_plain_route_tokens(opt_ckpt, images, monkeypatch):
+    """If this fails, `BLIP2_INT8_ACTIVATIONS=packed` leaves some int8 layers unpacked, packs under `compile=True`
+    (whose graphs take plain weights), or captions differently from the plain int8-activations route."""
+    pics, prompts = [images["rgb"], images["rgba"]], ["a photo of", "Question: what is it? Answer:"]
+    monkeypatch.setenv("BLIP2_INT8_ACTIVATIONS", "1")
+    plain = blip2.load(opt_ckpt, dtype="int8")
+    monkeypatch.setenv("BLIP2_INT8_ACTIVATIONS", "packed")
+    packed = blip2.load(opt_ckpt, dtype="int8")
+    for part in (packed.model.language_model, packed.model.vision_model):
+        linears = [m for m in part.modules() if isinstance(m, nn.Linear | Int8Linear | PackedInt8Linear)]
+        assert linears and all(type(m) is PackedInt8Linear for m in linears)
+    want = [g.tokens for g in plain.generate(pics, prompts, max_new_tokens=8, batch_size=2)]
+    assert [g.tokens for g in packed.generate(pics, prompts, max_new_tokens=8, batch_size=2)] == want
+    compiled = blip2.load(opt_ckpt, dtype="int8", compile=True)
+    assert not any(isinstance(m, PackedInt8Linear) for m in compiled.model.modules())

@@ -38,8 +38,16 @@ AVX2_LIKE = timings(
         "int8": [5, 8, 15, 40, 80, 110],
         "int8 widened to fp32": [12, 13, 19, 24, 30, 37],
         "int8 activations": [60] + [float("inf")] * 5,  # no VNNI: too slow to time beyond one row
+        "int8 activations packed": [float("inf")] * 6,
     },
-    {"fp32": 97, "bf16": 494, "bf16 packed": 490, "bf16 widened to fp32": 82, "int8 activations": float("inf")},
+    {
+        "fp32": 97,
+        "bf16": 494,
+        "bf16 packed": 490,
+        "bf16 widened to fp32": 82,
+        "int8 activations": float("inf"),
+        "int8 activations packed": float("inf"),
+    },
 )
 AMX_LIKE = timings(
     {
@@ -50,8 +58,16 @@ AMX_LIKE = timings(
         "int8": [3, 4, 6, 12, 20, 30],
         "int8 widened to fp32": [12, 13, 19, 24, 30, 37],
         "int8 activations": [2, 3, 4, 6, 9, 12],  # AMX/VNNI: int8 x int8 beats the int8-weight kernel everywhere
+        "int8 activations packed": [2.5, 2, 2.5, 4, 7, 9],  # prepacked: slower at one row, faster from 4
     },
-    {"fp32": 97, "bf16": 20, "bf16 packed": 18, "bf16 widened to fp32": 82, "int8 activations": 11},
+    {
+        "fp32": 97,
+        "bf16": 20,
+        "bf16 packed": 18,
+        "bf16 widened to fp32": 82,
+        "int8 activations": 11,
+        "int8 activations packed": 9,
+    },
 )
 
 
@@ -72,7 +88,7 @@ def test_packing_is_chosen_by_its_total_over_the_row_counts():
     language-model layer, and decoding runs at half the speed until the cache is measured again; or packing that
     loses overall is kept."""
     noisy = {n: [10] * 6 for n in LM_NAMES} | {"bf16 widened to fp32": [99] * 6, "bf16 packed": [5, 5, 5, 11, 5, 5]}
-    vision = {"fp32": 9, "bf16": 5, "bf16 packed": 4, "bf16 widened to fp32": 9, "int8 activations": 9}
+    vision = {"fp32": 9, "bf16": 5, "bf16 packed": 4, "bf16 widened to fp32": 9} | dict.fromkeys(routes.INT8_ACTS, 9)
     k = routes.choose(timings(noisy, vision)).kernels
     assert k.bf16_packed_lm and k.bf16_packed_vision
     loses = noisy | {"bf16 packed": [5, 12, 12, 12, 12, 12]}  # wins at one row only
@@ -83,7 +99,7 @@ def test_widening_must_win_at_every_larger_row_count():
     """A route that wins at one row count by noise but loses above it does not set the threshold."""
     t = timings(
         {n: [10, 10, 10, 10, 10, 10] for n in LM_NAMES} | {"int8 widened to fp32": [20, 5, 20, 5, 5, 5]},
-        {"fp32": 1, "bf16": 1, "bf16 packed": 1, "bf16 widened to fp32": 1, "int8 activations": 1},
+        dict.fromkeys(VISION_NAMES, 1),
     )
     assert routes.choose(t).kernels.int8_lm == 16
 
@@ -106,10 +122,25 @@ def test_int8_is_the_route_with_the_faster_caption():
     amx = routes.choose(AMX_LIKE)
     assert amx.kernels.int8_activations and amx.caption_ms["int8-activations"] < amx.caption_ms["int8+bf16-vision"]
     slow_images = {k: {r: dict(t) for r, t in v.items()} for k, v in AMX_LIKE.items()}
-    slow_images["vision"][routes.VISION_ROWS]["int8 activations"] = 60  # bf16 takes 20: images cost more than
+    slow_images["vision"][routes.VISION_ROWS].update(
+        dict.fromkeys(routes.INT8_ACTS, 60)
+    )  # bf16 takes 20: images cost more than
     r = routes.choose(slow_images)  # decoding saves
     assert not r.kernels.int8_activations
     assert r.caption_ms["int8-activations"] > r.caption_ms["int8+bf16-vision"]
+
+
+def test_int8_activations_take_prepacked_weights_where_they_win_overall():
+    """If this fails, int8 activations multiply plain weights (oneDNN reorders each one at every call: a batch's
+    decoding 1.8x slower on an AVX512-VNNI EPYC) where prepacked ones win over the row counts and an image, or
+    take prepacked weights where those lose overall (a CPU whose oneDNN int8 kernels differ), or on AVX2."""
+    assert not routes.choose(AVX2_LIKE).kernels.int8_packed
+    amx = routes.choose(AMX_LIKE)
+    assert amx.kernels.int8_activations and amx.kernels.int8_packed  # slower at one row, faster in total
+    loses = {k: {r: dict(t) for r, t in v.items()} for k, v in AMX_LIKE.items()}
+    for t in loses["lm"].values():
+        t["int8 activations packed"] = t["int8 activations"] + 1
+    assert not routes.choose(loses).kernels.int8_packed
 
 
 def test_quality_gate_is_transformers_bf16_top1():
@@ -184,16 +215,18 @@ def test_environment_overrides_skip_the_measurement(measured, monkeypatch, env, 
     assert placement("cpu", "bf16").bf16_sums_in_fp32 is (value == "0")
 
 
-@pytest.mark.parametrize("value", ["0", "1"])
-def test_int8_activations_variable_overrides_the_measurement(measured, monkeypatch, value):
+@pytest.mark.parametrize(("value", "table"), [("0", AMX_LIKE), ("1", AMX_LIKE), ("packed", AVX2_LIKE)])
+def test_int8_activations_variable_overrides_the_measurement(measured, monkeypatch, value, table):
     """If this fails, a user cannot choose the more accurate weight-only int8 on a CPU measured to prefer int8
-    activations (or try int8 activations elsewhere)."""
-    monkeypatch.setattr(routes, "measure", lambda: measured.append(1) or AMX_LIKE)
+    activations, or plain weights where prepacked ones were measured faster (or try int8 activations, with prepacked
+    weights, elsewhere)."""
+    monkeypatch.setattr(routes, "measure", lambda: measured.append(1) or table)
     monkeypatch.setenv(routes.INT8_ACTIVATIONS_ENV, value)
     r = routes.cpu_routes()
-    assert r.kernels.int8_activations is (value == "1") and r.source.endswith(f"BLIP2_INT8_ACTIVATIONS={value}")
+    assert r.kernels.int8_activations is (value != "0") and r.source.endswith(f"BLIP2_INT8_ACTIVATIONS={value}")
+    assert r.kernels.int8_packed is (value == "packed")  # measured faster on AMX_LIKE, but forced off or on
     monkeypatch.setenv(routes.INT8_ACTIVATIONS_ENV, "yes")
-    with pytest.raises(ConfigError, match="BLIP2_INT8_ACTIVATIONS='yes': expected 0 or 1"):
+    with pytest.raises(ConfigError, match="BLIP2_INT8_ACTIVATIONS='yes': expected 0, 1 or packed"):
         routes.cpu_routes()
 
 

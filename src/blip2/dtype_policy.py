@@ -57,6 +57,7 @@ class Placement:
     quantize: str | None = None  # a quant.SCHEMES name: the layers it names are converted while loading
     bf16_sums_in_fp32: bool = False  # apply `quant.bf16_sums_in_fp32` after loading
     pack_bf16: bool = False  # apply `quant.pack_bf16` after loading (the kinds `quant.active_kernels()` names)
+    pack_int8: bool = False  # apply `quant.pack_int8` after loading (int8 activations on prepacked weights)
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -128,9 +129,11 @@ def placement(device: str | torch.device = "auto", dtype: str | torch.dtype = "a
     use_kernels(routes.kernels)
     k = routes.kernels
     packs = k.bf16_packed_lm or k.bf16_packed_vision
+    packs_int8 = k.int8_activations and k.int8_packed
     if dtype == "auto":
         arithmetic, scheme, sums = AUTO_ROUTES[routes.auto]
-        return Placement(dev, arithmetic, scheme, sums, packs and arithmetic == torch.bfloat16 and not sums)
+        bf16_packs = packs and arithmetic == torch.bfloat16 and not sums
+        return Placement(dev, arithmetic, scheme, sums, bf16_packs, packs_int8 and scheme == "int8")
     if dtype in SCHEMES:
-        return Placement(dev, torch.float32, dtype)
+        return Placement(dev, torch.float32, dtype, pack_int8=packs_int8)
     return Placement(dev, torch.bfloat16, None, k.widens_bf16, packs and not k.widens_bf16)

@@ -34,7 +34,7 @@ ROWS = (1, 4, 8, 24, 64, 257)  # decoding 1-8 sequences, the thresholds' region,
 LM_SHAPE = (2560, 10240)  # in, out: OPT-2.7B's fc1
 VISION_GEMM = (257, 1408, 6144)  # rows, in, out: one image through EVA ViT-g's fc1
 HOPELESS = 8  # times the fastest route's time: `kernels` stops timing a route of SKIPPABLE there
-SKIPPABLE = ("int8 activations",)
+SKIPPABLE = ("int8 activations", "int8 activations packed")
 
 
 def best_seconds(fn: Callable[[], Any], repeat: int = 3, budget_s: float = 2.0) -> float:
@@ -107,12 +107,13 @@ def kernels(
     Without VNNI or AMX, PyTorch's int8 GEMM runs at about 1% of fp32's speed, and timing it at an image's rows
     would take seconds."""
     hopeless = set() if hopeless is None else hopeless
-    from .quant import _int8_activations_mm, _pack, _widened_mm, can_pack, int8_rows
+    from .quant import _int8_activations_mm, _pack, _widened_mm, can_pack, can_pack_int8, int8_rows
 
     w = torch.randn(n, k)
     scale = w.abs().amax(1) / 127
     wq = (w / scale[:, None]).round().to(torch.int8)
     wqa = int8_rows(n, k).copy_(wq)  # laid out as `Int8Linear` stores it for int8 activations
+    wqp = torch.ops.onednn.qlinear_prepack(wq, None) if can_pack_int8() else wqa  # as `PackedInt8Linear` does
     wb, sb = w.bfloat16(), scale.bfloat16()
     wp = _pack(wb) if can_pack() else None
     out: dict[int, dict[str, float]] = {}
@@ -130,6 +131,7 @@ def kernels(
             "int8": lambda xb=xb: torch._weight_int8pack_mm(xb, wq, sb),
             "int8 widened to fp32": lambda x=x: _widened_mm(x, wq, scale, None),
             "int8 activations": lambda x=x: _int8_activations_mm(x, wqa, scale),
+            "int8 activations packed": lambda x=x: _int8_activations_mm(x, wqp, scale),
         }
         out[m] = {}
         for name in (n for n in routes if n in (names or routes)):
@@ -153,7 +155,7 @@ def report(
     in_use = cpu_routes()
     k, n = LM
     weight_bytes = (
-        dict.fromkeys(("int8", "int8 widened to fp32", "int8 activations"), 1)
+        dict.fromkeys(("int8", "int8 widened to fp32", "int8 activations", "int8 activations packed"), 1)
         | {"fp32": 4}
         | dict.fromkeys(("bf16", "bf16 packed", "bf16 widened to fp32"), 2)
     )
@@ -208,7 +210,8 @@ def format_report(r: dict[str, Any]) -> str:
             f"routes     {title} ({rt['source']}): widened to fp32: bf16 LM {_threshold(k['bf16_lm'])}, bf16 vision "
             f"{_threshold(k['bf16_vision'])}, int8 LM {_threshold(k['int8_lm'])}, int8 vision "
             f"{_threshold(k['int8_vision'])}; bf16 prepacked: LM {_yes(k['bf16_packed_lm'])}, vision "
-            f"{_yes(k['bf16_packed_vision'])}; int8 activations: {_yes(k['int8_activations'])}; "
+            f"{_yes(k['bf16_packed_vision'])}; int8 activations: {_yes(k['int8_activations'])}"
+            f"{' (prepacked)' if k['int8_activations'] and k.get('int8_packed') else ''}; "
             f"dtype auto = {rt['auto']}"
         )
     for name, ms in routes["caption_ms"].items():

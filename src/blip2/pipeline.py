@@ -44,7 +44,7 @@ from .dtype_policy import placement
 from .errors import ConfigError, GenerationError
 from .model import Blip2Model, sequence_scores
 from .processing import QFORMER_TEXT_TOKENS, ImageTransform, chat_prompt, load_image, vqa_prompt
-from .quant import bf16_sums_in_fp32, pack_bf16
+from .quant import bf16_sums_in_fp32, pack_bf16, pack_int8
 from .scoring import itc_similarity, itm_logits, match_probability
 from .streaming import TextStream
 
@@ -448,6 +448,9 @@ def load(
     if pack:  # the same products, bit for bit, without a reorder of each weight per call (quant.PackedLinear)
         with freed_memory_returned():
             pack_bf16(m)
+    if where.pack_int8 and not compile:  # the same, for int8 activations (quant.PackedInt8Linear)
+        with freed_memory_returned():
+            pack_int8(m)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:

@@ -6,13 +6,16 @@ image) and the language model's fc1 (2560 -> 10240, OPT-2.7B) at 1-8 rows (decod
 prompt's prefill), in fp32, on PyTorch's bf16 kernel, on bf16 weights prepacked for oneDNN (`quant.PackedLinear`),
 on bf16 weights widened to fp32 (`quant._widened_mm`), on the int8-weight kernel (`_weight_int8pack_mm`), on int8
 weights widened to fp32, and with the activations quantized to int8 as well (`quant._int8_activations_mm`, PyTorch's
-int8 GEMM: fast where the CPU has VNNI or AMX, a fallback elsewhere). From the timings:
+int8 GEMM: fast where the CPU has VNNI or AMX, a fallback elsewhere), on plain int8 weights and on int8 weights
+prepacked for oneDNN's int8 matmul (`quant.PackedInt8Linear`). From the timings:
 
 - per kind of layer, the positions per sequence from which the widened route takes over (`quant.Kernels`): the
   fewest rows from which it is faster at every larger row count measured (never, if nowhere);
 - per kind of layer that is never widened, whether its bf16 weights are prepacked: if that is faster than PyTorch's
   bf16 kernel over all the row counts measured together (the same arithmetic, bit for bit; one row count's noisy
   timing must not undo it: unpacked weights decode at half the speed);
+- whether int8 activations take prepacked weights: if that is faster over all the row counts measured together
+  and an image's (faster at a batch's 8-48 rows and an image's 257 on an AVX512-VNNI EPYC, slower at one row);
 - whether `dtype="int8"` quantizes the activations too: if that makes the estimated caption (below) faster than
   int8 weights alone;
 - `auto`: the estimated time of one caption (vision at 257 rows, a 48-position prefill, 20 decoding steps, scaled
@@ -22,8 +25,10 @@ The timings are cached per CPU model, core count, torch thread count and torch v
 `$XDG_CACHE_HOME/blip2/routes-<hash>.json` (else `~/.cache/blip2/`), written atomically; a file that cannot be read
 is measured again with a warning naming it. `blip2 doctor` prints them (`--recalibrate` measures again).
 Overrides: `BLIP2_ROUTES=flags` skips the measurement and decides by CPU flags with the defaults of `quant.Kernels`;
-`BLIP2_CPU_BF16=0|1` does the same with the bf16 capability forced (the tests use both); `BLIP2_INT8_ACTIVATIONS=0|1`
-forces whether `dtype="int8"` quantizes activations (0: weights only, the more accurate int8 route).
+`BLIP2_CPU_BF16=0|1` does the same with the bf16 capability forced (the tests use both);
+`BLIP2_INT8_ACTIVATIONS=0|1|packed` forces whether `dtype="int8"` quantizes activations and how its weights are
+stored (0: weights only, the more accurate int8 route; 1: int8 activations on plain weights; packed: on weights
+prepacked for oneDNN).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from .quant import NEVER, Kernels
 from .route_quality import allowed
 
 ROUTES_ENV = "BLIP2_ROUTES"
-FORMAT = 3  # of the cache file; a new format is a new file name
+FORMAT = 4  # of the cache file; a new format is a new file name
 LM_SHAPE = (2560, 10240)  # in, out: OPT-2.7B's fc1
 VISION_SHAPE = (1408, 6144)  # EVA ViT-g's fc1
 VISION_ROWS = 257  # one image
@@ -57,8 +62,9 @@ PREFILL_ROWS, NEW_TOKENS = 48, 20
 VISION_PRODUCTS = 39 * (4 * 1408 + 2 * 6144) / 6144
 LM_PRODUCTS = 32 * (4 * 2560 + 2 * 10240) / 10240 + 50272 / 10240
 INT8_ACTIVATIONS_ENV = "BLIP2_INT8_ACTIVATIONS"
-LM_NAMES = ("fp32", "bf16", "bf16 packed", "bf16 widened to fp32", "int8", "int8 widened to fp32", "int8 activations")
-VISION_NAMES = ("fp32", "bf16", "bf16 packed", "bf16 widened to fp32", "int8 activations")
+INT8_ACTS = ("int8 activations", "int8 activations packed")
+LM_NAMES = ("fp32", "bf16", "bf16 packed", "bf16 widened to fp32", "int8", "int8 widened to fp32", *INT8_ACTS)
+VISION_NAMES = ("fp32", "bf16", "bf16 packed", "bf16 widened to fp32", *INT8_ACTS)
 
 Timings = dict[str, dict[int, dict[str, float]]]  # {"lm" | "vision": {rows: {route name: ms}}}
 
@@ -144,7 +150,9 @@ def choose(timings: Timings, source: str = "measured") -> Routes:
         int8_vision=0 if vision_widens else NEVER,
         bf16_packed_lm=bf16_lm == NEVER and total(lm, "bf16 packed") < total(lm, "bf16"),
         bf16_packed_vision=not vision_widens and vision["bf16 packed"] < vision["bf16"],
+        int8_packed=total(lm, INT8_ACTS[1]) + vision[INT8_ACTS[1]] < total(lm, INT8_ACTS[0]) + vision[INT8_ACTS[0]],
     )
+    acts = INT8_ACTS[k.int8_packed]
     native_lm = "bf16 packed" if k.bf16_packed_lm else "bf16"
     native_vision = vision["bf16 packed" if k.bf16_packed_vision else "bf16"]
 
@@ -157,7 +165,7 @@ def choose(timings: Timings, source: str = "measured") -> Routes:
         "fp32": caption(vision["fp32"], lambda r: "fp32"),
         "bf16": caption(native_vision, lambda r: native_lm),
         weights_only: caption(int8_vision, int8_weights_only),
-        "int8-activations": caption(vision["int8 activations"], lambda r: "int8 activations"),
+        "int8-activations": caption(vision[acts], lambda r: acts),
     }
     if k.widens_bf16:
         v = int8_vision  # a route that widens any layer packs none: the vision encoder's bf16 or widened product
@@ -236,17 +244,18 @@ def cpu_routes() -> Routes:
 
 
 def _int8_activations_override(chosen: Routes) -> Routes:
-    """`chosen` with `BLIP2_INT8_ACTIVATIONS=0|1` applied, if set."""
+    """`chosen` with `BLIP2_INT8_ACTIVATIONS=0|1|packed` applied, if set."""
     forced = os.environ.get(INT8_ACTIVATIONS_ENV, "").strip()
     if not forced:
         return chosen
-    if forced not in ("0", "1"):
-        raise ConfigError(f"{INT8_ACTIVATIONS_ENV}={forced!r}: expected 0 or 1")
-    on = forced == "1"
+    if forced not in ("0", "1", "packed"):
+        raise ConfigError(f"{INT8_ACTIVATIONS_ENV}={forced!r}: expected 0, 1 or packed")
+    on = forced != "0"
+    packed = forced == "packed"
     auto = {"int8": "int8-activations", "int8-activations": "int8"}.get(chosen.auto, chosen.auto)
     return replace(
         chosen,
-        kernels=replace(chosen.kernels, int8_activations=on),
+        kernels=replace(chosen.kernels, int8_activations=on, int8_packed=packed),
         auto=auto if chosen.kernels.int8_activations != on else chosen.auto,
         source=f"{chosen.source}; {INT8_ACTIVATIONS_ENV}={forced}",
     )
