@@ -70,3 +70,17 @@ def test_a_hopeless_int8_gemm_is_timed_once_not_at_every_row_count(monkeypatch):
     vision = machine.kernels(64, 64, rows=(257,), hopeless=hopeless)[257]
     assert all(vision[name] == float("inf") for name in int8_acts)
     assert len(calls) == n  # the vision shape's timing skips them too
+
+
+def test_kernels_read_weight_copies_in_turn(monkeypatch):
+    """If this fails, the routes are timed on one weight that stays in the CPU's cache between calls (a 26 MB int8
+    fc1 fits a 32 MB L3): decoding is then timed up to twice as fast as a model, whose weights come from memory,
+    ever decodes, and the routes and `blip2 doctor`'s caption estimates are decided on that."""
+    import blip2.machine as machine
+    import blip2.quant as quant
+
+    seen = []
+    monkeypatch.setattr(quant, "_int8_activations_mm", lambda x, w, s: seen.append(w.data_ptr()))
+    monkeypatch.setattr(machine, "COPIES_BYTES", 3 * 64 * 64)  # three int8 64 x 64 weights
+    machine.kernels(64, 64, rows=(1,), names=("int8 activations",))
+    assert len(seen) >= 4 and len(set(seen)) == 3  # a warm-up and three timed calls, each on the next copy
