@@ -22,8 +22,9 @@ bench/results/matmul_int8_row_pad.json.
 
 A whole int8-activations layer (activations quantized, int8 product, scales, bias) with its weight as `Int8Linear`
 stores it (padded rows, `torch._int_mm`) and prepacked for oneDNN's int8 matmul (`quant.PackedInt8Linear`), on the
-same shapes and the LM head, weights again read in turn from copies larger than the caches. Result:
-bench/results/matmul_int8_packed.json.
+same shapes and the LM head, weights again read in turn from copies larger than the caches; beside them the time to
+read the same copies without multiplying (a sum), and the faster layer's share of that rate (1.0: the product
+streams its weight as fast as the machine reads memory). Result: bench/results/matmul_int8_packed.json.
 """
 
 from __future__ import annotations
@@ -125,6 +126,11 @@ def int8_packed(copies_bytes: int = 256 * 2**20) -> dict[str, dict[int, dict[str
             layer.set_weight(torch.randn(n, k))
             plain.append(layer)
         packed = [PackedInt8Linear(layer) for layer in plain]
+        # the machine's rate for the same bytes: each copy's whole buffer summed as int64 (no products), in the same
+        # turns, scaled to the weight's own bytes (the buffer holds the row padding too)
+        buffers = (layer.weight.untyped_storage() for layer in plain)
+        flat = [torch.empty(0, dtype=torch.int8).set_(b).view(torch.int64) for b in buffers]
+        read_ms = median_ms(_turns(None, flat, lambda x, w: w.sum()), 15) * n * k / (8 * flat[0].numel())
         out[name] = {}
         for m in rows:
             x = torch.randn(m, k)
@@ -133,7 +139,12 @@ def int8_packed(copies_bytes: int = 256 * 2**20) -> dict[str, dict[int, dict[str
                 label: median_ms(_turns(x, layers, lambda x, layer: layer(x)), 15)
                 for label, layers in (("padded rows, torch._int_mm", plain), ("prepacked, oneDNN", packed))
             }
-            out[name][m] = {**times, "speedup": times["padded rows, torch._int_mm"] / times["prepacked, oneDNN"]}
+            out[name][m] = {
+                **times,
+                "speedup": times["padded rows, torch._int_mm"] / times["prepacked, oneDNN"],
+                "reading the weight alone": read_ms,
+                "share of the read rate": read_ms / min(times.values()),
+            }
             print(name, m, {key: round(v, 2) for key, v in out[name][m].items()}, flush=True)
     return out
 
