@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 import blip2
+from blip2.checkpoint import save_model
+from blip2.errors import ConfigError
 from blip2.quant import (
     OUTLIER_THRESHOLD,
     ROW_BLOCK,
@@ -187,9 +189,10 @@ def test_prepacked_layer_trains_on_its_dequantized_weight():
 
 
 @needs_packing
-def test_prepacked_model_decodes_the_plain_route_tokens(opt_ckpt, images, monkeypatch):
+def test_prepacked_model_decodes_the_plain_route_tokens(opt_ckpt, images, monkeypatch, tmp_path):
     """If this fails, `BLIP2_INT8_ACTIVATIONS=packed` leaves some int8 layers unpacked, packs under `compile=True`
-    (whose graphs take plain weights), or captions differently from the plain int8-activations route."""
+    (whose graphs take plain weights), captions differently from the plain int8-activations route, or saves a
+    checkpoint without its linear weights (prepacked ones are not parameters) instead of refusing."""
     pics, prompts = [images["rgb"], images["rgba"]], ["a photo of", "Question: what is it? Answer:"]
     monkeypatch.setenv("BLIP2_INT8_ACTIVATIONS", "1")
     plain = blip2.load(opt_ckpt, dtype="int8")
@@ -200,5 +203,7 @@ def test_prepacked_model_decodes_the_plain_route_tokens(opt_ckpt, images, monkey
         assert linears and all(type(m) is PackedInt8Linear for m in linears)
     want = [g.tokens for g in plain.generate(pics, prompts, max_new_tokens=8, batch_size=2)]
     assert [g.tokens for g in packed.generate(pics, prompts, max_new_tokens=8, batch_size=2)] == want
+    with pytest.raises(ConfigError, match="cannot be saved"):
+        save_model(packed.model, tmp_path / "saved")
     compiled = blip2.load(opt_ckpt, dtype="int8", compile=True)
     assert not any(isinstance(m, PackedInt8Linear) for m in compiled.model.modules())

@@ -501,10 +501,11 @@ def pack_bf16(model: nn.Module, kernels: Kernels | None = None) -> int:
 class PackedInt8Linear(nn.Module):
     """An int8-activations layer (`Int8Linear(activations=True)`) whose int8 weight is reordered once, at load, into
     oneDNN's blocked layout for its int8 matmul. `torch._int_mm` reorders the plain weight at every call; on the
-    prepacked one the same int32 sums come 1.8x faster at 8 rows on an AVX512-VNNI EPYC, 1.2-1.4x at a prefill's or
-    an image's rows, and 1.1-1.7x slower at one (`routes.py` measures it and decides, `bench/matmul.py
-    --int8-packed`). The product is `_int8_activations_mm`'s, outliers included; `weight` gives the plain int8 weight
-    back (exactly: a product with one-hot rows). With gradients the layer multiplies the dequantized weight."""
+    prepacked one the same int32 sums come 1.5-1.8x faster at 8 rows on an AVX512-VNNI EPYC (OPT-2.7B's fc1, fc2,
+    head; vision), 1.1-1.4x at a prefill's rows, 1.0-1.15x at an image's, and 1.1-1.5x slower at one (`routes.py`
+    measures it and decides, `bench/matmul.py --int8-packed`). The product is `_int8_activations_mm`'s, outliers
+    included; `weight` gives the plain int8 weight back (exactly: a product with one-hot rows). With gradients the
+    layer multiplies the dequantized weight."""
 
     def __init__(self, linear: Int8Linear) -> None:
         super().__init__()

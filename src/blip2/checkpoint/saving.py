@@ -20,7 +20,9 @@ def save_model(model: Blip2Model, folder: str | os.PathLike, max_shard_bytes: in
     first name of each tie (the input embeddings, as `transformers` writes them)."""
     from huggingface_hub import save_torch_state_dict
 
-    if any(hasattr(m, "set_weight") for m in model.modules()):
+    from ..quant import PackedInt8Linear
+
+    if any(hasattr(m, "set_weight") or isinstance(m, PackedInt8Linear) for m in model.modules()):
         raise ConfigError("a model loaded with dtype='int8' cannot be saved in the HF layout; load it in fp32")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
