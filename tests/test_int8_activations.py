@@ -17,7 +17,9 @@ from blip2.quant import (
     ROW_PAD,
     Int8Linear,
     PackedInt8Linear,
+    PackedLinear,
     StoredEmbedding,
+    can_pack,
     can_pack_int8,
 )
 
@@ -207,3 +209,17 @@ def test_prepacked_model_decodes_the_plain_route_tokens(opt_ckpt, images, monkey
         save_model(packed.model, tmp_path / "saved")
     compiled = blip2.load(opt_ckpt, dtype="int8", compile=True)
     assert not any(isinstance(m, PackedInt8Linear) for m in compiled.model.modules())
+
+
+@needs_packing
+def test_prepacked_layers_refuse_to_leave_the_cpu():
+    """If this fails, `model.to("cuda")` after a CPU load with prepacked weights moves the biases and scales but
+    leaves the prepacked weights behind, and the first caption fails inside oneDNN with a message about tensor
+    layouts instead of saying how to load the model on that device."""
+    packed = PackedInt8Linear(_layer(32, 16))
+    with pytest.raises(ConfigError, match=r"cannot move to meta: load the model there instead.*device='meta'"):
+        packed.to("meta")
+    assert packed.cpu() is packed and packed.float() is packed  # staying on the CPU is fine
+    if can_pack():  # bf16 prepacked layers hold theirs the same way
+        with pytest.raises(ConfigError, match="PackedLinear holds weights prepacked for the CPU"):
+            PackedLinear(nn.Linear(32, 16).bfloat16()).to("meta")

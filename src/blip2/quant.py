@@ -39,11 +39,14 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import ConfigError
 
 SCHEMES = ("int8",)
 NEVER = sys.maxsize  # a threshold no sequence reaches: that kind of layer is never widened
@@ -421,7 +424,21 @@ def bf16_sums_in_fp32(model: nn.Module, kernels: Kernels | None = None) -> None:
     _swap(model, make)
 
 
-class PackedLinear(nn.Module):
+class _CpuPacked(nn.Module):
+    """A layer holding a weight prepacked for oneDNN's CPU kernels (not a parameter: `.to` would leave it behind).
+    Moving it off the CPU is an error that says how to get the model there, not a failure at its first product."""
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        device = fn(torch.empty(0)).device
+        if device.type != "cpu":
+            raise ConfigError(
+                f"{type(self).__name__} holds weights prepacked for the CPU and cannot move to {device}: "
+                f"load the model there instead, blip2.load(folder, device={str(device)!r})"
+            )
+        return super()._apply(fn, recurse)
+
+
+class PackedLinear(_CpuPacked):
     """A bf16 linear layer for CPU inference whose weight is reordered once, at load, into oneDNN's blocked layout.
 
     `F.linear` on a plain bf16 weight makes oneDNN reorder the weight at every call: a pass over all of it, which
@@ -498,7 +515,7 @@ def pack_bf16(model: nn.Module, kernels: Kernels | None = None) -> int:
     return count
 
 
-class PackedInt8Linear(nn.Module):
+class PackedInt8Linear(_CpuPacked):
     """An int8-activations layer (`Int8Linear(activations=True)`) whose int8 weight is reordered once, at load, into
     oneDNN's blocked layout for its int8 matmul. `torch._int_mm` reorders the plain weight at every call; on the
     prepacked one the same int32 sums come 1.5-1.8x faster at 8 rows on an AVX512-VNNI EPYC (OPT-2.7B's fc1, fc2,
