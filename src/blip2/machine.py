@@ -124,6 +124,9 @@ def kernels(
     def int8_acts(x: torch.Tensor, xb: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return _int8_activations_mm(x, v, scale)
 
+    def int8_plain() -> torch.Tensor:  # laid out as `Int8Linear` stores it for int8 activations
+        return int8_rows(n, k).copy_(wq)
+
     # name: (a new copy of the weight as the route stores it, the product of activations x (xb: in bf16) with it)
     routes: dict[str, tuple[Callable[[], torch.Tensor], Callable[..., torch.Tensor]]] = {
         "fp32": (w.clone, lambda x, xb, v: F.linear(x, v)),
@@ -138,10 +141,11 @@ def kernels(
         "bf16 widened to fp32": (wb.clone, lambda x, xb, v: _widened_mm(x, v, None, None)),
         "int8": (wq.clone, lambda x, xb, v: torch._weight_int8pack_mm(xb, v, sb)),
         "int8 widened to fp32": (wq.clone, lambda x, xb, v: _widened_mm(x, v, scale, None)),
-        # laid out as `Int8Linear` stores it for int8 activations, and as `PackedInt8Linear` does
-        "int8 activations": (lambda: int8_rows(n, k).copy_(wq), int8_acts),
+        "int8 activations": (int8_plain, int8_acts),
+        # as `PackedInt8Linear` stores it; without oneDNN's int8 matmul the plain layout stands in (`pack_int8` then
+        # leaves the model as it is, whichever wins)
         "int8 activations packed": (
-            lambda: torch.ops.onednn.qlinear_prepack(wq, None) if packs_int8 else int8_rows(n, k).copy_(wq),
+            lambda: torch.ops.onednn.qlinear_prepack(wq, None) if packs_int8 else int8_plain(),
             int8_acts,
         ),
     }

@@ -37,6 +37,7 @@ is built); until then, and with `BLIP2_ROUTES=flags`, the defaults below hold (m
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 from collections.abc import Callable
@@ -197,8 +198,9 @@ def _int8_activations_mm(
     (OPT's activations have a few such channels in real checkpoints). Each position is quantized on its own: a
     batch's int8 products are those of its members alone, bit for bit."""
     rows, packed = x.shape[0], weight.is_mkldnn
-    out = torch.empty(rows, scale.shape[0], dtype=torch.float32, device=x.device)
-    # equal blocks of at most ROW_BLOCK (257 rows: 129 + 128, not 256 + 1); oneDNN's matmul writes fp32 itself
+    # oneDNN's matmul takes all rows and returns fp32 itself; else equal blocks of at most ROW_BLOCK into one output
+    # (257 rows: 129 + 128, not 256 + 1)
+    out = None if packed else torch.empty(rows, scale.shape[0], dtype=torch.float32, device=x.device)
     block = rows if packed else -(-rows // -(-rows // ROW_BLOCK))
     for i in range(0, rows, block):
         xs = x[i : i + block].float()
@@ -229,10 +231,16 @@ def _qlinear(q: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torc
     oneDNN's int8 matmul takes unsigned activations, so q goes in shifted by 128 with a zero point of 128 (the
     int32 sums are those of q itself)."""
     u8 = q.add(128).to(torch.uint8)
-    zero = torch.zeros(scale.shape[0], dtype=torch.long)
+    zero = _zero_points(scale.shape[0])
     return torch.ops.onednn.qlinear_pointwise(
         u8, 1.0, 128, packed, scale, zero, None, 1.0, 0, torch.float32, "none", [], ""
     )
+
+
+@functools.cache
+def _zero_points(n: int) -> torch.Tensor:
+    """The weight's zero points for `_qlinear` (symmetric: all 0), one tensor per width, read-only."""
+    return torch.zeros(n, dtype=torch.long)
 
 
 def _dequantized_columns(weight: torch.Tensor, scale: torch.Tensor, cols: torch.Tensor, k: int) -> torch.Tensor:
@@ -533,13 +541,7 @@ class PackedInt8Linear(_CpuPacked):
 
     @property
     def weight(self) -> torch.Tensor:
-        every = torch.arange(self.in_features)
-        return (
-            (_dequantized_columns(self.packed, self.scale, every, self.in_features) / self.scale)
-            .t()
-            .round()
-            .to(torch.int8)
-        )
+        return (self.dequantized() / self.scale[:, None]).round().to(torch.int8)
 
     def dequantized(self) -> torch.Tensor:
         return _dequantized_columns(self.packed, self.scale, torch.arange(self.in_features), self.in_features).t()
