@@ -25,6 +25,12 @@ stores it (padded rows, `torch._int_mm`) and prepacked for oneDNN's int8 matmul 
 same shapes and the LM head, weights again read in turn from copies larger than the caches; beside them the time to
 read the same copies without multiplying (a sum), and the faster layer's share of that rate (1.0: the product
 streams its weight as fast as the machine reads memory). Result: bench/results/matmul_int8_packed.json.
+
+    python bench/matmul.py --fused-qkv [--threads 2]
+
+OPT-2.7B's query, key and value projections on prepacked int8 weights as three layers and as one fused layer
+(`quant.fuse_projections`), at the row counts of decoding, a prefill and 8 prompts, weights read in turn from copies
+larger than the caches. Result: bench/results/matmul_fused_qkv.json.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from common import write_result
 
-from blip2.quant import Int8Linear, PackedInt8Linear, StoredLinear, _widened_mm, int8_rows
+from blip2.quant import Int8Linear, PackedInt8Linear, StoredLinear, _widened_mm, fuse_projections, int8_rows
 
 SHAPES = {  # (rows, in, out)
     "LM fc1, decoding 1 sequence": (1, 2560, 10240),
@@ -149,14 +155,44 @@ def int8_packed(copies_bytes: int = 256 * 2**20) -> dict[str, dict[int, dict[str
     return out
 
 
+@torch.no_grad()
+def fused_qkv(copies_bytes: int = 256 * 2**20) -> dict[int, dict[str, float]]:
+    width = 2560
+    separate, fused = [], []
+    for _ in range(max(2, copies_bytes // (3 * width * width))):
+        model, attn = torch.nn.Module(), torch.nn.Module()
+        model.language_model = torch.nn.Module()
+        model.language_model.config = type("Config", (), {"is_encoder_decoder": False})()
+        model.language_model.attn = attn
+        for name in ("q_proj", "k_proj", "v_proj"):
+            layer = Int8Linear(torch.nn.Linear(width, width), activations=True)
+            layer.set_weight(torch.randn(width, width))
+            setattr(attn, name, layer)
+        separate.append([PackedInt8Linear(getattr(attn, name)) for name in ("q_proj", "k_proj", "v_proj")])
+        fuse_projections(model)
+        fused.append([attn.q_proj, attn.k_proj, attn.v_proj])
+    out: dict[int, dict[str, float]] = {}
+    for m in (1, 8, 48, 336):
+        x = torch.randn(m, width)
+        assert all(torch.equal(a(x), b(x)) for a, b in zip(separate[0], fused[0]))
+        times = {
+            label: median_ms(_turns(x, layers, lambda x, three: [layer(x) for layer in three]), 15)
+            for label, layers in (("three layers", separate), ("fused", fused))
+        }
+        out[m] = {**times, "speedup": times["three layers"] / times["fused"]}
+        print("q, k, v", m, {key: round(v, 3) for key, v in out[m].items()}, flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--int8-row-pad", action="store_true", help="int8 GEMM on contiguous against padded weight rows")
     ap.add_argument("--int8-packed", action="store_true", help="int8-activations layers, plain against prepacked")
+    ap.add_argument("--fused-qkv", action="store_true", help="q, k, v prepacked int8 layers, three against one")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    for flag, run in (("int8-row-pad", int8_row_pad), ("int8-packed", int8_packed)):
+    for flag, run in (("int8-row-pad", int8_row_pad), ("int8-packed", int8_packed), ("fused-qkv", fused_qkv)):
         if getattr(args, flag.replace("-", "_")):
             from blip2.machine import cpu_flags, cpu_name
 

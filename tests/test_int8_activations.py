@@ -15,12 +15,14 @@ from blip2.quant import (
     OUTLIER_THRESHOLD,
     ROW_BLOCK,
     ROW_PAD,
+    FusedProjection,
     Int8Linear,
     PackedInt8Linear,
     PackedLinear,
     StoredEmbedding,
     can_pack,
     can_pack_int8,
+    fuse_projections,
 )
 
 
@@ -178,6 +180,33 @@ def test_prepacked_weights_multiply_bit_for_bit_as_plain_ones(rows, outlier):
 
 
 @needs_packing
+def test_fused_projections_give_each_projection_its_own_layer_output():
+    """If this fails, a packed int8 language model's attention gets query, key or value columns of another
+    projection, other numbers than its three layers give one by one, a stale product when the input changes, or
+    keeps each layer's last output alive after its three projections have taken theirs."""
+    lm = nn.Module()
+    lm.config = type("Config", (), {"is_encoder_decoder": False})()
+    lm.attn = nn.Module()
+    widths = {"q_proj": 24, "k_proj": 16, "v_proj": 16}  # grouped-query attention: narrower keys and values
+    for seed, (name, out) in enumerate(widths.items()):
+        setattr(lm.attn, name, _layer(96, out, seed))
+    alone = {name: PackedInt8Linear(getattr(lm.attn, name)) for name in widths}
+    model = nn.Module()
+    model.language_model = lm
+    assert fuse_projections(model) == 1 and isinstance(lm.attn.qkv_proj, PackedInt8Linear)
+    x, other = torch.randn(2, 5, 96), torch.randn(2, 3, 96)
+    x[0, 2, 7] = 45.0  # an outlier feature: multiplied in fp32 on its dequantized columns
+    with torch.no_grad():
+        for order in (("q_proj", "k_proj", "v_proj"), ("v_proj", "q_proj", "k_proj")):
+            for name in order:
+                assert isinstance(getattr(lm.attn, name), FusedProjection)
+                assert torch.equal(getattr(lm.attn, name)(x), alone[name](x)), name
+            assert lm.attn.q_proj._products.y is None  # released once all three took theirs
+        assert torch.equal(lm.attn.q_proj(x), alone["q_proj"](x))
+        assert torch.equal(lm.attn.k_proj(other), alone["k_proj"](other))  # a new input: multiplied anew
+
+
+@needs_packing
 def test_prepacked_layer_trains_on_its_dequantized_weight():
     """If this fails, a prepacked layer inside a model being fine-tuned (a LoRA or Q-Former run on an int8 LM)
     breaks the backward pass or multiplies other weights than its own."""
@@ -203,6 +232,8 @@ def test_prepacked_model_decodes_the_plain_route_tokens(opt_ckpt, images, monkey
     for part in (packed.model.language_model, packed.model.vision_model):
         linears = [m for m in part.modules() if isinstance(m, nn.Linear | Int8Linear | PackedInt8Linear)]
         assert linears and all(type(m) is PackedInt8Linear for m in linears)
+    layers = packed.model.language_model.model.decoder.layers
+    assert all(isinstance(layer.self_attn.q_proj, FusedProjection) for layer in layers)
     want = [g.tokens for g in plain.generate(pics, prompts, max_new_tokens=8, batch_size=2)]
     assert [g.tokens for g in packed.generate(pics, prompts, max_new_tokens=8, batch_size=2)] == want
     with pytest.raises(ConfigError, match="cannot be saved"):
