@@ -179,6 +179,17 @@ def test_prepacked_weights_multiply_bit_for_bit_as_plain_ones(rows, outlier):
         assert torch.equal(packed.weight, q.weight) and torch.equal(packed.dequantized(), q.dequantized())
 
 
+@pytest.mark.parametrize("pack", [False, pytest.param(True, marks=needs_packing)])
+def test_an_empty_batch_gives_an_empty_output(pack):
+    """If this fails, an int8-activations layer given no rows (an empty batch) crashes with a division by zero or a
+    zero range step instead of returning no rows."""
+    q = _layer(32, 16)
+    layer = PackedInt8Linear(q) if pack else q
+    with torch.no_grad():
+        y = layer(torch.randn(0, 5, 32))
+    assert y.shape == (0, 5, 16)
+
+
 @needs_packing
 def test_fused_projections_give_each_projection_its_own_layer_output():
     """If this fails, a packed int8 language model's attention gets query, key or value columns of another
@@ -246,11 +257,17 @@ def test_prepacked_model_decodes_the_plain_route_tokens(opt_ckpt, images, monkey
 def test_prepacked_layers_refuse_to_leave_the_cpu():
     """If this fails, `model.to("cuda")` after a CPU load with prepacked weights moves the biases and scales but
     leaves the prepacked weights behind, and the first caption fails inside oneDNN with a message about tensor
-    layouts instead of saying how to load the model on that device."""
+    layouts instead of saying how to load the model on that device; or `model.half()` casts the biases and scales
+    around weights packed for another dtype and the next product fails or mixes dtypes."""
     packed = PackedInt8Linear(_layer(32, 16))
     with pytest.raises(ConfigError, match=r"cannot move to meta: load the model there instead.*device='meta'"):
         packed.to("meta")
     assert packed.cpu() is packed and packed.float() is packed  # staying on the CPU is fine
+    with pytest.raises(ConfigError, match=r"cannot be cast to torch.float16: load the model in that dtype"):
+        packed.half()  # its bias and scales would turn fp16 around weights packed for fp32 sums
+    assert packed.bias.dtype == torch.float32
     if can_pack():  # bf16 prepacked layers hold theirs the same way
         with pytest.raises(ConfigError, match="PackedLinear holds weights prepacked for the CPU"):
             PackedLinear(nn.Linear(32, 16).bfloat16()).to("meta")
+        with pytest.raises(ConfigError, match="cannot be cast to torch.float32"):
+            PackedLinear(nn.Linear(32, 16).bfloat16()).float()

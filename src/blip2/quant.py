@@ -198,6 +198,8 @@ def _int8_activations_mm(
     (OPT's activations have a few such channels in real checkpoints). Each position is quantized on its own: a
     batch's int8 products are those of its members alone, bit for bit."""
     rows, packed = x.shape[0], weight.is_mkldnn
+    if rows == 0:  # an empty batch: nothing to quantize (and no block size to take)
+        return x.new_zeros(0, scale.shape[0], dtype=torch.float32)
     # oneDNN's matmul takes all rows and returns fp32 itself; else equal blocks of at most ROW_BLOCK into one output
     # (257 rows: 129 + 128, not 256 + 1)
     out = None if packed else torch.empty(rows, scale.shape[0], dtype=torch.float32, device=x.device)
@@ -434,7 +436,8 @@ def bf16_sums_in_fp32(model: nn.Module, kernels: Kernels | None = None) -> None:
 
 class _CpuPacked(nn.Module):
     """A layer holding a weight prepacked for oneDNN's CPU kernels (not a parameter: `.to` would leave it behind).
-    Moving it off the CPU is an error that says how to get the model there, not a failure at its first product."""
+    Moving it off the CPU, or casting its bias and scales to another dtype (`.half()`, `.to(torch.float32)` on a
+    bf16 layer), is an error that says how to load the model that way, not a failure at its first product."""
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         device = fn(torch.empty(0)).device
@@ -443,6 +446,13 @@ class _CpuPacked(nn.Module):
                 f"{type(self).__name__} holds weights prepacked for the CPU and cannot move to {device}: "
                 f"load the model there instead, blip2.load(folder, device={str(device)!r})"
             )
+        for t in (*self.parameters(recurse=False), *self.buffers(recurse=False)):
+            cast = fn(t.detach()[:0]).dtype
+            if cast != t.dtype:
+                raise ConfigError(
+                    f"{type(self).__name__} holds weights prepacked for the CPU in their own dtype and cannot be "
+                    f"cast to {cast}: load the model in that dtype instead, blip2.load(folder, dtype=...)"
+                )
         return super()._apply(fn, recurse)
 
 
