@@ -346,3 +346,23 @@ def test_checkpoint_with_base_survives_pickling(opt_ckpt, tmp_path):
 
     ref = pickle.loads(pickle.dumps(LavisCheckpoint(tmp_path / "ft.pth", opt_ckpt)))
     assert (str(ref), ref.base) == (str(tmp_path / "ft.pth"), str(opt_ckpt))
+
+
+def test_a_batch_run_on_another_base_is_refused_not_mixed(opt_ckpt, tmp_path, images):
+    """If this fails, resuming `blip2 caption --model ft.pth --base A` with `--base B` appends B's captions to A's
+    in the same manifest (the same .pth over another base captions otherwise), instead of refusing."""
+    from blip2.batch import caption_images
+    from blip2.checkpoint.lavis import LavisCheckpoint
+    from blip2.errors import ConfigError
+
+    pth = _save_lavis(tmp_path / "ft.pth", _tuned(opt_ckpt), "opt", KINDS["blip2_opt"][2])
+    other = shutil.copytree(opt_ckpt, tmp_path / "other-base")
+    (tmp_path / "in").mkdir()
+    shutil.copy(images["rgb"], tmp_path / "in" / "a.png")
+    out = tmp_path / "captions.jsonl"
+    done = list(caption_images([tmp_path / "in"], model=LavisCheckpoint(pth, opt_ckpt), out=[out], workers=0))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r.status for r in done] == ["done"] and rows[0]["base"] == str(opt_ckpt.resolve())
+    with pytest.raises(ConfigError, match="progress"):
+        list(caption_images([tmp_path / "in"], model=LavisCheckpoint(pth, other), out=[out], workers=0))
+    assert out.read_text().count("\n") == 1  # nothing appended

@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint.lavis import base_of
 from ..defaults import BATCH_SIZE, RAY_DECODE_THREADS, RAY_NUM_WORKERS, RAY_SHARD_SIZE
 from ..durable import atomic_path, atomic_write, check_settings
 from ..errors import ConfigError
@@ -133,8 +134,10 @@ class RayRun:
     def fingerprint(self) -> dict[str, Any]:
         o = self.opts
         keys = ("prompt", "question", "prefix", "suffix", "max_pixels")
+        base = base_of(self.model)
         return {
             "model": self.model,
+            **({"base": base} if base else {}),
             "options": asdict(o.generation),
             **{k: getattr(o, k) for k in keys},
             **o.engine_key(),

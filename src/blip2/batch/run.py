@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint.lavis import base_of
 from ..durable import append_jsonl, atomic_write
 from ..errors import ConfigError
 from ..imagemap import Batch, default_workers, image_batches
@@ -51,8 +52,9 @@ class BatchRun:
         return os.path.abspath(name) if os.path.isdir(name) else name
 
     def meta(self) -> dict[str, Any]:
-        """The columns every manifest row shares: which model, with which generation options."""
-        return {"model": self.model_name, "options": asdict(self.opts.generation)}
+        """The columns every manifest row shares: which model (and base, for a LAVIS file), with which options."""
+        base = base_of(self.model)
+        return {"model": self.model_name, **({"base": base} if base else {}), "options": asdict(self.opts.generation)}
 
     def fingerprint(self) -> dict[str, Any]:
         """Whatever changes the text a run writes; resuming with a different one would mix two runs."""

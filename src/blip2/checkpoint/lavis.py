@@ -77,6 +77,13 @@ class LavisCheckpoint(str):
         return LavisCheckpoint, (str.__str__(self), self.base)
 
 
+def base_of(model: object) -> str | None:
+    """The base a `LavisCheckpoint` carries (absolute, if it is a local folder), for the identity of a run that
+    writes its outputs: the same `.pth` on another base captions otherwise. None for any other model."""
+    base = getattr(model, "base", None) if isinstance(model, LavisCheckpoint) else None
+    return os.path.abspath(base) if base is not None and os.path.isdir(base) else base
+
+
 def is_lavis_file(model: str | os.PathLike) -> bool:
     """A path to a weights file, not a checkpoint folder or a Hub id: only LAVIS checkpoints come as one file."""
     path = Path(model).expanduser()
