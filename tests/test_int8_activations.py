@@ -254,6 +254,29 @@ def test_prepacked_model_decodes_the_plain_route_tokens(opt_ckpt, images, monkey
 
 
 @needs_packing
+def test_fused_projections_in_a_llama_lm_give_the_plain_route_answers(tmp_path, images, monkeypatch):
+    """If this fails, an int8 InstructBLIP-Vicuna (LLaMA: grouped heads, rotary positions on the query and key
+    columns) on prepacked weights answers otherwise than on plain ones, alone, in a batch or in a chat."""
+    from instruct_checkpoints import make_instruct_llama_checkpoint
+
+    ckpt = make_instruct_llama_checkpoint(tmp_path / "vicuna")
+    pics = [images["rgb"], images["l"]]
+    answers = {}
+    for mode in ("1", "packed"):
+        monkeypatch.setenv("BLIP2_INT8_ACTIVATIONS", mode)
+        m = blip2.load(ckpt, dtype="int8")
+        fused = [x for x in m.model.language_model.modules() if isinstance(x, FusedProjection)]
+        assert len(fused) == (3 * m.model.language_model.config.num_hidden_layers if mode == "packed" else 0)
+        chat = m.chat(pics[0])
+        answers[mode] = (
+            [g.tokens for g in m.generate(pics, ["describe it"] * 2, max_new_tokens=6, batch_size=2)],
+            [m.generate([p], ["describe it"], max_new_tokens=6)[0].tokens for p in pics],
+            [chat.ask("what is it?", max_new_tokens=5), chat.ask("and its colour?", max_new_tokens=5)],
+        )
+    assert answers["packed"] == answers["1"]
+
+
+@needs_packing
 def test_prepacked_layers_refuse_to_leave_the_cpu():
     """If this fails, `model.to("cuda")` after a CPU load with prepacked weights moves the biases and scales but
     leaves the prepacked weights behind, and the first caption fails inside oneDNN with a message about tensor
