@@ -72,6 +72,24 @@ def test_generation_matches_reference(pair, images, n, beams):
     assert len({g.text for g in got}) == n  # the fixture model really distinguishes inputs
 
 
+def test_greedy_score_is_the_references_log_probability(pair, images):
+    """If this fails, a caption's `score` is not the summed log-probability of its tokens that transformers'
+    `compute_transition_scores` gives for the same generation (users rank and filter captions by it)."""
+    ours, ref, proc = pair
+    imgs, prompts = _images(images, 3), PROMPTS
+    with torch.no_grad():
+        out = ref.generate(
+            **_ref_inputs(proc, imgs, prompts), max_new_tokens=12, return_dict_in_generate=True, output_scores=True
+        )
+    steps = ref.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+    tokens = out.sequences[:, -steps.shape[1] :]
+    is_eos = tokens == ref.generation_config.eos_token_id
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    want = steps.masked_fill(after_eos, 0.0).sum(dim=1)
+    got = ours.generate(imgs, prompts, max_new_tokens=12)
+    assert [g.score for g in got] == pytest.approx(want.tolist(), abs=1e-4)
+
+
 def test_batch_equals_one_by_one(pair, images):
     """If this fails, captioning a folder in batches gives different captions than one at a time."""
     ours, _, _ = pair

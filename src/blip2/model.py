@@ -37,8 +37,12 @@ def sequence_scores(lm: nn.Module, out) -> torch.Tensor:
     if getattr(out, "sequences_scores", None) is not None:
         return out.sequences_scores
     beam_indices = getattr(out, "beam_indices", None)
-    steps = lm.compute_transition_scores(out.sequences, out.scores, beam_indices, normalize_logits=True)
-    tokens = out.sequences[:, -steps.shape[1] :]  # (B, T_new)
+    tokens = out.sequences[:, -len(out.scores) :]  # (B, T_new)
+    if beam_indices is not None:
+        steps = lm.compute_transition_scores(out.sequences, out.scores, beam_indices, normalize_logits=True)
+    else:  # the same log-probabilities step by step: no (B, V, T) copy of every step's scores, no strided softmax
+        chosen = (s.log_softmax(-1).gather(1, tokens[:, t, None]) for t, s in enumerate(out.scores))
+        steps = torch.cat(list(chosen), dim=1)
     eos = lm.generation_config.eos_token_id
     is_eos = torch.isin(tokens, torch.tensor(eos if isinstance(eos, list) else [eos], device=tokens.device))
     after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # padding a finished sequence carries no score
