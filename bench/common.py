@@ -6,6 +6,7 @@ configs as the Hub checkpoints) with random values: the cost of a matmul does no
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -124,6 +125,24 @@ def machine() -> dict:
         "transformers": transformers.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def median_ms(f, n: int = 7) -> float:
+    """Milliseconds of the median of `n` calls of `f`, after one untimed call."""
+    f()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[n // 2] * 1e3
+
+
+def turns(x, items: list, product):
+    """A call of `product(x, item)` on the next of `items` each time: weight copies that together exceed the caches
+    are read from memory, as a model's layers read theirs."""
+    turn = itertools.cycle(items)
+    return lambda: product(x, next(turn))
 
 
 def timed(fn, repeat: int = 3) -> tuple[float, list[float], object]:

@@ -24,13 +24,11 @@ bench/results/int4_gemv.json.
 from __future__ import annotations
 
 import argparse
-import itertools
 import shutil
 import sys
-import time
 
 import torch
-from common import write_result
+from common import median_ms, turns, write_result
 
 GROUP = 128
 SHAPES = {"LM fc1 2560 -> 10240": (2560, 10240), "LM fc2 10240 -> 2560": (10240, 2560), "LM head": (2560, 50304)}
@@ -94,20 +92,9 @@ def pack(q: torch.Tensor) -> torch.Tensor:
     return (u[..., 0] | (u[..., 1] << 4)).contiguous().view(-1)
 
 
-def median_ms(f, n: int = 21) -> float:
-    f()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[n // 2] * 1e3
-
-
-def turns(items: list, f):
-    """f on the next of `items` at each call: together they exceed the caches, as a model's weights do."""
-    it = itertools.cycle(items)
-    return lambda: f(next(it))
+def torch_int4_mm(scales_and_zeros: torch.Tensor):
+    """PyTorch's int4 product (bf16 rows, weights from `_convert_weight_to_int4pack_for_cpu`) as a `turns` product."""
+    return lambda x, w: torch._weight_int4pack_mm_for_cpu(x, w, GROUP, scales_and_zeros)
 
 
 def measure(kernel, copies_bytes: int = 256 * 2**20) -> dict[str, dict[str, float]]:
@@ -135,15 +122,14 @@ def one_shape(kernel, k: int, n: int, copies_bytes: int) -> dict[str, float]:
     # PyTorch's own: the same nibbles (value - 8) times a scale per group, bf16 activations
     torch_int4 = [torch._convert_weight_to_int4pack_for_cpu(q + 8, 1) for _ in range(len(int4))]
     scales_and_zeros = torch.stack([scales.t(), torch.zeros_like(scales.t())], -1).to(torch.bfloat16)
-    row_bf16 = row.to(torch.bfloat16)
     times = {
-        "int4 kernel": median_ms(turns(int4, lambda w: kernel.gemv_int4(x, sums, w, scale, n, k, 0.5))),
+        "int4 kernel": median_ms(turns(x, int4, lambda x, w: kernel.gemv_int4(x, sums, w, scale, n, k, 0.5)), 21),
         "int4 torch._weight_int4pack_mm_for_cpu": median_ms(
-            turns(torch_int4, lambda w: torch._weight_int4pack_mm_for_cpu(row_bf16, w, GROUP, scales_and_zeros))
+            turns(row.bfloat16(), torch_int4, torch_int4_mm(scales_and_zeros)), 21
         ),
-        "reading the int4 bytes alone": median_ms(turns(int4, lambda w: w.view(torch.int64).sum())),
-        "int8 torch._int_mm": median_ms(turns(int8, lambda w: torch._int_mm(row, w.t()))),
-        "reading the int8 bytes alone": median_ms(turns(int8, lambda w: w.view(torch.int64).sum())),
+        "reading the int4 bytes alone": median_ms(turns(None, int4, lambda _, w: w.view(torch.int64).sum()), 21),
+        "int8 torch._int_mm": median_ms(turns(row, int8, lambda x, w: torch._int_mm(x, w.t())), 21),
+        "reading the int8 bytes alone": median_ms(turns(None, int8, lambda _, w: w.view(torch.int64).sum()), 21),
     }
     return {
         **times,
@@ -162,19 +148,18 @@ def rows_scaling(copies_bytes: int = 256 * 2**20) -> dict[str, dict[int, dict[st
     for name, (k, n) in list(SHAPES.items())[:2]:
         q = torch.randint(0, 16, (n, k), dtype=torch.int32)
         int4 = [torch._convert_weight_to_int4pack_for_cpu(q, 1) for _ in range(max(2, copies_bytes // (n * k // 2)))]
-        scales_and_zeros = torch.stack([torch.full((k // GROUP, n), 0.01), torch.zeros(k // GROUP, n)], -1)
+        scales_and_zeros = torch.stack([torch.full((k // GROUP, n), 0.01), torch.zeros(k // GROUP, n)], -1).bfloat16()
         layer = Int8Linear(torch.nn.Linear(k, n), activations=True)
         layer.set_weight(torch.randn(n, k))
         int8 = [PackedInt8Linear(layer) for _ in range(max(2, copies_bytes // (n * k)))]
         out[name] = {}
         for m in (1, 4, 8, 48):
             x = torch.randn(m, k)
-            x_bf16, sz = x.to(torch.bfloat16), scales_and_zeros.to(torch.bfloat16)
             out[name][m] = {
                 "int4 torch._weight_int4pack_mm_for_cpu": median_ms(
-                    turns(int4, lambda w, x_bf16=x_bf16, sz=sz: torch._weight_int4pack_mm_for_cpu(x_bf16, w, GROUP, sz))
+                    turns(x.bfloat16(), int4, torch_int4_mm(scales_and_zeros)), 21
                 ),
-                "int8 prepacked layer": median_ms(turns(int8, lambda layer, x=x: layer(x))),
+                "int8 prepacked layer": median_ms(turns(x, int8, lambda x, layer: layer(x)), 21),
             }
             print(name, m, {key: round(v, 3) for key, v in out[name][m].items()}, flush=True)
     return out

@@ -36,12 +36,10 @@ larger than the caches. Result: bench/results/matmul_fused_qkv.json.
 from __future__ import annotations
 
 import argparse
-import itertools
-import time
 
 import torch
 import torch.nn.functional as F
-from common import write_result
+from common import median_ms, turns, write_result
 
 from blip2.quant import Int8Linear, PackedInt8Linear, StoredLinear, _widened_mm, fuse_projections, int8_rows
 
@@ -57,16 +55,6 @@ SHAPES = {  # (rows, in, out)
     "vision fc1, 16 rows": (16, 1408, 6144),
     "vision fc1, one image (257 tokens)": (257, 1408, 6144),
 }
-
-
-def median_ms(f, n: int = 7) -> float:
-    f()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[n // 2] * 1e3
 
 
 @torch.no_grad()
@@ -96,12 +84,6 @@ INT8_SHAPES = {  # (in, out): rows
 }
 
 
-def _turns(x: torch.Tensor, weights: list, product=lambda x, w: torch._int_mm(x, w.t())):
-    """x times the next of `weights` at each call: together they exceed the caches, as a model's weights do."""
-    turn = itertools.cycle(weights)
-    return lambda: product(x, next(turn))
-
-
 @torch.no_grad()
 def int8_row_pad(copies_bytes: int = 256 * 2**20) -> dict[str, dict[int, dict[str, float]]]:
     out: dict[str, dict[int, dict[str, float]]] = {}
@@ -113,7 +95,7 @@ def int8_row_pad(copies_bytes: int = 256 * 2**20) -> dict[str, dict[int, dict[st
             x = torch.randint(-127, 128, (m, k), dtype=torch.int8)
             assert torch.equal(torch._int_mm(x, dense[0].t()), torch._int_mm(x, padded[0].t()))
             times = {
-                label: median_ms(_turns(x, ws), 15)
+                label: median_ms(turns(x, ws, lambda x, w: torch._int_mm(x, w.t())), 15)
                 for label, ws in (("contiguous rows", dense), ("padded rows", padded))
             }
             out[name][m] = {**times, "speedup": times["contiguous rows"] / times["padded rows"]}
@@ -136,13 +118,13 @@ def int8_packed(copies_bytes: int = 256 * 2**20) -> dict[str, dict[int, dict[str
         # turns, scaled to the weight's own bytes (the buffer holds the row padding too)
         buffers = (layer.weight.untyped_storage() for layer in plain)
         flat = [torch.empty(0, dtype=torch.int8).set_(b).view(torch.int64) for b in buffers]
-        read_ms = median_ms(_turns(None, flat, lambda x, w: w.sum()), 15) * n * k / (8 * flat[0].numel())
+        read_ms = median_ms(turns(None, flat, lambda x, w: w.sum()), 15) * n * k / (8 * flat[0].numel())
         out[name] = {}
         for m in rows:
             x = torch.randn(m, k)
             assert torch.equal(plain[0](x), packed[0](x))
             times = {
-                label: median_ms(_turns(x, layers, lambda x, layer: layer(x)), 15)
+                label: median_ms(turns(x, layers, lambda x, layer: layer(x)), 15)
                 for label, layers in (("padded rows, torch._int_mm", plain), ("prepacked, oneDNN", packed))
             }
             out[name][m] = {
@@ -176,7 +158,7 @@ def fused_qkv(copies_bytes: int = 256 * 2**20) -> dict[int, dict[str, float]]:
         x = torch.randn(m, width)
         assert all(torch.equal(a(x), b(x)) for a, b in zip(separate[0], fused[0]))
         times = {
-            label: median_ms(_turns(x, layers, lambda x, three: [layer(x) for layer in three]), 15)
+            label: median_ms(turns(x, layers, lambda x, three: [layer(x) for layer in three]), 15)
             for label, layers in (("three layers", separate), ("fused", fused))
         }
         out[m] = {**times, "speedup": times["three layers"] / times["fused"]}
