@@ -13,7 +13,8 @@ it runs the same arithmetic on every CPU: `bf16` on PyTorch's bf16 kernels (`BLI
 runs: the yardstick `dtype="auto"` is held to), `bf16-fp32-sums` with products summed in fp32 on widened weights
 (`BLIP2_CPU_BF16=0`, quant.bf16_sums_in_fp32), `int8` with its vision encoder in fp32 (`BLIP2_ROUTES=flags`),
 `int8-activations` with the activations of every int8 layer, the vision encoder's included, quantized per
-position (`BLIP2_INT8_ACTIVATIONS=1`, quant._int8_activations_mm; on a CPU without VNNI or AMX it is slow). On
+position (`BLIP2_INT8_ACTIVATIONS=1`, quant._int8_activations_mm; on a CPU without VNNI or AMX it is slow), `int4`
+with that route's prepacked int8 layers for prompts and int4 weights for decoding steps (quant.Int4Weight). On
 random weights mere bf16 rounding already moves logits a lot (on the tiny random T5, rounding only its token
 embeddings to bf16 moves the logits by 11% of their range: such networks amplify any perturbation). At full size
 the bf16 routes run only with `--full-bf16` (the native kernels take minutes on a CPU that emulates bf16).
@@ -21,8 +22,10 @@ Files written before these names call `bf16-fp32-sums` "bf16" and `bf16` "bf16-n
 
 Figures per model: the largest logit deviation (absolute, and relative to the largest fp32 logit) over every
 position of a batch of image+prompt inputs; how often the fp32 model's next-token choice is also int8's (top-1)
-or among int8's top 3, teacher-forced, at every position; and, for greedy generation of 20 new tokens, the share
-of captions that are token-identical and the share of tokens equal before the first divergence. Each dtype runs
+or among int8's top 3, teacher-forced, at every position; the deviation and top-1 agreement over decoding steps
+(decoder-only LMs: a fixed continuation fed one token per call after the prompt, `decoding_*`); and, for greedy
+generation of 20 new tokens, the share of captions that are token-identical and the share of tokens equal before
+the first divergence. Each dtype runs
 in its own process (the full-size fp32 model alone needs 15 GB). Random weights give flat, near-tied logits,
 which is the hard case for agreement: real checkpoints have peaked distributions.
 """
@@ -47,6 +50,7 @@ ROUTE_ENV = {  # pins each route's kernels on any CPU (blip2.routes)
     "bf16-fp32-sums": {"BLIP2_CPU_BF16": "0"},
     "int8": {"BLIP2_ROUTES": "flags", "BLIP2_CPU_BF16": "", "BLIP2_INT8_ACTIVATIONS": "0"},
     "int8-activations": {"BLIP2_ROUTES": "flags", "BLIP2_CPU_BF16": "", "BLIP2_INT8_ACTIVATIONS": "1"},
+    "int4": {"BLIP2_ROUTES": "flags", "BLIP2_CPU_BF16": "", "BLIP2_INT8_ACTIVATIONS": "packed"},
 }
 OLD_NAMES = {"bf16": "bf16-fp32-sums", "bf16-native": "bf16"}  # in files with a "bf16-native" entry
 PROMPTS = ["", "a photo of", "Question: what is in the picture? Answer:", "Question: what colour is it? Answer:"]
@@ -78,11 +82,33 @@ def run_side(folder: str, dtype: str, out: str, tokens: int) -> None:
         extra["decoder_input_ids"] = torch.cat([start, ids], dim=1)
     with torch.no_grad():
         logits = m.model(ids, mask, pixel_values=m.pixel_values(ims), **extra).logits.float()
+        steps = None if m.model.is_encoder_decoder else decoding_logits(m, ims, ids, mask)
     gens = m.generate(ims, PROMPTS, max_new_tokens=tokens, min_new_tokens=tokens, batch_size=len(PROMPTS))
     valid = mask if not m.model.is_encoder_decoder else torch.ones_like(extra["decoder_input_ids"])
     if not m.model.is_encoder_decoder:  # the query positions are always valid
         valid = torch.cat([torch.ones(len(PROMPTS), logits.shape[1] - mask.shape[1], dtype=mask.dtype), mask], 1)
-    torch.save({"logits": logits, "valid": valid.bool(), "tokens": [g.tokens for g in gens]}, out)
+    torch.save({"logits": logits, "valid": valid.bool(), "tokens": [g.tokens for g in gens], "steps": steps}, out)
+
+
+CONTINUATION = " a small brown dog sitting on a wooden bench next to a red bicycle in the park"
+
+
+def decoding_logits(m, ims, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, S, V) logits of a decoder-only LM fed a fixed continuation one position per call after its prompt, as
+    decoding steps run (the int4 route multiplies only these by its int4 weights): the same tokens on every route,
+    so each step's logits compare teacher-forced."""
+    from transformers import DynamicCache
+
+    lm = m.model.language_model
+    follow = m.tokenizer(CONTINUATION, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    embeds, full_mask = m.model.lm_inputs(m.model.image_prefix(m.pixel_values(ims)), ids, mask)
+    cache = DynamicCache()
+    out = [lm(inputs_embeds=embeds, attention_mask=full_mask, past_key_values=cache, use_cache=True).logits[:, -1]]
+    for token in follow[:-1]:
+        full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], 1)
+        step = torch.full((len(ids), 1), int(token))
+        out.append(lm(input_ids=step, attention_mask=full_mask, past_key_values=cache, use_cache=True).logits[:, -1])
+    return torch.stack(out, 1).float()
 
 
 def compare(a: dict, b: dict) -> dict:
@@ -94,7 +120,16 @@ def compare(a: dict, b: dict) -> dict:
     prefix = []
     for x, y in zip(a["tokens"], b["tokens"]):
         prefix.append(equal_prefix(x, y) / max(len(x), 1))
+    steps = {}
+    if a.get("steps") is not None and b.get("steps") is not None:  # decoding steps, teacher-forced
+        sa, sb = a["steps"].flatten(0, 1), b["steps"].flatten(0, 1)
+        steps = {
+            "decoding_positions": int(sa.shape[0]),
+            "decoding_max_relative_deviation": float((sa - sb).abs().max() / sa.abs().max()),
+            "decoding_top1_agreement": float((sb.argmax(-1) == sa.argmax(-1)).float().mean()),
+        }
     return {
+        **steps,
         "positions": int(la.shape[0]),
         "max_abs_logit_deviation": float((la - lb).abs().max()),
         "max_abs_logit_fp32": float(la.abs().max()),
@@ -156,12 +191,12 @@ def main() -> None:
     result: dict = {"command": " ".join(["python bench/quality.py", *sys.argv[1:]]), "prompts": PROMPTS}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        result["tiny_opt"] = measure(make_opt_checkpoint(tmp / "tiny_opt"), args.tokens, tmp)
-        result["tiny_t5"] = measure(make_t5_checkpoint(tmp / "tiny_t5"), args.tokens, tmp)
+        routes = ("fp32", *args.routes.split(",")) if args.routes else None
+        tiny = routes or ("fp32", "bf16", "bf16-fp32-sums", "int8")
+        result["tiny_opt"] = measure(make_opt_checkpoint(tmp / "tiny_opt"), args.tokens, tmp, tiny)
+        result["tiny_t5"] = measure(make_t5_checkpoint(tmp / "tiny_t5"), args.tokens, tmp, tiny)
         if not args.tiny:
-            dtypes = ("fp32", "bf16", "bf16-fp32-sums", "int8") if args.full_bf16 else ("fp32", "int8")
-            if args.routes:
-                dtypes = ("fp32", *args.routes.split(","))
+            dtypes = routes or (("fp32", "bf16", "bf16-fp32-sums", "int8") if args.full_bf16 else ("fp32", "int8"))
             result["full_opt_2.7b"] = measure(make_full_checkpoint(args.folder), args.tokens, tmp, dtypes)
     print(json.dumps(result, indent=1))
     name = "quality_int8_tiny" if args.tiny else ("quality_bf16_int8" if args.full_bf16 else "quality_int8")

@@ -118,6 +118,21 @@ def test_int8_linear_gives_each_sequence_of_a_batch_what_it_gives_alone(position
             assert torch.equal(batched[i], q(x[i : i + 1])[0]), i
 
 
+def test_a_batch_of_decoding_steps_stays_on_the_decoding_kernel(opt_pair, images, monkeypatch):
+    """If this fails, OPT's feed-forward layers, which take a batch's decoding steps as one (sequences, features)
+    matrix, widen to fp32 once a batch has as many sequences as a prompt has positions: such a batch decodes on
+    other arithmetic than its images one by one (and slower)."""
+    from blip2 import quant
+
+    widened = []
+    real = quant._widened_mm
+    monkeypatch.setattr(quant, "_widened_mm", lambda x, *a: widened.append(len(x)) or real(x, *a))
+    batch = INT8_FP32_MIN_POSITIONS + 2
+    pics = [images["rgb"], images["rgba"]] * (batch // 2)
+    opt_pair[1].generate(pics, ["a photo of"] * batch, max_new_tokens=3, batch_size=batch)
+    assert widened and batch not in widened  # prompts and images widen; the steps' (batch, features) rows do not
+
+
 def _decoding(x: torch.Tensor) -> bool:
     """The int8 kernel's inputs (decoding steps); a prompt's prefill is fp32 throughout."""
     return x.shape[-2] < INT8_FP32_MIN_POSITIONS

@@ -8,6 +8,8 @@
 * under fp16 the Q-Former and its queries stay fp32, as `transformers` keeps them (`_keep_in_fp32_modules`, which
   it applies to fp16 only: in bf16 they are bf16 like the rest);
 * dtype "int8" (weight-only quantization, quant.py): the arithmetic stays fp32 on a CPU, fp16 on a GPU;
+* dtype "int4" (CPU only): "int8" with a second, int4 copy of the language model's layers (not its head) for the
+  decoding steps (`quant.Int4Weight`): faster captions and chat turns one at a time, not a smaller model;
 * dtype bf16 on a CPU: the bf16 layers sum in fp32 on widened weights where the measurement says that pays
   (`quant.bf16_sums_in_fp32`; without bf16 instructions PyTorch emulates bf16 GEMMs at a fifth of the fp32 speed);
   where no layer is widened, their weights are prepacked for oneDNN where that measures faster (`quant.pack_bf16`).
@@ -115,10 +117,13 @@ def target_dtype(key: str, dtype: torch.dtype) -> torch.dtype:
 
 
 def placement(device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> Placement:
-    """The device, dtypes and kernels for a user's `device` and `dtype` (a dtype name, "auto", or "int8")."""
+    """The device, dtypes and kernels for a user's `device` and `dtype` (a dtype name, "auto", "int8" or "int4")."""
     dev = pick_device(device)
     named = dtype if isinstance(dtype, torch.dtype) else DTYPE_NAMES.get(dtype)
     routed = dev.type == "cpu" and (dtype == "auto" or dtype in SCHEMES or named == torch.bfloat16)
+    if dtype == "int4" and (dev.type != "cpu" or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")):
+        where = "this PyTorch build" if dev.type == "cpu" else dev.type.upper()
+        raise ConfigError(f"dtype 'int4' uses PyTorch's int4 kernel for CPUs, which {where} lacks: use dtype='int8'")
     if not routed:  # nothing to choose: fp32 and fp16 on a CPU, any dtype elsewhere
         if isinstance(dtype, str) and dtype in SCHEMES:
             return Placement(dev, torch.float16, dtype)

@@ -1,0 +1,168 @@
+"""`dtype="int4"`: the int8 route with a second, int4 copy of the language model's layers for decoding steps
+(quant.Int4Weight on PyTorch's int4 kernel for CPUs); prompts keep the int8 layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import blip2
+from blip2.dtype_policy import placement
+from blip2.errors import ConfigError
+from blip2.quant import FusedProjection, Int4Weight, Int8Linear, PackedInt8Linear, can_pack_int8
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="this PyTorch has no int4 kernel for CPUs"
+)
+
+
+@pytest.mark.parametrize(("out", "width", "group"), [(64, 256, 128), (48, 96, 32), (32, 64, 64)])
+def test_int4_weight_is_the_nearest_of_its_groups_levels(out, width, group):
+    """If this fails, the int4 weights a decoding step multiplies are not the original weights rounded to their
+    group's 16 levels: a scale or zero taken from another group or channel, levels rounded the wrong way, or a
+    product that is not the rows times those weights."""
+    torch.manual_seed(0)
+    w = torch.randn(out, width) * torch.rand(out, 1) * 3
+    q = Int4Weight.quantize(w)
+    assert q is not None and q.group == group
+    got = q.dequantized()
+    groups = w.view(out, -1, group)
+    step = (groups.amax(-1) - groups.amin(-1)) / 15  # one level
+    error = (got - w).abs().view(out, -1, group)
+    assert (error <= step[..., None] * 0.5 + 0.02 * w.abs().amax()).all()  # half a level, plus bf16 rounding
+    x = torch.randn(5, width)
+    with torch.no_grad():
+        y = q(x)
+        want = x.bfloat16().float() @ got.t()
+    torch.testing.assert_close(y, want, atol=0.05 * want.abs().max().item(), rtol=0)
+
+
+def test_each_row_decodes_as_it_does_alone():
+    """If this fails, a batch of decoding steps gets other sums than each sequence alone (the kernel's blocking
+    over rows), and a batch of captions would differ from the same captions one by one."""
+    torch.manual_seed(1)
+    q = Int4Weight.quantize(torch.randn(128, 256))
+    x = torch.randn(9, 256)
+    with torch.no_grad():
+        batched = q(x)
+        assert all(torch.equal(batched[i], q(x[i : i + 1])[0]) for i in range(len(x)))
+
+
+def test_shapes_the_kernel_cannot_take_stay_int8():
+    """If this fails, a layer whose width PyTorch's int4 packing refuses (outputs not a multiple of 16, inputs not
+    a multiple of 32) fails to load instead of decoding on its int8 weight."""
+    assert Int4Weight.quantize(torch.randn(37, 64)) is None
+    assert Int4Weight.quantize(torch.randn(32, 48)) is None
+    assert Int4Weight.fits(64, 2560) == 128 and Int4Weight.fits(64, 96) == 32
+
+
+def test_fused_int4_weights_multiply_as_the_whole_quantized_at_once():
+    """If this fails, the query, key and value projections fused into one layer decode with their int4 columns
+    shuffled or scaled by another projection's groups."""
+    torch.manual_seed(2)
+    parts = [torch.randn(64, 128) for _ in range(3)]
+    fused = Int4Weight.cat([Int4Weight.quantize(p) for p in parts])
+    whole = Int4Weight.quantize(torch.cat(parts))
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        assert torch.equal(fused(x), whole(x))
+    narrow = [Int4Weight.quantize(torch.randn(32, 128)) for _ in range(3)]  # the packing's blocks span parts
+    assert Int4Weight.cat(narrow) is None
+    assert Int4Weight.cat([Int4Weight.quantize(parts[0]), None]) is None
+
+
+def _count_int4_products(monkeypatch) -> list[int]:
+    """Positions per sequence seen by each int4 product from now on."""
+    calls: list[int] = []
+    forward = Int4Weight.forward
+
+    def counted(self, x, bias=None):
+        calls.append(x.shape[-2] if x.dim() >= 3 else 1)
+        return forward(self, x, bias)
+
+    monkeypatch.setattr(Int4Weight, "forward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("acts", ["0", "1"])
+def test_prompts_run_int8_and_decoding_steps_int4(opt_ckpt, images, monkeypatch, acts):
+    """If this fails, `dtype="int4"` leaves language-model layers without their int4 copy, quantizes the output
+    head too, multiplies a prompt by int4 weights (a prompt's logits then differ from the int8 route's; OPT's
+    feed-forward layers see a batch's rows as one matrix, so only the tracked positions per sequence tell a
+    prompt from a batch of steps), never uses the int4 weights while decoding, or decodes a batch otherwise
+    than its images one by one."""
+    monkeypatch.setenv("BLIP2_INT8_ACTIVATIONS", acts)
+    pics, prompts = [images["rgb"], images["rgba"]], ["a photo of", "Question: what is it? Answer:"]
+    m8, m4 = blip2.load(opt_ckpt, dtype="int8"), blip2.load(opt_ckpt, dtype="int4")
+    lm = m4.model.language_model
+    head = lm.get_output_embeddings()
+    linears = [x for x in lm.modules() if isinstance(x, Int8Linear)]
+    fits = [x for x in linears if Int4Weight.fits(x.out_features, x.in_features) and x is not head]
+    assert fits and all(isinstance(x.decoding, Int4Weight) for x in fits)
+    assert head.decoding is None
+    assert all(x.decoding is None for x in m8.model.language_model.modules() if isinstance(x, Int8Linear))
+    calls = _count_int4_products(monkeypatch)
+    ids, mask = m4.tokenize(prompts)
+    with torch.no_grad():
+        want, got = (m.model(ids, mask, pixel_values=m.pixel_values(pics)).logits for m in (m8, m4))
+    assert torch.equal(got, want) and not calls
+    batched = m4.generate(pics, prompts, max_new_tokens=8, batch_size=2)
+    assert calls and set(calls) == {1}
+    alone = [m4.generate([p], [t], max_new_tokens=8)[0] for p, t in zip(pics, prompts)]
+    assert [g.tokens for g in batched] == [g.tokens for g in alone]
+    first8 = [g.tokens[0] for g in m8.generate(pics, prompts, max_new_tokens=1, batch_size=2)]
+    assert [g.tokens[0] for g in batched] == first8  # the first token comes from the prompt's (int8) logits
+
+
+@pytest.mark.skipif(not can_pack_int8(), reason="this PyTorch has no oneDNN int8 matmul to prepack for")
+def test_int4_llama_decodes_batches_and_chats_as_alone(tmp_path, images, monkeypatch):
+    """If this fails, an int4 InstructBLIP-Vicuna (LLaMA, prepacked int8 layers for prompts) loses its int4
+    copies when its layers are prepacked, or answers otherwise in a batch than alone, or a chat's follow-up turn
+    (a few new prompt positions, then decoding steps) fails."""
+    from instruct_checkpoints import make_instruct_llama_checkpoint
+
+    monkeypatch.setenv("BLIP2_INT8_ACTIVATIONS", "packed")
+    m = blip2.load(make_instruct_llama_checkpoint(tmp_path / "vicuna"), dtype="int4")
+    lm = m.model.language_model
+    packed = [x for x in lm.modules() if isinstance(x, PackedInt8Linear) and x is not lm.get_output_embeddings()]
+    assert packed and any(isinstance(x.decoding, Int4Weight) for x in packed)
+    assert any(isinstance(x, FusedProjection) for x in lm.modules())
+    calls = _count_int4_products(monkeypatch)
+    pics = [images["rgb"], images["l"]]
+    batched = [g.tokens for g in m.generate(pics, ["describe it"] * 2, max_new_tokens=6, batch_size=2)]
+    alone = [m.generate([p], ["describe it"], max_new_tokens=6)[0].tokens for p in pics]
+    assert batched == alone and calls
+    chat = m.chat(pics[0])
+    assert [chat.ask("what is it?", max_new_tokens=5), chat.ask("and its colour?", max_new_tokens=5)]
+
+
+def test_int4_t5_decodes_on_int4_and_batches_as_alone(t5_ckpt, images, monkeypatch):
+    """If this fails, an int4 encoder-decoder (Flan-T5) multiplies its encoder's prompt by int4 weights, its
+    decoder's steps never take them, or they take another route in a batch than alone."""
+    m = blip2.load(t5_ckpt, dtype="int4")
+    pics, prompts = [images["rgb"], images["p"]], ["a photo of", "what is it?"]
+    calls = _count_int4_products(monkeypatch)
+    with torch.no_grad():
+        m.model.language_model.encoder(inputs_embeds=torch.randn(2, 7, m.model.language_model.config.d_model))
+    assert not calls
+    batched = [g.tokens for g in m.generate(pics, prompts, max_new_tokens=6, batch_size=2)]
+    assert calls
+    alone = [m.generate([p], [t], max_new_tokens=6)[0].tokens for p, t in zip(pics, prompts)]
+    assert batched == alone
+
+
+def test_int4_is_refused_off_the_cpu():
+    """If this fails, `dtype="int4"` on a GPU loads without its int4 kernel (or fails later, inside a product)
+    instead of saying at once that it is a CPU route."""
+    with pytest.raises(ConfigError, match="int4.*int8"):
+        placement("cuda", "int4")
+    assert placement("cpu", "int4").quantize == "int4"
+
+
+def test_int4_model_counts_its_int4_copy_in_its_size(opt_ckpt):
+    """If this fails, the memory a user is told an int4 model holds leaves out its int4 copies."""
+    from blip2.quant import quantized_bytes
+
+    m8, m4 = blip2.load(opt_ckpt, dtype="int8"), blip2.load(opt_ckpt, dtype="int4")
+    extra = sum(quantized_bytes(x) for x in m4.model.modules() if isinstance(x, Int4Weight))
+    assert extra > 0 and quantized_bytes(m4.model) == quantized_bytes(m8.model) + extra
