@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 import blip2
 from blip2.dtype_policy import placement
 from blip2.errors import ConfigError
-from blip2.quant import FusedProjection, Int4Weight, Int8Linear, PackedInt8Linear, can_pack_int8
+from blip2.quant import FusedProjection, Int4Weight, Int8Linear, Kernels, PackedInt8Linear, can_pack_int8
 
 pytestmark = pytest.mark.skipif(
     not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="this PyTorch has no int4 kernel for CPUs"
@@ -166,3 +168,16 @@ def test_int4_model_counts_its_int4_copy_in_its_size(opt_ckpt):
     m8, m4 = blip2.load(opt_ckpt, dtype="int8"), blip2.load(opt_ckpt, dtype="int4")
     extra = sum(quantized_bytes(x) for x in m4.model.modules() if isinstance(x, Int4Weight))
     assert extra > 0 and quantized_bytes(m4.model) == quantized_bytes(m8.model) + extra
+
+
+def test_int4_without_int4_decoding_is_int8(opt_ckpt, monkeypatch):
+    """If this fails, on a CPU where the routes found int4 decoding slower than int8 (`Kernels.int4_decoding`),
+    `dtype="int4"` still makes int4 copies: more memory, slower steps."""
+    from blip2 import quant, routes
+
+    flags = routes.cpu_routes()
+    monkeypatch.setattr(quant, "_active", quant.active_kernels())  # the load installs its kernels: undone after
+    monkeypatch.setattr(routes, "cpu_routes", lambda: replace(flags, kernels=Kernels(int4_decoding=False)))
+    m = blip2.load(opt_ckpt, dtype="int4")
+    assert not any(isinstance(x, Int4Weight) for x in m.model.modules())
+    assert quant.active_kernels().int4_decoding is False

@@ -39,6 +39,7 @@ AVX2_LIKE = timings(
         "int8 widened to fp32": [12, 13, 19, 24, 30, 37],
         "int8 activations": [60] + [float("inf")] * 5,  # no VNNI: too slow to time beyond one row
         "int8 activations packed": [float("inf")] * 6,
+        "int4": [7, 20, 40, 80, 160, 240],  # slower than the int8 kernel at one row: int4 would decode on int8
     },
     {
         "fp32": 97,
@@ -59,6 +60,7 @@ AMX_LIKE = timings(
         "int8 widened to fp32": [12, 13, 19, 24, 30, 37],
         "int8 activations": [2, 3, 4, 6, 9, 12],  # AMX/VNNI: int8 x int8 beats the int8-weight kernel everywhere
         "int8 activations packed": [2.5, 2, 2.5, 4, 7, 9],  # prepacked: slower at one row, faster from 4
+        "int4": [1, 3, 6, 12, 24, 36],  # half the bytes: fastest at one row, compute-bound from a few
     },
     {
         "fp32": 97,
@@ -81,6 +83,17 @@ def test_each_kind_takes_the_faster_measured_route():
     assert amx.int8_lm == NEVER and amx.int8_vision == NEVER  # the int8 kernel everywhere; vision on native bf16
     assert amx.bf16_packed_lm and amx.bf16_packed_vision  # prepacked: faster at every row count measured
     assert not avx2.bf16_packed_lm and not avx2.bf16_packed_vision  # widened layers are not packed
+
+
+def test_int4_decodes_on_int4_only_where_one_row_measures_faster():
+    """If this fails, `dtype="int4"` decodes on int4 weights on a CPU where PyTorch's int4 kernel is slower at one
+    row than the int8 route's layers (an int4 copy that costs memory and time), or leaves them unused where they
+    are faster; or `auto` picks int4, whose quality is below int8's."""
+    avx2, amx = routes.choose(AVX2_LIKE), routes.choose(AMX_LIKE)
+    assert not avx2.kernels.int4_decoding and amx.kernels.int4_decoding
+    assert amx.caption_ms["int4"] < amx.caption_ms["int8-activations"] and not amx.allowed["int4"]
+    assert avx2.caption_ms["int4"] == avx2.caption_ms["int8"]  # int4 without int4 decoding is int8
+    assert "int4" not in (avx2.auto, amx.auto)
 
 
 def test_packing_is_chosen_by_its_total_over_the_row_counts():

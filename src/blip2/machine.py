@@ -113,7 +113,7 @@ def kernels(
     time there is infinite. Without VNNI or AMX, PyTorch's int8 GEMM runs at about 1% of fp32's speed, and timing
     it at an image's rows would take seconds."""
     hopeless = set() if hopeless is None else hopeless
-    from .quant import _int8_activations_mm, _pack, _widened_mm, can_pack, can_pack_int8, int8_rows
+    from .quant import Int4Weight, _int8_activations_mm, _pack, _widened_mm, can_pack, can_pack_int8, int8_rows
 
     w = torch.randn(n, k)
     scale = w.abs().amax(1) / 127
@@ -148,7 +148,11 @@ def kernels(
             lambda: torch.ops.onednn.qlinear_prepack(wq, None) if packs_int8 else int8_plain(),
             int8_acts,
         ),
+        "int4": (lambda: Int4Weight(w4.packed.clone(), w4.scales_and_zeros, w4.group), lambda x, xb, v: v(xb)),
     }
+    w4 = Int4Weight.quantize(w) if "int4" in (names or routes) else None
+    if w4 is None:  # this PyTorch has no int4 kernel for CPUs
+        hopeless.add("int4")
     inputs = {m: (x, x.bfloat16()) for m in rows for x in (torch.randn(m, k),)}
     out: dict[int, dict[str, float]] = {m: {} for m in rows}
     for name in (r for r in routes if r in (names or routes)):
@@ -168,7 +172,9 @@ def kernels(
     return out
 
 
-def _nbytes(t: torch.Tensor) -> int:
+def _nbytes(t: torch.Tensor | torch.nn.Module) -> int:
+    if isinstance(t, torch.nn.Module):
+        return sum(_nbytes(b) for b in t.buffers())
     return t.numel() * t.element_size()
 
 
@@ -195,6 +201,7 @@ def report(
         dict.fromkeys(("int8", "int8 widened to fp32", "int8 activations", "int8 activations packed"), 1)
         | {"fp32": 4}
         | dict.fromkeys(("bf16", "bf16 packed", "bf16 widened to fp32"), 2)
+        | {"int4": 0.5 + 4 / 128}  # a bf16 scale and zero per 128 weights
     )
     times = measured.timings["lm"]
     read = {m: {r: weight_bytes[r] * k * n / (ms / 1e3) / 1e9 for r, ms in t.items()} for m, t in times.items()}
@@ -249,7 +256,7 @@ def format_report(r: dict[str, Any]) -> str:
             f"{_threshold(k['int8_vision'])}; bf16 prepacked: LM {_yes(k['bf16_packed_lm'])}, vision "
             f"{_yes(k['bf16_packed_vision'])}; int8 activations: {_yes(k['int8_activations'])}"
             f"{' (prepacked)' if k['int8_activations'] and k.get('int8_packed') else ''}; "
-            f"dtype auto = {rt['auto']}"
+            f"int4 decoding: {_yes(k.get('int4_decoding', False))}; dtype auto = {rt['auto']}"
         )
     for name, ms in routes["caption_ms"].items():
         may = "may be picked by auto" if routes["allowed"][name] else "not for auto (route_quality)"

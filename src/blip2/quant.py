@@ -1,5 +1,6 @@
-"""Narrow weights, chosen kernels: `dtype="int8"` (weight-only quantization) and `dtype="bf16"` on CPUs without bf16
-instructions (`bf16_sums_in_fp32`, at the end).
+"""Narrow weights, chosen kernels: `dtype="int8"` (weight-only quantization), `dtype="int4"` (int8 with int4
+decoding weights, `Int4Weight`) and `dtype="bf16"` on CPUs without bf16 instructions (`bf16_sums_in_fp32`, at the
+end).
 
 A frozen BLIP-2 spends its time in linear layers of two kinds, and they want different kernels (`bench/matmul.py`
 compares them on the model's layer shapes; the figures are in docs/speed.md):
@@ -22,9 +23,11 @@ kernel below a number of positions per sequence (decoding) and widened to fp32 f
 linears bf16 storage, fp32 arithmetic on widened weights (or PyTorch's bf16 kernel where the CPU has a faster
 one); or, where `routes.py` measures int8 activations faster, every linear layer on int8 x int8 products. The
 Q-Former, norms, biases and embeddings stay as the reference keeps them (the Q-Former in fp32, the token
-embeddings stored bf16). Quality is measured, not assumed: `tests/test_quant.py` and
-`tests/test_int8_activations.py` bound the logit deviation from fp32 on the tiny models and `bench/quality.py`
-reports it on the full-size architecture (`route_quality.py`).
+embeddings stored bf16). `int4` is `int8` plus, in each language-model layer but the head, an int4 copy of the
+weight that decoding steps (one position per sequence) multiply, where `routes.py` measures it faster: half int8's
+bytes to read per step, and a step's time is the time to read them. Quality is measured, not assumed:
+`tests/test_quant.py` and `tests/test_int8_activations.py` bound the logit deviation from fp32 on the tiny models
+and `bench/quality.py` reports it on the full-size architecture (`route_quality.py`).
 
 The swapped modules are created before loading, with their `weight` still on the meta device; the loader hands
 each weight to `set_weight`, which converts it at once, so the full-precision copy of a layer never outlives
@@ -79,6 +82,9 @@ class Kernels:
     int8_activations: bool = False
     # with int8_activations: the int8 weights prepacked for oneDNN's int8 matmul (`PackedInt8Linear`)
     int8_packed: bool = False
+    # dtype="int4": decoding steps on int4 copies of the LM's layers (`Int4Weight`), where one row measures faster
+    # on them than on the int8 route's layers; else dtype="int4" is dtype="int8"
+    int4_decoding: bool = True
 
     @property
     def widens_bf16(self) -> bool:
@@ -530,7 +536,7 @@ def prepare(
     if lm is not None:
         table = lm.get_input_embeddings().weight  # T5's encoder and decoder embeddings share it
         head = lm.get_output_embeddings()  # int8 under int4 too, as llama.cpp and GPTQ keep the head wider
-        int4 = lambda m: scheme == "int4" and m is not head  # noqa: E731
+        int4 = lambda m: scheme == "int4" and k.int4_decoding and m is not head  # noqa: E731
         _swap(lm, lambda m: Int8Linear(m, k.int8_lm, k.int8_activations, int4(m)) if type(m) is nn.Linear else None)
         track_positions(lm)
         shares_table = lambda m: type(m) is nn.Embedding and m.weight is table  # noqa: E731

@@ -1,13 +1,14 @@
 """Which kernel each kind of linear layer takes on this CPU, and what `dtype="auto"` means here: measured, cached.
 
-At the first load that needs a choice (`dtype="auto"`, `"bf16"` or `"int8"` on a CPU) the products each route can
-run are timed on BLIP-2's layer shapes (a few seconds): the vision encoder's fc1 (1408 -> 6144) at 257 rows (one
-image) and the language model's fc1 (2560 -> 10240, OPT-2.7B) at 1-8 rows (decoding), 16-32 and 48 rows (a
+At the first load that needs a choice (`dtype="auto"`, `"bf16"`, `"int8"` or `"int4"` on a CPU) the products each
+route can run are timed on BLIP-2's layer shapes (a few seconds): the vision encoder's fc1 (1408 -> 6144) at 257
+rows (one image) and the language model's fc1 (2560 -> 10240, OPT-2.7B) at 1-8 rows (decoding), 16-32 and 48 rows (a
 prompt's prefill), in fp32, on PyTorch's bf16 kernel, on bf16 weights prepacked for oneDNN (`quant.PackedLinear`),
 on bf16 weights widened to fp32 (`quant._widened_mm`), on the int8-weight kernel (`_weight_int8pack_mm`), on int8
 weights widened to fp32, and with the activations quantized to int8 as well (`quant._int8_activations_mm`, PyTorch's
 int8 GEMM: fast where the CPU has VNNI or AMX, a fallback elsewhere), on plain int8 weights and on int8 weights
-prepacked for oneDNN's int8 matmul (`quant.PackedInt8Linear`). From the timings:
+prepacked for oneDNN's int8 matmul (`quant.PackedInt8Linear`), and on int4 weights in groups of 128
+(`quant.Int4Weight`, PyTorch's int4 kernel for CPUs). From the timings:
 
 - per kind of layer, the positions per sequence from which the widened route takes over (`quant.Kernels`): the
   fewest rows from which it is faster at every larger row count measured (never, if nowhere);
@@ -18,6 +19,8 @@ prepacked for oneDNN's int8 matmul (`quant.PackedInt8Linear`). From the timings:
   and an image's (faster at a batch's 8-48 rows and an image's 257 on an AVX512-VNNI EPYC, slower at one row);
 - whether `dtype="int8"` quantizes the activations too: if that makes the estimated caption (below) faster than
   int8 weights alone;
+- whether `dtype="int4"` decodes on int4 copies of the language model's layers: if one row is faster on them
+  than on the layers of `dtype="int8"` (else `int4` is `int8`);
 - `auto`: the estimated time of one caption (vision at 257 rows, a 48-position prefill, 20 decoding steps, scaled
   by the products of blip2-opt-2.7b) on each route that `route_quality.allowed` permits; the fastest wins.
 
@@ -51,7 +54,7 @@ from .quant import NEVER, Kernels
 from .route_quality import allowed
 
 ROUTES_ENV = "BLIP2_ROUTES"
-FORMAT = 5  # of the cache file; a new format is a new file name
+FORMAT = 6  # of the cache file; a new format is a new file name
 LM_SHAPE = (2560, 10240)  # in, out: OPT-2.7B's fc1
 VISION_SHAPE = (1408, 6144)  # EVA ViT-g's fc1
 VISION_ROWS = 257  # one image
@@ -63,7 +66,7 @@ VISION_PRODUCTS = 39 * (4 * 1408 + 2 * 6144) / 6144
 LM_PRODUCTS = 32 * (4 * 2560 + 2 * 10240) / 10240 + 50272 / 10240
 INT8_ACTIVATIONS_ENV = "BLIP2_INT8_ACTIVATIONS"
 INT8_ACTS = ("int8 activations", "int8 activations packed")
-LM_NAMES = ("fp32", "bf16", "bf16 packed", "bf16 widened to fp32", "int8", "int8 widened to fp32", *INT8_ACTS)
+LM_NAMES = ("fp32", "bf16", "bf16 packed", "bf16 widened to fp32", "int8", "int8 widened to fp32", *INT8_ACTS, "int4")
 VISION_NAMES = ("fp32", "bf16", "bf16 packed", "bf16 widened to fp32", *INT8_ACTS)
 
 Timings = dict[str, dict[int, dict[str, float]]]  # {"lm" | "vision": {rows: {route name: ms}}}
@@ -175,6 +178,12 @@ def choose(timings: Timings, source: str = "measured") -> Routes:
     # dtype="int8" is the faster int8 route; unless auto is an int8 route itself, which then decides
     activations = candidates["int8-activations"] < candidates[weights_only]
     k = replace(k, int8_activations={"int8-activations": True, weights_only: False}.get(auto, activations))
+    # dtype="int4" is dtype="int8" with int4 decoding steps, where one row is faster on them
+    int8_route = (lambda r: acts) if k.int8_activations else int8_weights_only
+    k = replace(k, int4_decoding=lm[1]["int4"] < lm[1][int8_route(1)])
+    int4_route = lambda r: "int4" if r == 1 and k.int4_decoding else int8_route(r)  # noqa: E731
+    candidates["int4"] = caption(vision[acts] if k.int8_activations else int8_vision, int4_route)
+    ok["int4"] = False  # never auto: its quality is below int8's (route_quality)
     return Routes(k, auto, source, timings, candidates, ok)
 
 
