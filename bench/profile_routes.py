@@ -46,7 +46,6 @@ def phases(m, n: int, tokens: int) -> dict:
     import torch
 
     from blip2.machine import gemm, memory
-    from blip2.quant import quantized_bytes
 
     def timed(fn):
         t = time.perf_counter()
@@ -66,7 +65,7 @@ def phases(m, n: int, tokens: int) -> dict:
         for layer in vision.modules()
         if hasattr(layer, "out_features")
     )
-    lm_bytes = quantized_bytes(m.model.language_model)
+    lm_bytes = step_bytes(m.model.language_model)
     limits = {"bf16_gemm_gflops": gemm(257, 1408, 6144)["bf16"], "copy_gbs": memory()["copy_gbs"]}
     return {
         "vision_and_qformer_s": round(vision_s, 3),
@@ -78,6 +77,19 @@ def phases(m, n: int, tokens: int) -> dict:
         "decoding_share_of_copy": round(lm_bytes / step_s / 1e9 / limits["copy_gbs"], 3),
         "limits": limits,
     }
+
+
+def step_bytes(lm) -> int:
+    """Bytes of the weights a decoding step reads: a layer with an int4 copy for decoding (`dtype="int4"`) reads
+    that instead of its int8 weight."""
+    from blip2.quant import quantized_bytes
+
+    total = quantized_bytes(lm)
+    for layer in lm.modules():
+        if getattr(layer, "decoding", None) is not None:
+            int8 = layer.packed if hasattr(layer, "packed") else layer.weight
+            total -= int8.numel() * int8.element_size()
+    return total
 
 
 def child(folder: str, route: str, n: int, tokens: int, top: int) -> dict:
