@@ -81,8 +81,9 @@ def run_side(folder: str, dtype: str, out: str, tokens: int) -> None:
         start = torch.full((len(PROMPTS), 1), m.model.language_model.config.decoder_start_token_id)
         extra["decoder_input_ids"] = torch.cat([start, ids], dim=1)
     with torch.no_grad():
-        logits = m.model(ids, mask, pixel_values=m.pixel_values(ims), **extra).logits.float()
-        steps = None if m.model.is_encoder_decoder else decoding_logits(m, ims, ids, mask)
+        prefix = m.model.image_prefix(m.pixel_values(ims))
+        logits = m.model(ids, mask, prefix=prefix, **extra).logits.float()
+        steps = None if m.model.is_encoder_decoder else decoding_logits(m, prefix, ids, mask)
     gens = m.generate(ims, PROMPTS, max_new_tokens=tokens, min_new_tokens=tokens, batch_size=len(PROMPTS))
     valid = mask if not m.model.is_encoder_decoder else torch.ones_like(extra["decoder_input_ids"])
     if not m.model.is_encoder_decoder:  # the query positions are always valid
@@ -93,7 +94,7 @@ def run_side(folder: str, dtype: str, out: str, tokens: int) -> None:
 CONTINUATION = " a small brown dog sitting on a wooden bench next to a red bicycle in the park"
 
 
-def decoding_logits(m, ims, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def decoding_logits(m, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, S, V) logits of a decoder-only LM fed a fixed continuation one position per call after its prompt, as
     decoding steps run (the int4 route multiplies only these by its int4 weights): the same tokens on every route,
     so each step's logits compare teacher-forced."""
@@ -101,7 +102,7 @@ def decoding_logits(m, ims, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 
     lm = m.model.language_model
     follow = m.tokenizer(CONTINUATION, add_special_tokens=False, return_tensors="pt").input_ids[0]
-    embeds, full_mask = m.model.lm_inputs(m.model.image_prefix(m.pixel_values(ims)), ids, mask)
+    embeds, full_mask = m.model.lm_inputs(prefix, ids, mask)
     cache = DynamicCache()
     out = [lm(inputs_embeds=embeds, attention_mask=full_mask, past_key_values=cache, use_cache=True).logits[:, -1]]
     for token in follow[:-1]:

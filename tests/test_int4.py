@@ -11,11 +11,9 @@ import torch
 import blip2
 from blip2.dtype_policy import placement
 from blip2.errors import ConfigError
-from blip2.quant import FusedProjection, Int4Weight, Int8Linear, Kernels, PackedInt8Linear, can_pack_int8
+from blip2.quant import FusedProjection, Int4Weight, Int8Linear, Kernels, PackedInt8Linear, can_int4, can_pack_int8
 
-pytestmark = pytest.mark.skipif(
-    not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="this PyTorch has no int4 kernel for CPUs"
-)
+pytestmark = pytest.mark.skipif(not can_int4(), reason="this PyTorch has no int4 kernel for CPUs")
 
 
 @pytest.mark.parametrize(("out", "width", "group"), [(64, 256, 128), (48, 96, 32), (32, 64, 64)])

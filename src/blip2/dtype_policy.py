@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError
-from .quant import SCHEMES, use_kernels
+from .quant import SCHEMES, can_int4, use_kernels
 
 CPU_BF16_ENV = "BLIP2_CPU_BF16"
 FP32_MODULES = ("query_tokens", "qformer.")  # parameter-name prefixes kept in fp32 when the model is fp16
@@ -121,7 +121,7 @@ def placement(device: str | torch.device = "auto", dtype: str | torch.dtype = "a
     dev = pick_device(device)
     named = dtype if isinstance(dtype, torch.dtype) else DTYPE_NAMES.get(dtype)
     routed = dev.type == "cpu" and (dtype == "auto" or dtype in SCHEMES or named == torch.bfloat16)
-    if dtype == "int4" and (dev.type != "cpu" or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")):
+    if dtype == "int4" and (dev.type != "cpu" or not can_int4()):
         where = "this PyTorch build" if dev.type == "cpu" else dev.type.upper()
         raise ConfigError(f"dtype 'int4' uses PyTorch's int4 kernel for CPUs, which {where} lacks: use dtype='int8'")
     if not routed:  # nothing to choose: fp32 and fp16 on a CPU, any dtype elsewhere

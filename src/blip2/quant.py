@@ -411,7 +411,7 @@ class Int4Weight(nn.Module):
         its shape (the layer then decodes on int8) or the CPU build lacks the kernel."""
         n, k = weight.shape
         group = cls.fits(n, k)
-        if group is None or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        if group is None or not can_int4():
             return None
         q = torch.empty(n, k, dtype=torch.int32)
         sz = torch.empty(k // group, n, 2, dtype=torch.bfloat16)
@@ -636,6 +636,11 @@ class PackedLinear(_CpuPacked):
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)  # the row hint does not change the layout
+
+
+def can_int4() -> bool:
+    """Whether this PyTorch has the int4 kernel for CPUs that `Int4Weight` multiplies with."""
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
 def can_pack() -> bool:
