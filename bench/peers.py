@@ -12,10 +12,12 @@ question about the image of a first one (`FOLLOWUP`), `--tokens` new tokens; our
 Every engine runs in its own process, one after the other (two full-size models do not fit beside each other in
 24 GB), on the blip2-opt-2.7b architecture with random weights (`common.make_full_checkpoint`, bf16; `--tiny`: the
 tests' tiny OPT checkpoint, a check that the script runs). Reported per engine: images/s for each batch, seconds
-for the single image and for the follow-up turn, peak resident memory, and for ours the bytes of the weights as
-stored for the route; with the machine's CPU, flags and measured memory bandwidth and GEMM rates
-(`blip2.machine`). An engine that cannot run here (vLLM's CPU build on a CPU it does not support, say) is reported
-with its error, not left out.
+for the single image and for the follow-up turn, peak resident memory (`peak_rss_gib_<images>`: loading, warm-up,
+the batch and the single image; `peak_rss_gib`: after the larger batch and the follow-up too; vLLM: its largest
+process; `base_rss_gib`: the interpreter with torch and transformers imported, before loading), and for ours the
+bytes of the weights as stored for the route and the peaks over them; with the machine's CPU, flags and measured
+memory bandwidth and GEMM rates (`blip2.machine`). An engine that cannot run here (vLLM's CPU build on a CPU it does
+not support, say) is reported with its error, not left out.
 Result: bench/results/peers.json.
 """
 
@@ -45,12 +47,24 @@ def images(n: int, seed: int) -> list:
     return [Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)) for _ in range(n)]
 
 
+def rss_gib() -> float:
+    """This process's resident memory now."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def peak_rss_gib(who: int = resource.RUSAGE_SELF) -> float:
+    """The largest resident memory so far of this process (RUSAGE_SELF) or of its largest finished descendant."""
+    return resource.getrusage(who).ru_maxrss / 2**20
+
+
 def measure(run, followup, n: int, more: int) -> dict:
-    """Times of the anchor workload through `run(images)` (seconds of one call) and of `followup(image)`."""
+    """Times of the anchor workload through `run(images)` (seconds of one call) and of `followup(image)`; the peak
+    resident memory before the `more` images (loading, warm-up, `n` images, one image) and at the end."""
     imgs = images(n + 3 + more + 1, seed=0)
     run(imgs[n : n + 2])  # warm-up, on images not timed below
     seconds = run(imgs[:n])
     out = {"seconds": seconds, "images_per_s": n / seconds, "single_s": run(imgs[n + 2 : n + 3])}
+    out[f"peak_rss_gib_{n}"] = peak_rss_gib()
     if more:
         out[f"images_per_s_{more}"] = more / run(imgs[n + 3 : n + 3 + more])
     out["followup_s"] = followup(imgs[-1])
@@ -58,9 +72,12 @@ def measure(run, followup, n: int, more: int) -> dict:
 
 
 def side_ours(folder: str, dtype: str, n: int, tokens: int, more: int) -> dict:
+    import transformers  # noqa: F401  (imported before the baseline, as transformers' side does)
+
     import blip2
     from blip2.quant import quantized_bytes
 
+    base = rss_gib()
     t0 = time.perf_counter()
     m = blip2.load(folder, device="cpu", dtype=dtype)
     load_s = time.perf_counter() - t0
@@ -85,6 +102,7 @@ def side_ours(folder: str, dtype: str, n: int, tokens: int, more: int) -> dict:
         **measure(run, followup, n, more),
         "load_s": load_s,
         "weights_gib": quantized_bytes(m.model) / 2**30,
+        "base_rss_gib": base,
     }
 
 
@@ -92,6 +110,7 @@ def side_transformers(folder: str, dtype: str, n: int, tokens: int, more: int) -
     import torch
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
+    base = rss_gib()
     t0 = time.perf_counter()
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     model = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=dt).eval()
@@ -117,7 +136,7 @@ def side_transformers(folder: str, dtype: str, n: int, tokens: int, more: int) -
         generate([image], f"{PROMPT} {first}. Question: {FOLLOWUP} Answer:")
         return time.perf_counter() - t
 
-    return {"route": dtype, **measure(run, followup, n, more), "load_s": load_s}
+    return {"route": dtype, **measure(run, followup, n, more), "load_s": load_s, "base_rss_gib": base}
 
 
 def side_vllm(folder: str, dtype: str, n: int, tokens: int, more: int, tool: Path = VLLM_TOOL) -> dict:
@@ -133,6 +152,7 @@ def side_vllm(folder: str, dtype: str, n: int, tokens: int, more: int, tool: Pat
         return json.loads(lines[-1])
 
     out = anchor(n)
+    out[f"peak_rss_gib_{n}"] = peak_rss_gib(resource.RUSAGE_CHILDREN)  # vLLM's largest process
     if more and "error" not in out:
         bigger = anchor(more)
         out[f"images_per_s_{more}"] = bigger.get("images_per_s", bigger.get("error"))
@@ -146,8 +166,7 @@ def child(args: argparse.Namespace) -> None:
     else:
         run = {"ours": side_ours, "transformers": side_transformers}[args.side]
         result = run(args.folder, args.route, args.images, args.tokens, args.more_images)
-    if args.side != "vllm":
-        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result["peak_rss_gib"] = peak_rss_gib(resource.RUSAGE_CHILDREN if args.side == "vllm" else resource.RUSAGE_SELF)
     print(json.dumps(result), flush=True)
 
 
@@ -210,7 +229,12 @@ def main() -> None:
             r["throughput_vs_transformers"] = r["images_per_s"] / ref_ok[0]["images_per_s"]
             r["single_speedup_vs_transformers"] = ref_ok[0]["single_s"] / r["single_s"]
             r["followup_speedup_vs_transformers"] = ref_ok[0]["followup_s"] / r["followup_s"]
-        r["peak_over_weights"] = r["peak_rss_gib"] / r["weights_gib"]
+        w = r["weights_gib"]
+        r["peak_over_weights"] = r["peak_rss_gib"] / w
+        r[f"peak_over_weights_{args.images}"] = r[f"peak_rss_gib_{args.images}"] / w
+        # what the model costs the process: the peak above the interpreter with torch and transformers imported
+        r[f"model_peak_over_weights_{args.images}"] = (r[f"peak_rss_gib_{args.images}"] - r["base_rss_gib"]) / w
+        r["model_peak_over_weights"] = (r["peak_rss_gib"] - r["base_rss_gib"]) / w
     result = {
         "command": " ".join(["python bench/peers.py", *sys.argv[1:]]),
         "cpu": cpu_name(),

@@ -97,18 +97,18 @@ CONTINUATION = " a small brown dog sitting on a wooden bench next to a red bicyc
 def decoding_logits(m, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, S, V) logits of a decoder-only LM fed a fixed continuation one position per call after its prompt, as
     decoding steps run (the int4 route multiplies only these by its int4 weights): the same tokens on every route,
-    so each step's logits compare teacher-forced."""
+    so each step's logits compare teacher-forced. The key/value cache is the one the route's `generate` uses."""
     from transformers import DynamicCache
 
     lm = m.model.language_model
     follow = m.tokenizer(CONTINUATION, add_special_tokens=False, return_tensors="pt").input_ids[0]
     embeds, full_mask = m.model.lm_inputs(prefix, ids, mask)
-    cache = DynamicCache()
-    out = [lm(inputs_embeds=embeds, attention_mask=full_mask, past_key_values=cache, use_cache=True).logits[:, -1]]
+    cache = m.model.new_cache(embeds.shape[1] + len(follow)) or DynamicCache()
+    out = [lm(inputs_embeds=embeds, attention_mask=full_mask, cache=cache, use_cache=True).logits[:, -1]]
     for token in follow[:-1]:
         full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], 1)
         step = torch.full((len(ids), 1), int(token))
-        out.append(lm(input_ids=step, attention_mask=full_mask, past_key_values=cache, use_cache=True).logits[:, -1])
+        out.append(lm(input_ids=step, attention_mask=full_mask, cache=cache, use_cache=True).logits[:, -1])
     return torch.stack(out, 1).float()
 
 

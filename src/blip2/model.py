@@ -59,6 +59,7 @@ class Blip2Model(nn.Module):
         self.qformer = QFormer(q, instruct=cfg.is_instruct)
         self.language_model: nn.Module | None = None
         self.compile_decoding = False  # `generate` decodes with a static KV cache and a compiled step (pipeline.load)
+        self.kv_storage: torch.dtype | None = None  # the LM key/value cache dtype, if not the arithmetic (kv_cache)
         if cfg.has_text_side:
             self.embeddings = TextEmbeddings(q)
         if cfg.architecture == "Blip2ForImageTextRetrieval":
@@ -208,11 +209,23 @@ class Blip2Model(nn.Module):
             new = out.sequences
         else:
             full_ids = self.placeholder_ids(input_ids)
+            if "cache" not in gen and "cache_implementation" not in gen:
+                gen["cache"] = self.new_cache(full_ids.shape[1] + self._new_tokens(gen))
             out = self.language_model.generate(
                 input_ids=full_ids, inputs_embeds=inputs_embeds, attention_mask=mask, **gen
             )
             new = out.sequences[:, full_ids.shape[1] :]
         return new, sequence_scores(self.language_model, out)
+
+    def new_cache(self, positions: int):
+        """The LM's key/value cache for a generation of `positions` positions (kv_cache.ReservedCache, stored in
+        `kv_storage`), or None: `transformers` makes its own (encoder-decoder and sliding-window LMs)."""
+        from .kv_cache import reserved_cache
+
+        return reserved_cache(self.language_model, positions, self.kv_storage)
+
+    def _new_tokens(self, gen: dict) -> int:
+        return gen.get("max_new_tokens") or self.language_model.generation_config.max_new_tokens or 0
 
     def _decoding_kwargs(self) -> dict:
         """With `compile_decoding`: `transformers`' static KV cache, whose fixed shapes let its `generate` run each

@@ -443,6 +443,7 @@ def load(
         m.language_model.generation_config = GenerationConfig.from_pretrained(folder)
     m.to(dev)
     m.compile_decoding = compile
+    m.kv_storage = None if compile else where.kv_storage  # compiled decoding: transformers' static cache
     if where.bf16_sums_in_fp32:
         bf16_sums_in_fp32(m)  # same arithmetic as the emulated bf16 kernel, faster (quant.StoredLinear, docs/dtypes.md)
     if pack:  # the same products, bit for bit, without a reorder of each weight per call (quant.PackedLinear)
@@ -570,7 +571,10 @@ class Chat:
             out = model.language_model.generate(input_ids=full, attention_mask=ones, cache=self._kv, **gen)
         else:
             embeds, _ = model.lm_inputs(self.prefix, ids, None)
-            out = model.language_model.generate(input_ids=full, inputs_embeds=embeds, attention_mask=ones, **gen)
+            cache = model.new_cache(full.shape[1] + model._new_tokens(gen))  # later turns grow it
+            out = model.language_model.generate(
+                input_ids=full, inputs_embeds=embeds, attention_mask=ones, cache=cache, **gen
+            )
         self._kv = out.cache
         self._kv_ids = out.sequences[0, : self._kv.get_seq_length()].tolist()
         return out.sequences[:, full.shape[1] :], sequence_scores(model.language_model, out)

@@ -1,0 +1,111 @@
+"""The LM's key/value cache during generation is written in place into reserved buffers (kv_cache.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import blip2
+from blip2.kv_cache import ReservedCache, reserved_cache
+
+
+@pytest.fixture(scope="module")
+def fp32(opt_ckpt):
+    return blip2.load(opt_ckpt, device="cpu", dtype="fp32")
+
+
+def _generate(m, images, cache_factory=None, **gen):
+    """`Blip2Model.generate` on three images, with the cache `cache_factory()` gives (None: the model's own)."""
+    pics = [images["rgb"], images["rgba"], images["l"]]
+    prompts = ["a photo of", "Question: what is it? Answer:", ""]
+    ids, mask = m.tokenize(prompts)
+    prefix = m.image_prefix(pics, prompts)
+    extra = {} if cache_factory is None else {"cache": cache_factory()}
+    return m.model.generate(prefix, ids, mask, max_new_tokens=8, **gen, **extra)
+
+
+@pytest.mark.parametrize("gen", [{}, {"num_beams": 3}, {"num_beams": 2, "num_return_sequences": 2}])
+def test_fp32_generation_is_transformers_own_bit_for_bit(fp32, images, gen):
+    """If this fails, the in-place cache changes fp32 tokens or scores against transformers' concatenating cache
+    (fp32 must stay token-identical to the reference; beam search reorders the cache every step)."""
+    tokens, scores = _generate(fp32, images, **gen)
+    want_tokens, want_scores = _generate(fp32, images, DynamicCache, **gen)
+    assert torch.equal(tokens, want_tokens)
+    assert torch.equal(scores, want_scores)
+
+
+def test_steps_write_into_buffers_reserved_once(fp32, images):
+    """If this fails, each decoding step allocates the whole cache anew (for a batch of prompts a copy of every
+    layer's keys and values per step, and a fragmented heap)."""
+    m = fp32.model
+    ids, mask = fp32.tokenize(["a photo of"])
+    positions = m.config.num_query_tokens + ids.shape[1] + 6
+    cache = m.new_cache(positions)
+    assert isinstance(cache, ReservedCache)
+    seen = set()
+
+    def note(module, args, output):
+        layer = cache.layers[0]
+        seen.add((layer._buffers[0].data_ptr(), layer._buffers[0].shape[-2]))
+
+    hook = m.language_model.get_decoder().layers[0].register_forward_hook(note)
+    try:
+        m.generate(fp32.image_prefix([images["rgb"]], ["a photo of"]), ids, mask, max_new_tokens=6, cache=cache)
+    finally:
+        hook.remove()
+    assert len(seen) == 1 and next(iter(seen))[1] == positions
+    assert cache.get_seq_length() == positions - 1  # the last token is generated, not cached
+
+
+def test_buffers_grow_and_crop_for_a_chat():
+    """If this fails, a chat's later turn (longer than the first turn's reservation) or its crop back to the common
+    prefix loses or shifts cached positions."""
+    layer = reserved_cache_layer(reserve=4)
+    k = torch.randn(1, 2, 3, 8)
+    layer.update(k, -k)
+    more = torch.randn(1, 2, 5, 8)
+    keys, values = layer.update(more, -more)  # 8 positions: past the reservation
+    assert torch.equal(keys, torch.cat([k, more], 2)) and torch.equal(values, -keys)
+    layer.crop(-6)
+    last = torch.randn(1, 2, 1, 8)
+    keys, _ = layer.update(last, -last)
+    assert torch.equal(keys, torch.cat([k[..., :2, :], last], 2))
+    layer.reorder_cache(torch.tensor([0, 0]))  # beams: transformers assigns new tensors; the next step adopts them
+    two = last.repeat(2, 1, 1, 1)
+    keys, _ = layer.update(two, -two)
+    assert keys.shape == (2, 2, 4, 8) and torch.equal(keys[1, :, :3], torch.cat([k[0, :, :2], last[0]], 1))
+
+
+def reserved_cache_layer(reserve: int, storage: torch.dtype | None = None):
+    cache = ReservedCache(reserve, storage)
+    return cache.layer_class_to_replicate()
+
+
+def test_bf16_storage_returns_the_arithmetic_dtype():
+    """If this fails, attention under an fp32 route reads bf16 keys (a dtype error in SDPA) or the cache is not
+    halved."""
+    layer = reserved_cache_layer(reserve=8, storage=torch.bfloat16)
+    k = torch.randn(2, 2, 3, 8)
+    keys, values = layer.update(k, k)
+    assert keys.dtype == values.dtype == torch.float32
+    assert layer.keys.dtype == torch.bfloat16
+    assert torch.equal(keys, k.to(torch.bfloat16).float())
+
+
+def test_int8_route_keeps_a_bf16_cache_and_batches_as_alone(opt_ckpt, images):
+    """If this fails, `dtype="int8"` keeps its cache in fp32 (twice the memory of a batch's generation), or its
+    bf16 cache makes a batch's captions differ from the same images captioned one at a time."""
+    m = blip2.load(opt_ckpt, device="cpu", dtype="int8")
+    assert m.model.kv_storage == torch.bfloat16
+    pics = [images["rgb"], images["rgba"], images["l"]]
+    together = m.generate(pics, ["a photo of"] * 3, max_new_tokens=8, batch_size=3)
+    alone = [m.generate([p], ["a photo of"], max_new_tokens=8)[0] for p in pics]
+    assert [g.tokens for g in together] == [g.tokens for g in alone]
+    assert [g.score for g in together] == pytest.approx([g.score for g in alone], abs=1e-4)
+
+
+def test_encoder_decoder_lms_keep_transformers_cache(t5_ckpt):
+    """If this fails, a Flan-T5 BLIP-2 is handed a decoder-only cache (its cross-attention cache would be lost)."""
+    m = blip2.load(t5_ckpt, device="cpu", dtype="fp32")
+    assert reserved_cache(m.model.language_model, 16) is None
