@@ -219,6 +219,36 @@ def test_fused_projections_give_each_projection_its_own_layer_output():
 
 
 @needs_packing
+def test_fusing_lets_each_layers_projections_go_before_the_next(monkeypatch):
+    """If this fails, loading a packed int8 model holds every attention layer's unfused query, key and value
+    weights until all are fused: its load peaks that much above the model (OPT-2.7B: 0.6 GiB)."""
+    import weakref
+
+    from blip2 import quant
+
+    lm = nn.Module()
+    lm.config = type("Config", (), {"is_encoder_decoder": False})()
+    layers = [nn.Module() for _ in range(3)]
+    for i, attn in enumerate(layers):
+        for seed, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            setattr(attn, name, _layer(64, 32, 3 * i + seed))
+        lm.add_module(f"attn{i}", attn)
+    first = [weakref.ref(getattr(layers[0], name).weight) for name in ("q_proj", "k_proj", "v_proj")]
+    alive_at_last = []
+    real = quant.PackedInt8Linear
+
+    def packing(linear):
+        alive_at_last.append(sum(r() is not None for r in first))
+        return real(linear)
+
+    monkeypatch.setattr(quant, "PackedInt8Linear", packing)
+    model = nn.Module()
+    model.language_model = lm
+    assert fuse_projections(model) == 3
+    assert alive_at_last[-1] == 0  # when the third layer is packed, the first's three weights are gone
+
+
+@needs_packing
 def test_prepacked_layer_trains_on_its_dequantized_weight():
     """If this fails, a prepacked layer inside a model being fine-tuned (a LoRA or Q-Former run on an int8 LM)
     breaks the backward pass or multiplies other weights than its own."""

@@ -788,8 +788,9 @@ def fuse_projections(model: nn.Module) -> int:
     if lm is None or lm.config.is_encoder_decoder:  # cross-attention reads keys and values from another input
         return 0
     count = 0
-    for attn in list(lm.modules()):
-        parts = [getattr(attn, name, None) for name in PROJECTIONS]
+    # the attention modules only: a list of every module would hold each replaced projection's weight to the end
+    for attn in [m for m in lm.modules() if all(hasattr(m, name) for name in PROJECTIONS)]:
+        parts = [getattr(attn, name) for name in PROJECTIONS]
         if not all(type(q) is Int8Linear and q.activations and q.weight.device.type == "cpu" for q in parts):
             continue
         if len({q.in_features for q in parts}) > 1 or len({q.bias is None for q in parts}) > 1:
