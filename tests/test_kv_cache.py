@@ -41,7 +41,7 @@ def test_steps_write_into_buffers_reserved_once(fp32, images):
     m = fp32.model
     ids, mask = fp32.tokenize(["a photo of"])
     positions = m.config.num_query_tokens + ids.shape[1] + 6
-    cache = m.new_cache(positions)
+    cache = m.new_cache(positions - 6, {"max_new_tokens": 6})
     assert isinstance(cache, ReservedCache)
     seen = set()
 

@@ -29,7 +29,6 @@ class ReservedLayer(DynamicLayer):
         self.reserve = reserve
         self.storage = storage
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._views: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -46,7 +45,6 @@ class ReservedLayer(DynamicLayer):
         for buffer, new in zip(self._buffers, (key_states, value_states)):
             buffer[..., start:end, :].copy_(new)
         self.keys, self.values = (b[..., :end, :] for b in self._buffers)
-        self._views = (self.keys, self.values)
         if self.keys.dtype == self.arithmetic:
             return self.keys, self.values
         return self.keys.to(self.arithmetic), self.values.to(self.arithmetic)
@@ -66,17 +64,13 @@ class ReservedLayer(DynamicLayer):
 
     def _adopt(self) -> None:
         """Take over keys/values that `transformers` replaced (its `crop`, `reorder_cache` and batch selection
-        assign new tensors): a shorter view onto the buffers (a crop) is kept; anything else is copied into new
-        buffers by `update`."""
-        if self._views is None or (self.keys is self._views[0] and self.values is self._views[1]):
-            return
-        if self.keys.numel() and _same_storage(self.keys, self._buffers[0]):
-            self._views = (self.keys, self.values)
-        else:
-            self._buffers = self._views = None
+        assign new tensors): a view onto the buffers (a crop) keeps them; anything else is copied into new buffers
+        by `update`."""
+        if self._buffers is not None and not _same_storage(self.keys, self._buffers[0]):
+            self._buffers = None
 
     def reset(self) -> None:
-        self._buffers = self._views = None
+        self._buffers = None
         super().reset()
 
 

@@ -210,22 +210,22 @@ class Blip2Model(nn.Module):
         else:
             full_ids = self.placeholder_ids(input_ids)
             if "cache" not in gen and "cache_implementation" not in gen:
-                gen["cache"] = self.new_cache(full_ids.shape[1] + self._new_tokens(gen))
+                gen["cache"] = self.new_cache(full_ids.shape[1], gen)
             out = self.language_model.generate(
                 input_ids=full_ids, inputs_embeds=inputs_embeds, attention_mask=mask, **gen
             )
             new = out.sequences[:, full_ids.shape[1] :]
         return new, sequence_scores(self.language_model, out)
 
-    def new_cache(self, positions: int):
-        """The LM's key/value cache for a generation of `positions` positions (kv_cache.ReservedCache, stored in
-        `kv_storage`), or None: `transformers` makes its own (encoder-decoder and sliding-window LMs)."""
+    def new_cache(self, prompt_positions: int, gen: dict | None = None):
+        """The LM's key/value cache for a generation from a prompt of `prompt_positions` positions with the options
+        `gen` (room for its `max_new_tokens` is reserved; kv_cache.ReservedCache, stored in `kv_storage`), or None:
+        `transformers` makes its own (encoder-decoder and sliding-window LMs)."""
         from .kv_cache import reserved_cache
 
-        return reserved_cache(self.language_model, positions, self.kv_storage)
-
-    def _new_tokens(self, gen: dict) -> int:
-        return gen.get("max_new_tokens") or self.language_model.generation_config.max_new_tokens or 0
+        gen = gen or {}
+        new = gen.get("max_new_tokens") or self.language_model.generation_config.max_new_tokens or 0
+        return reserved_cache(self.language_model, prompt_positions + new, self.kv_storage)
 
     def _decoding_kwargs(self) -> dict:
         """With `compile_decoding`: `transformers`' static KV cache, whose fixed shapes let its `generate` run each

@@ -571,7 +571,7 @@ class Chat:
             out = model.language_model.generate(input_ids=full, attention_mask=ones, cache=self._kv, **gen)
         else:
             embeds, _ = model.lm_inputs(self.prefix, ids, None)
-            cache = model.new_cache(full.shape[1] + model._new_tokens(gen))  # later turns grow it
+            cache = model.new_cache(full.shape[1], gen)  # later turns grow it
             out = model.language_model.generate(
                 input_ids=full, inputs_embeds=embeds, attention_mask=ones, cache=cache, **gen
             )
