@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from blip2 import quant, routes
+from blip2 import machine, quant, routes
 from blip2.dtype_policy import placement, resolve_dtype
 from blip2.errors import ConfigError
 from blip2.quant import NEVER, Int8Linear, StoredLinear
@@ -188,6 +188,17 @@ def test_cache_is_written_keyed_by_machine_and_reused(measured, monkeypatch):
     routes.measured_routes()
     assert len(measured) == 2
     assert json.loads(path.read_text())["key"]["cores"] is not None
+
+
+def test_cache_of_a_cpu_with_other_flags_is_not_reused(measured, monkeypatch):
+    # Cloud machines named "AMD EPYC" come with and without AVX-512: a cache folder shared between them (a home
+    # directory on NFS) must not hand one machine's timings to the other, or auto picks bf16 where it is emulated
+    avx2, avx512 = ["avx2", "fma", "f16c"], ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16"]
+    for flags in (avx2, avx512, avx2):
+        monkeypatch.setattr(machine, "cpu_flags", lambda f=flags: f)
+        routes.measured_routes()
+    assert len(measured) == 2  # the AVX-512 machine measured its own; the AVX2 one found its cache again
+    assert json.loads(routes.cache_path(routes.machine_key()).read_text())["key"]["flags"] == avx2
 
 
 @pytest.mark.parametrize("damage", ["{not json", '{"key": {}, "timings_ms": {}}', "[]"])

@@ -24,7 +24,7 @@ prepacked for oneDNN's int8 matmul (`quant.PackedInt8Linear`), and on int4 weigh
 - `auto`: the estimated time of one caption (vision at 257 rows, a 48-position prefill, 20 decoding steps, scaled
   by the products of blip2-opt-2.7b) on each route that `route_quality.allowed` permits; the fastest wins.
 
-The timings are cached per CPU model, core count, torch thread count and torch version in
+The timings are cached per CPU model and SIMD flags, core count, torch thread count and torch version in
 `$XDG_CACHE_HOME/blip2/routes-<hash>.json` (else `~/.cache/blip2/`), written atomically; a file that cannot be read
 is measured again with a warning naming it. `blip2 doctor` prints them (`--recalibrate` measures again).
 Overrides: `BLIP2_ROUTES=flags` skips the measurement and decides by CPU flags with the defaults of `quant.Kernels`;
@@ -54,7 +54,7 @@ from .quant import NEVER, Kernels
 from .route_quality import allowed
 
 ROUTES_ENV = "BLIP2_ROUTES"
-FORMAT = 6  # of the cache file; a new format is a new file name
+FORMAT = 7  # of the cache file; a new format is a new file name
 LM_SHAPE = (2560, 10240)  # in, out: OPT-2.7B's fc1
 VISION_SHAPE = (1408, 6144)  # EVA ViT-g's fc1
 VISION_ROWS = 257  # one image
@@ -92,10 +92,11 @@ class Routes:
 
 
 def machine_key() -> dict[str, Any]:
-    from .machine import cpu_name
+    from .machine import cpu_flags, cpu_name
 
     return {
         "cpu": cpu_name(),
+        "flags": cpu_flags(),  # one model name can cover CPUs with and without AVX-512 (cloud "AMD EPYC")
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
