@@ -103,7 +103,8 @@ def decoding_logits(m, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tens
     lm = m.model.language_model
     follow = m.tokenizer(CONTINUATION, add_special_tokens=False, return_tensors="pt").input_ids[0]
     embeds, full_mask = m.model.lm_inputs(prefix, ids, mask)
-    cache = m.model.new_cache(embeds.shape[1], {"max_new_tokens": len(follow)}) or DynamicCache()
+    cache = m.model.new_cache(embeds.shape[1], {"max_new_tokens": len(follow)})
+    cache = DynamicCache() if cache is None else cache  # not `or`: an empty cache has no layers yet, len 0
     out = [lm(inputs_embeds=embeds, attention_mask=full_mask, cache=cache, use_cache=True).logits[:, -1]]
     for token in follow[:-1]:
         full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], 1)
