@@ -93,11 +93,38 @@ def test_bf16_storage_returns_the_arithmetic_dtype():
     assert torch.equal(keys, k.to(torch.bfloat16).float())
 
 
-def test_int8_route_keeps_a_bf16_cache_and_batches_as_alone(opt_ckpt, images):
-    """If this fails, `dtype="int8"` keeps its cache in fp32 (twice the memory of a batch's generation), or its
-    bf16 cache makes a batch's captions differ from the same images captioned one at a time."""
+@pytest.mark.parametrize("width", [80, 6])
+def test_int8_storage_keeps_each_row_within_half_a_step_of_its_scale(width):
+    """If this fails, an int8 cache hands attention keys and values further from the computed ones than int8
+    rounding of each row allows (a wrong or shared scale), or does not quarter the fp32 cache."""
+    layer = reserved_cache_layer(reserve=8, storage=torch.int8)
+    k = torch.randn(2, 3, 5, width) * torch.logspace(-3, 3, 5)[:, None]  # rows of very different sizes
+    keys, values = layer.update(k, -2 * k)
+    assert keys.dtype == values.dtype == torch.float32 and keys.shape == k.shape
+    step = k.abs().amax(-1, keepdim=True) / 127
+    assert ((keys - k).abs() <= step / 2 * (1 + 1e-5)).all()
+    assert ((values + 2 * k).abs() <= step * (1 + 1e-5)).all()
+    assert layer.keys.dtype == torch.int8 and layer.keys.shape[-1] == -(-width // 4) * 4 + 4
+
+
+def test_int8_storage_moves_scales_with_keys_under_crop_and_beams():
+    """If this fails, beam search or a chat's crop under an int8 cache pairs a position's int8 values with
+    another position's or sequence's scale."""
+    layer = reserved_cache_layer(reserve=4, storage=torch.int8)
+    k = torch.randn(2, 2, 3, 8) * torch.tensor([1.0, 100.0])[:, None, None, None]
+    before, _ = layer.update(k, k)
+    layer.crop(-1)
+    layer.reorder_cache(torch.tensor([1, 0]))
+    last = torch.randn(2, 2, 1, 8)
+    keys, _ = layer.update(last, last)
+    assert torch.equal(keys[:, :, :2], before.flip(0)[:, :, :2])
+
+
+def test_int8_route_keeps_a_narrow_cache_and_batches_as_alone(opt_ckpt, images):
+    """If this fails, `dtype="int8"` keeps its cache in fp32 (four times the memory of a batch's generation), or
+    its narrow cache makes a batch's captions differ from the same images captioned one at a time."""
     m = blip2.load(opt_ckpt, device="cpu", dtype="int8")
-    assert m.model.kv_storage == torch.bfloat16
+    assert m.model.kv_storage == torch.int8
     pics = [images["rgb"], images["rgba"], images["l"]]
     together = m.generate(pics, ["a photo of"] * 3, max_new_tokens=8, batch_size=3)
     alone = [m.generate([p], ["a photo of"], max_new_tokens=8)[0] for p in pics]

@@ -6,8 +6,13 @@ OPT-2.7B at 32 prompts of 62 positions, the process's peak grows by more than th
 writes each step's positions into buffers reserved for the whole generation (the prompt's positions plus the new
 tokens'), growing by half where they fill up (a chat's later turns); attention reads views onto them.
 
-`storage` (e.g. bf16 where quantized layers compute in fp32: dtype_policy.Placement.kv_storage) halves the cache;
-attention then reads it widened back to the arithmetic's dtype, each position rounded once, the same in any batch.
+`storage` (dtype_policy.Placement.kv_storage) narrows the cache; attention reads it widened back to the arithmetic's
+dtype, each position rounded once when written, the same in any batch:
+- bf16 halves an fp32 cache;
+- int8 quarters it (plus 4 bytes per position and head): each head's key (and value) at each position is quantized
+  symmetrically, absmax / 127, and its fp32 scale is stored in the 4 bytes after the row's int8 values
+  (`_Int8Rows`). The stored tensor stays one (batch, heads, positions, row) tensor, so `transformers`' crop, beam
+  reordering and batch selection move keys and scales together.
 Without it the keys and values that attention reads are the numbers `transformers`' cache holds.
 """
 
@@ -43,11 +48,14 @@ class ReservedLayer(DynamicLayer):
         if self._buffers is None or end > self._buffers[0].shape[-2]:
             self._grow(key_states, end)
         for buffer, new in zip(self._buffers, (key_states, value_states)):
-            buffer[..., start:end, :].copy_(new)
+            self._rows.write(buffer[..., start:end, :], new)
         self.keys, self.values = (b[..., :end, :] for b in self._buffers)
-        if self.keys.dtype == self.arithmetic:
-            return self.keys, self.values
-        return self.keys.to(self.arithmetic), self.values.to(self.arithmetic)
+        k, v = key_states.shape[-1], value_states.shape[-1]
+        return self._rows.read(self.keys, self.arithmetic, k), self._rows.read(self.values, self.arithmetic, v)
+
+    @property
+    def _rows(self) -> type[_Rows]:
+        return _Int8Rows if self.storage == torch.int8 else _Rows
 
     def _grow(self, like: torch.Tensor, end: int) -> None:
         """New buffers for at least `end` positions, holding the positions cached so far."""
@@ -56,7 +64,8 @@ class ReservedLayer(DynamicLayer):
         n = self.get_seq_length()
         buffers = []
         for kept in (self.keys, self.values):
-            buffer = like.new_empty((*like.shape[:-2], size, like.shape[-1]), dtype=self.storage or like.dtype)
+            width, dtype = self._rows.row(like.shape[-1], self.storage or like.dtype)
+            buffer = like.new_empty((*like.shape[:-2], size, width), dtype=dtype)
             if n:
                 buffer[..., :n, :].copy_(kept)
             buffers.append(buffer)
@@ -72,6 +81,43 @@ class ReservedLayer(DynamicLayer):
     def reset(self) -> None:
         self._buffers = None
         super().reset()
+
+
+class _Rows:
+    """Each head's key or value at a position stored as it is, or cast to the storage dtype (bf16)."""
+
+    @staticmethod
+    def row(width: int, storage: torch.dtype) -> tuple[int, torch.dtype]:
+        return width, storage
+
+    @staticmethod
+    def write(into: torch.Tensor, new: torch.Tensor) -> None:
+        into.copy_(new)
+
+    @staticmethod
+    def read(stored: torch.Tensor, dtype: torch.dtype, width: int) -> torch.Tensor:
+        return stored if stored.dtype == dtype else stored.to(dtype)
+
+
+class _Int8Rows(_Rows):
+    """Each row as int8 values q = round(x / s), s = absmax(x) / 127, padded to a multiple of 4 bytes, then the 4
+    bytes of its fp32 scale."""
+
+    @staticmethod
+    def row(width: int, storage: torch.dtype) -> tuple[int, torch.dtype]:
+        return -(-width // 4) * 4 + 4, torch.int8
+
+    @staticmethod
+    def write(into: torch.Tensor, new: torch.Tensor) -> None:
+        x = new.float()
+        scale = x.abs().amax(-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny) / 127
+        into[..., : x.shape[-1]].copy_(torch.round(x / scale))
+        into[..., -4:].view(torch.float32).copy_(scale)
+
+    @staticmethod
+    def read(stored: torch.Tensor, dtype: torch.dtype, width: int) -> torch.Tensor:
+        wide = stored[..., :width] * stored[..., -4:].view(torch.float32)  # one pass: int8 x fp32 gives fp32
+        return wide if dtype == torch.float32 else wide.to(dtype)
 
 
 class ReservedCache(DynamicCache):
