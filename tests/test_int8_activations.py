@@ -263,17 +263,20 @@ def test_prepacked_layer_trains_on_its_dequantized_weight():
 
 @needs_packing
 def test_prepacked_model_decodes_the_plain_route_tokens(opt_ckpt, images, monkeypatch, tmp_path):
-    """If this fails, `BLIP2_INT8_ACTIVATIONS=packed` leaves some int8 layers unpacked, packs under `compile=True`
-    (whose graphs take plain weights), captions differently from the plain int8-activations route, or saves a
-    checkpoint without its linear weights (prepacked ones are not parameters) instead of refusing."""
+    """If this fails, `BLIP2_INT8_ACTIVATIONS=packed` leaves some int8 layers unpacked, packs the LM's output head
+    (whose plain and packed copies together raise the load's peak), packs under `compile=True` (whose graphs take
+    plain weights), captions differently from the plain int8-activations route, or saves a checkpoint without its
+    linear weights (prepacked ones are not parameters) instead of refusing."""
     pics, prompts = [images["rgb"], images["rgba"]], ["a photo of", "Question: what is it? Answer:"]
     monkeypatch.setenv("BLIP2_INT8_ACTIVATIONS", "1")
     plain = blip2.load(opt_ckpt, dtype="int8")
     monkeypatch.setenv("BLIP2_INT8_ACTIVATIONS", "packed")
     packed = blip2.load(opt_ckpt, dtype="int8")
+    head = packed.model.language_model.get_output_embeddings()
+    assert type(head) is Int8Linear and head.activations
     for part in (packed.model.language_model, packed.model.vision_model):
         linears = [m for m in part.modules() if isinstance(m, nn.Linear | Int8Linear | PackedInt8Linear)]
-        assert linears and all(type(m) is PackedInt8Linear for m in linears)
+        assert linears and all(type(m) is PackedInt8Linear for m in linears if m is not head)
     layers = packed.model.language_model.model.decoder.layers
     assert all(isinstance(layer.self_attn.q_proj, FusedProjection) for layer in layers)
     want = [g.tokens for g in plain.generate(pics, prompts, max_new_tokens=8, batch_size=2)]
