@@ -14,10 +14,10 @@ Every engine runs in its own process, one after the other (two full-size models 
 tests' tiny OPT checkpoint, a check that the script runs). Reported per engine: images/s for each batch, seconds
 for the single image and for the follow-up turn, peak resident memory (`peak_rss_gib_<images>`: loading, warm-up,
 the batch and the single image; `peak_rss_gib`: after the larger batch and the follow-up too; vLLM: its largest
-process; `base_rss_gib`: the interpreter with torch and transformers imported, before loading), and for ours the
-bytes of the weights as stored for the route and the peaks over them; with the machine's CPU, flags and measured
-memory bandwidth and GEMM rates (`blip2.machine`). An engine that cannot run here (vLLM's CPU build on a CPU it does
-not support, say) is reported with its error, not left out.
+process; `base_rss_gib`: the interpreter with torch, transformers (and for ours blip2) imported, before loading),
+and for ours the bytes of the weights as stored for the route and the peaks over them; with the machine's CPU, flags
+and measured memory bandwidth and GEMM rates (`blip2.machine`). An engine that cannot run here (vLLM's CPU build on
+a CPU it does not support, say) is reported with its error, not left out.
 Result: bench/results/peers.json.
 """
 

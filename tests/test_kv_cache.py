@@ -77,6 +77,19 @@ def test_buffers_grow_and_crop_for_a_chat():
     assert keys.shape == (2, 2, 4, 8) and torch.equal(keys[1, :, :3], torch.cat([k[0, :, :2], last[0]], 1))
 
 
+@pytest.mark.parametrize("storage", [None, torch.bfloat16, torch.int8])
+def test_values_may_have_another_head_size_than_keys(storage):
+    """If this fails, an LM whose value heads are narrower than its key heads (as some attention variants have)
+    cannot be cached: the values are written into buffers shaped like the keys."""
+    layer = reserved_cache_layer(reserve=4, storage=storage)
+    k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 6)
+    keys, values = layer.update(k, v)
+    more_k, more_v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 6)  # past the reservation: the buffers grow
+    keys, values = layer.update(more_k, more_v)
+    assert keys.shape == (1, 2, 6, 8) and values.shape == (1, 2, 6, 6)
+    torch.testing.assert_close(values, torch.cat([v, more_v], 2), atol=0.05, rtol=0.02)
+
+
 def reserved_cache_layer(reserve: int, storage: torch.dtype | None = None):
     cache = ReservedCache(reserve, storage)
     return cache.layer_class_to_replicate()

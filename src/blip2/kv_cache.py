@@ -46,7 +46,7 @@ class ReservedLayer(DynamicLayer):
         start = self.get_seq_length()
         end = start + key_states.shape[-2]
         if self._buffers is None or end > self._buffers[0].shape[-2]:
-            self._grow(key_states, end)
+            self._grow((key_states, value_states), end)
         for buffer, new in zip(self._buffers, (key_states, value_states)):
             self._rows.write(buffer[..., start:end, :], new)
         self.keys, self.values = (b[..., :end, :] for b in self._buffers)
@@ -57,13 +57,14 @@ class ReservedLayer(DynamicLayer):
     def _rows(self) -> type[_Rows]:
         return _Int8Rows if self.storage == torch.int8 else _Rows
 
-    def _grow(self, like: torch.Tensor, end: int) -> None:
-        """New buffers for at least `end` positions, holding the positions cached so far."""
+    def _grow(self, new: tuple[torch.Tensor, torch.Tensor], end: int) -> None:
+        """New buffers for at least `end` positions, shaped like this step's keys and values (a value head may be
+        another size than a key head), holding the positions cached so far."""
         held = self._buffers[0].shape[-2] if self._buffers is not None else 0
         size = max(end, self.reserve, -(-held * 3 // (2 * GROWTH_STEP)) * GROWTH_STEP)
         n = self.get_seq_length()
         buffers = []
-        for kept in (self.keys, self.values):
+        for kept, like in zip((self.keys, self.values), new):
             width, dtype = self._rows.row(like.shape[-1], self.storage or like.dtype)
             buffer = like.new_empty((*like.shape[:-2], size, width), dtype=dtype)
             if n:

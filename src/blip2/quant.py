@@ -222,15 +222,14 @@ def _int8_activations_mm(
     block = rows if packed else -(-rows // -(-rows // ROW_BLOCK))
     for i in range(0, rows, block):
         xs = x[i : i + block].float()
-        # |xs|'s largest per position without an |xs| as large as the block (an image's activations: tens of MB)
-        top = torch.maximum(xs.amax(1, keepdim=True), xs.amin(1, keepdim=True).neg_())
+        top = _largest_magnitudes(xs)
         wide = None
         if top.max() > OUTLIER_THRESHOLD:
             big = xs.abs() > OUTLIER_THRESHOLD
             wide = big.any(0).nonzero().squeeze(1)  # the features that are outliers at some position of the block
             xo, xs = (xs * big)[:, wide], xs.masked_fill(big, 0.0)
             del big
-            top = torch.maximum(xs.amax(1, keepdim=True), xs.amin(1, keepdim=True).neg_())
+            top = _largest_magnitudes(xs)
         s = top.clamp_(min=1e-12) / 127
         q = torch.div(xs, s).round_()
         if packed:
@@ -243,6 +242,11 @@ def _int8_activations_mm(
         if bias is not None:
             y.add_(bias)
     return out
+
+
+def _largest_magnitudes(rows: torch.Tensor) -> torch.Tensor:
+    """(M, 1): each row's largest |value|, without an |rows| as large as the rows (an image's: tens of MB)."""
+    return torch.maximum(rows.amax(1, keepdim=True), rows.amin(1, keepdim=True).neg_())
 
 
 def _qlinear(q: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
