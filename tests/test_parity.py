@@ -91,6 +91,49 @@ def test_greedy_score_is_the_references_log_probability(pair, images):
     assert [g.score for g in got] == pytest.approx(want.tolist(), rel=2e-5, abs=1e-4)
 
 
+def _recorded_and_kept_scores(lm, **kwargs):
+    """Greedy scores as `scored_generate` records them step by step, and as `sequence_scores` sums them from
+    every step's kept scores (`output_scores`), for the same generation."""
+    from blip2.model import scored_generate, sequence_scores
+
+    calls = []
+    generate = lm.generate
+    lm.generate = lambda **kw: calls.append(kw) or generate(**kw)
+    torch.manual_seed(0)  # the same draws for both, when sampling
+    try:
+        out, recorded = scored_generate(lm, **kwargs)
+    finally:
+        lm.generate = generate
+    torch.manual_seed(0)
+    kept = generate(**kwargs, return_dict_in_generate=True, output_scores=True)
+    assert torch.equal(kept.sequences, out.sequences)
+    return calls[0], recorded, sequence_scores(lm, kept)
+
+
+def test_greedy_scores_are_recorded_step_by_step_not_kept_for_every_step(pair, images):
+    """If this fails, greedy captioning keeps every step's scores over the whole vocabulary until the end (a batch
+    of 32 with 100 new tokens over OPT's vocabulary: 640 MB), or the scores recorded step by step differ from the
+    summed log-probabilities of the kept ones, including for a sequence that ends before the others."""
+    ours, _, _ = pair
+    model, lm = ours.model, ours.model.language_model
+    imgs = _images(images, 3)
+    ids, mask = ours.tokenize(PROMPTS)
+    embeds, full_mask = model.lm_inputs(model.image_prefix(ours.pixel_values(imgs)), ids, mask)
+    kw = dict(inputs_embeds=embeds, attention_mask=full_mask, max_new_tokens=8)
+    if not model.is_encoder_decoder:
+        kw["input_ids"] = model.placeholder_ids(ids)
+    plain = lm.generate(**kw)
+    # a word the first row chooses at its third step ends that row there while the others go on
+    eos = int(plain[0, -6])
+    call, recorded, kept = _recorded_and_kept_scores(lm, **kw, eos_token_id=eos)
+    assert call["output_scores"] is False
+    torch.testing.assert_close(recorded, kept, rtol=0, atol=0)
+    finished = lm.generate(**kw, eos_token_id=eos)
+    assert (finished[0, -5:] == (lm.generation_config.pad_token_id or 0)).all()  # the row did end early
+    call, _, _ = _recorded_and_kept_scores(lm, **kw, do_sample=True, temperature=0.7)
+    assert call["output_scores"] is True  # sampling: the warpers come after any processor given
+
+
 def test_batch_equals_one_by_one(pair, images):
     """If this fails, captioning a folder in batches gives different captions than one at a time."""
     ours, _, _ = pair

@@ -42,7 +42,7 @@ from .defaults import (
 )
 from .dtype_policy import placement
 from .errors import ConfigError, GenerationError
-from .model import Blip2Model, sequence_scores
+from .model import Blip2Model, scored_generate
 from .processing import QFORMER_TEXT_TOKENS, ImageTransform, chat_prompt, load_image, vqa_prompt
 from .quant import bf16_sums_in_fp32, pack_bf16, pack_int8
 from .scoring import itc_similarity, itm_logits, match_probability
@@ -564,17 +564,19 @@ class Chat:
                 break
             common += 1
         keep = min(common, len(full_list) - 1)  # generate needs at least one uncached token
-        gen = {**opts.hf_kwargs(), **hooks, "return_dict_in_generate": True, "output_scores": True}
+        gen = {**opts.hf_kwargs(), **hooks}
         ones = torch.ones_like(full)
         if self._kv is not None and keep >= n_query:
             self._kv.crop(keep - self._kv.get_seq_length())  # negative: drop the tail after the common prefix
-            out = model.language_model.generate(input_ids=full, attention_mask=ones, cache=self._kv, **gen)
+            out, scores = scored_generate(
+                model.language_model, input_ids=full, attention_mask=ones, cache=self._kv, **gen
+            )
         else:
             embeds, _ = model.lm_inputs(self.prefix, ids, None)
             cache = model.new_cache(full.shape[1], gen)  # later turns grow it
-            out = model.language_model.generate(
-                input_ids=full, inputs_embeds=embeds, attention_mask=ones, cache=cache, **gen
+            out, scores = scored_generate(
+                model.language_model, input_ids=full, inputs_embeds=embeds, attention_mask=ones, cache=cache, **gen
             )
         self._kv = out.cache
         self._kv_ids = out.sequences[0, : self._kv.get_seq_length()].tolist()
-        return out.sequences[:, full.shape[1] :], sequence_scores(model.language_model, out)
+        return out.sequences[:, full.shape[1] :], scores
