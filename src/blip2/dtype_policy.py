@@ -9,6 +9,8 @@
   it applies to fp16 only: in bf16 they are bf16 like the rest);
 * dtype "int8" (weight-only quantization, quant.py): the arithmetic stays fp32 on a CPU, fp16 on a GPU; on a CPU
   the LM's key/value cache is kept in int8 during generation (`Placement.kv_storage`, kv_cache.py);
+* `kv_cache` ("auto", "int8", "bf16", "fp16", "fp32"; `cache_storage`) overrides the route's cache dtype: int8 to
+  fit larger batches on any route, or the arithmetic's own dtype (`transformers`' numbers) on the int8 routes;
 * dtype "int4" (CPU only): "int8" with a second, int4 copy of the language model's layers (not its head) for the
   decoding steps (`quant.Int4Weight`): faster captions and chat turns one at a time, not a smaller model;
 * dtype bf16 on a CPU: the bf16 layers sum in fp32 on widened weights where the measurement says that pays
@@ -41,6 +43,7 @@ AUTO_ROUTES = {
     "int8": (torch.float32, "int8", False),
     "int8-activations": (torch.float32, "int8", False),  # the kernels' int8_activations says which int8
 }
+KV_CACHE_DTYPES = {"int8": torch.int8, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -70,6 +73,26 @@ class Placement:
         bench/quality.py measures them with it. None elsewhere: fp32, bf16 and fp16 keep `transformers`' numbers."""
         quantized_fp32 = self.quantize is not None and self.dtype == torch.float32
         return torch.int8 if self.device.type == "cpu" and quantized_fp32 else None
+
+
+def cache_storage(where: Placement, kv_cache: str = "auto") -> torch.dtype | None:
+    """The storage dtype of the LM's key/value cache for a user's `kv_cache`: "auto" is the route's
+    (`Placement.kv_storage`); a dtype name narrows the cache to it, or, where it is the arithmetic's own, keeps
+    `transformers`' cache numbers (None). A cache wider than the arithmetic would hold nothing more: refused."""
+    if kv_cache == "auto":
+        return where.kv_storage
+    storage = KV_CACHE_DTYPES.get(kv_cache)
+    if storage is None:
+        raise ConfigError(f"kv_cache {kv_cache!r}: use auto, {', '.join(KV_CACHE_DTYPES)}")
+    if storage == where.dtype:
+        return None
+    if storage.itemsize > where.dtype.itemsize:
+        arithmetic = str(where.dtype).removeprefix("torch.")
+        raise ConfigError(
+            f"kv_cache {kv_cache!r} is wider than this model's {arithmetic} arithmetic: it would hold "
+            "nothing more; use auto or a narrower dtype"
+        )
+    return storage
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:

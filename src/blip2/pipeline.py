@@ -40,7 +40,7 @@ from .defaults import (
     VQA_MAX_NEW_TOKENS,
     VQA_TEMPLATE,
 )
-from .dtype_policy import placement
+from .dtype_policy import cache_storage, placement
 from .errors import ConfigError, GenerationError
 from .model import Blip2Model, scored_generate
 from .processing import QFORMER_TEXT_TOKENS, ImageTransform, chat_prompt, load_image, vqa_prompt
@@ -403,6 +403,7 @@ def load(
     adapter: str | os.PathLike | None = None,
     base: str | os.PathLike | None = None,
     engine: str = "ours",
+    kv_cache: str = "auto",
     **engine_options: Any,
 ) -> Blip2:
     """Load a checkpoint (Hub id or local folder) with its tokenizer and image preprocessing.
@@ -417,6 +418,9 @@ def load(
     `compile=True` decodes with a static KV cache and a `torch.compile`d step (model.Blip2Model._decoding_kwargs):
     the first generation compiles (tens of seconds on a CPU), the first of another length once more, with dynamic
     shapes; later ones reuse that.
+    `kv_cache`: the dtype the LM's key/value cache is stored in while generating: "auto" (the route's: int8 on the
+    CPU int8/int4 routes, else the arithmetic's, as `transformers`), "int8" (a quarter of fp32's memory: larger
+    batches), "bf16", "fp16" or "fp32" (dtype_policy.cache_storage; docs/dtypes.md).
     `engine="vllm"` runs the checkpoint on vLLM instead (`blip2.engines.vllm.VllmBlip2`; `engine_options`: python,
     url, args), with the same generation calls; docs/engines.md."""
     from transformers import AutoTokenizer, GenerationConfig
@@ -426,13 +430,19 @@ def load(
     if check_engine(engine) == "vllm":
         from .engines.vllm import load as load_vllm
 
-        if compile or str(device).startswith("mps"):
-            raise ConfigError(f"engine 'vllm' takes neither compile nor device {device!r}; those are engine 'ours'")
+        if compile or str(device).startswith("mps") or kv_cache != "auto":
+            raise ConfigError(
+                f"engine 'vllm' takes neither compile, kv_cache {kv_cache!r} nor device {device!r}: those are engine "
+                "'ours'"
+            )
         return load_vllm(model, dtype=str(dtype), **engine_options)
     if engine_options:
         raise TypeError(f"options of engine 'vllm' given to engine 'ours': {', '.join(sorted(engine_options))}")
 
     where = placement(device, dtype)  # device, dtypes and kernels: dtype_policy decides them all
+    kv_storage = cache_storage(where, kv_cache)
+    if compile and kv_cache != "auto":
+        raise ConfigError(f"kv_cache {kv_cache!r} with compile: compiled decoding keeps transformers' static cache")
     dev = where.device
     pack = where.pack_bf16 and not compile  # a compiled graph prepacks its own weights
     m, folder = load_model(model, where.dtype, where.quantize, base, mmap=not pack)
@@ -443,7 +453,7 @@ def load(
         m.language_model.generation_config = GenerationConfig.from_pretrained(folder)
     m.to(dev)
     m.compile_decoding = compile
-    m.kv_storage = None if compile else where.kv_storage  # compiled decoding: transformers' static cache
+    m.kv_storage = None if compile else kv_storage  # compiled decoding: transformers' static cache
     if where.bf16_sums_in_fp32:
         bf16_sums_in_fp32(m)  # same arithmetic as the emulated bf16 kernel, faster (quant.StoredLinear, docs/dtypes.md)
     if pack:  # the same products, bit for bit, without a reorder of each weight per call (quant.PackedLinear)
