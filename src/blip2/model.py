@@ -148,13 +148,10 @@ class Blip2Model(nn.Module):
         products are at full speed from a few hundred rows on, and larger ones only spill the caches (EVA ViT-g,
         AVX512-BF16 EPYC: 1.57 s per image in one pass of 32 images, 1.34 s in passes of 8 or of 4; in fp32, as the
         int8 route runs, passes of 4 take 10% less than of 8). The encoder's
-        activations then stay those of a chunk, whatever the batch, and their free pages go back to the system
-        before the language model's own temporaries are allocated (`checkpoint.return_free_memory`)."""
+        activations then stay those of a chunk, whatever the batch."""
         n = CPU_VISION_CHUNK
         if pixel_values.device.type != "cpu" or torch.is_grad_enabled() or pixel_values.shape[0] <= n:
             return self.vision_model(pixel_values)
-        from .checkpoint import return_free_memory
-
         features = None
         for i in range(0, pixel_values.shape[0], n):  # each chunk's output straight into its rows: no list to cat
             out = self.vision_model(pixel_values[i : i + n])
@@ -162,7 +159,6 @@ class Blip2Model(nn.Module):
                 features = out.new_empty(pixel_values.shape[0], *out.shape[1:])
             features[i : i + n] = out
             del out
-        return_free_memory()
         return features
 
     def query_output(

@@ -15,7 +15,7 @@ from __future__ import annotations
 from ..dtype_policy import CPU_BF16_ENV, FP32_MODULES, cpu_has_native_bf16, resolve_dtype, target_dtype
 from .files import WEIGHT_PATTERNS, resolve, weight_files
 from .keymaps import hf_keys, is_lavis, is_lavis_instruct, lavis_instruct_to_hf, lavis_to_hf, to_hf
-from .loading import build_empty, freed_memory_returned, load_model, load_state, return_free_memory, tie_groups
+from .loading import build_empty, freed_memory_returned, load_model, load_state, tie_groups
 from .reading import iter_tensors, load_pickle, peek_keys
 from .saving import save_model
 
@@ -32,7 +32,6 @@ __all__ = [
     "lavis_instruct_to_hf",
     "lavis_to_hf",
     "freed_memory_returned",
-    "return_free_memory",
     "load_model",
     "load_pickle",
     "load_state",

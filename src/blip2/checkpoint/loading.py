@@ -179,17 +179,6 @@ def glibc_mallopt() -> Callable[[int, int], int] | None:
         return None
 
 
-def return_free_memory() -> None:
-    """Hand the free pages of glibc's heaps back to the system (`malloc_trim`). Between two stages whose
-    temporaries differ in size (the vision encoder's, then the language model's), the second then reuses the
-    first's address space instead of growing the heap around its free blocks: an int8 batch of 32 images peaked
-    0.1 GiB lower with it, one of 8 0.02 GiB (AVX512-BF16 EPYC); the pages are faulted in again as needed."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: its allocator keeps its own policy
-        pass
-
-
 @contextlib.contextmanager
 def freed_memory_returned() -> Iterator[None]:
     """Building on meta and quantizing leave transient buffers of a few MB among long-lived ones. glibc serves
