@@ -158,7 +158,7 @@ def _stored(m, images) -> torch.dtype:
     return caches[0].layers[0].keys.dtype
 
 
-def test_kv_cache_option_sets_the_cache_dtype(opt_ckpt, images):
+def test_kv_cache_option_sets_the_cache_dtype(opt_ckpt, images, monkeypatch):
     """If this fails, a user who asks `blip2.load(kv_cache=...)` for an int8 cache (to fit a larger batch) or for
     the arithmetic's own on the int8 weights (transformers' cache numbers) silently gets the route's default, or
     an int8 cache makes a batch's captions differ from the same images captioned alone."""
@@ -166,6 +166,9 @@ def test_kv_cache_option_sets_the_cache_dtype(opt_ckpt, images):
     assert exact.model.kv_storage is None and _stored(exact, images) == torch.float32
     narrow = blip2.load(opt_ckpt, device="cpu", dtype="fp32", kv_cache="int8")
     assert _stored(narrow, images) == torch.int8
+    monkeypatch.setenv("BLIP2_KV_CACHE", "int8")  # the default of every load (the CLI's --kv-cache sets it)
+    assert blip2.load(opt_ckpt, device="cpu", dtype="fp32").model.kv_storage == torch.int8
+    monkeypatch.delenv("BLIP2_KV_CACHE")
     pics = [images["rgb"], images["rgba"], images["l"]]
     together = narrow.generate(pics, max_new_tokens=8, batch_size=3)  # each row's cache is rounded on its own
     assert [g.tokens for g in together] == [narrow.generate([p], max_new_tokens=8)[0].tokens for p in pics]

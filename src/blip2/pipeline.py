@@ -40,7 +40,7 @@ from .defaults import (
     VQA_MAX_NEW_TOKENS,
     VQA_TEMPLATE,
 )
-from .dtype_policy import cache_storage, placement
+from .dtype_policy import KV_CACHE_ENV, cache_storage, placement
 from .errors import ConfigError, GenerationError
 from .model import Blip2Model, scored_generate
 from .processing import QFORMER_TEXT_TOKENS, ImageTransform, chat_prompt, load_image, vqa_prompt
@@ -403,7 +403,7 @@ def load(
     adapter: str | os.PathLike | None = None,
     base: str | os.PathLike | None = None,
     engine: str = "ours",
-    kv_cache: str = "auto",
+    kv_cache: str | None = None,
     **engine_options: Any,
 ) -> Blip2:
     """Load a checkpoint (Hub id or local folder) with its tokenizer and image preprocessing.
@@ -420,13 +420,15 @@ def load(
     shapes; later ones reuse that.
     `kv_cache`: the dtype the LM's key/value cache is stored in while generating: "auto" (the route's: int8 on the
     CPU int8/int4 routes, else the arithmetic's, as `transformers`), "int8" (a quarter of fp32's memory: larger
-    batches), "bf16", "fp16" or "fp32" (dtype_policy.cache_storage; docs/dtypes.md).
+    batches), "bf16", "fp16" or "fp32"; by default `BLIP2_KV_CACHE`, else "auto" (dtype_policy.cache_storage;
+    docs/dtypes.md).
     `engine="vllm"` runs the checkpoint on vLLM instead (`blip2.engines.vllm.VllmBlip2`; `engine_options`: python,
     url, args), with the same generation calls; docs/engines.md."""
     from transformers import AutoTokenizer, GenerationConfig
 
     from .engines import check_engine
 
+    kv_cache = kv_cache or os.environ.get(KV_CACHE_ENV, "").strip() or "auto"
     if check_engine(engine) == "vllm":
         from .engines.vllm import load as load_vllm
 

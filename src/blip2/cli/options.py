@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import fields
@@ -91,7 +92,8 @@ GENERATION_NAMES = [name for name, *_ in GENERATION_OPTIONS]
 
 
 def model_options(f: F) -> F:
-    """`--model/-m` (hub id, folder or LAVIS .pth; env BLIP2_MODEL), `--base`, `--device`, `--dtype`.
+    """`--model/-m` (hub id, folder or LAVIS .pth; env BLIP2_MODEL), `--base`, `--device`, `--dtype`, `--kv-cache`
+    (env BLIP2_KV_CACHE, which the command sets for every model it and its workers load).
 
     The command receives no `base`: with `--base`, its `model` is a `LavisCheckpoint` (a str, the file's path) that
     carries the base to `blip2.load`, through whatever settings the command passes it on in."""
@@ -99,12 +101,22 @@ def model_options(f: F) -> F:
     run = f
 
     @functools.wraps(run)
-    def command(*args: Any, base: str | None = None, **kwargs: Any) -> Any:
+    def command(*args: Any, base: str | None = None, kv_cache: str = "auto", **kwargs: Any) -> Any:
+        from ..dtype_policy import KV_CACHE_ENV
+
         if base is not None:
             from ..checkpoint.lavis import LavisCheckpoint
 
             kwargs["model"] = LavisCheckpoint(kwargs["model"], base)
-        return run(*args, **kwargs)
+        before = os.environ.get(KV_CACHE_ENV)
+        os.environ[KV_CACHE_ENV] = kv_cache  # every load of this command, its workers' included (Ray, processes)
+        try:
+            return run(*args, **kwargs)
+        finally:
+            if before is None:
+                os.environ.pop(KV_CACHE_ENV, None)
+            else:
+                os.environ[KV_CACHE_ENV] = before
 
     f = click.option(
         "--base",
@@ -122,6 +134,16 @@ def model_options(f: F) -> F:
         help="Weights dtype; auto is the fastest route measured on this machine within bf16's quality (fp16 on "
         "CUDA); int8 quantizes the language model (and the vision encoder where int8 products are fast): about 2x "
         "less memory than bf16, faster; int4 (CPU) adds int4 decoding weights: faster one-by-one captions and chat.",
+    )(f)
+    f = click.option(
+        "--kv-cache",
+        type=click.Choice(["auto", "int8", "bf16", "fp16", "fp32"]),
+        default="auto",
+        show_default=True,
+        envvar="BLIP2_KV_CACHE",
+        show_envvar=True,
+        help="The dtype of the language model's key/value cache while generating; auto: the dtype's (int8 for int8 "
+        "and int4 on a CPU, else the model's own, as transformers); int8 quarters an fp32 cache (larger batches).",
     )(f)
     f = click.option(
         "--device", default=DEVICE, show_default=True, help="torch device (cpu, cuda, cuda:1, mps) or auto."
