@@ -16,6 +16,8 @@ from typing import Any
 DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"  # caption, ask, chat, serve, eval caption/vqa
 RETRIEVAL_MODEL = "Salesforce/blip2-itm-vit-g"  # index, search, eval retrieval: needs a Q-Former text side
 MODEL_ENVVAR = "BLIP2_MODEL"
+KV_CACHES = ("auto", "int8", "bf16", "fp16", "fp32")  # blip2.load(kv_cache=...), --kv-cache (dtype_policy)
+KV_CACHE_ENVVAR = "BLIP2_KV_CACHE"  # the default kv_cache of blip2.load (the CLI's --kv-cache sets it)
 DEVICE = "auto"  # CUDA if there is one, else the CPU
 DTYPE = "auto"  # fp16 on CUDA, bf16 on CPUs with native bf16, else fp32
 

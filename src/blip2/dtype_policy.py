@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
+from .defaults import KV_CACHE_ENVVAR
 from .errors import ConfigError
 from .quant import SCHEMES, can_int4, use_kernels
 
 CPU_BF16_ENV = "BLIP2_CPU_BF16"
-KV_CACHE_ENV = "BLIP2_KV_CACHE"  # the default of `cache_storage`'s kv_cache (the CLI's --kv-cache sets it)
 FP32_MODULES = ("query_tokens", "qformer.")  # parameter-name prefixes kept in fp32 when the model is fp16
 # a route_quality name that dtype="auto" may resolve to on a CPU: (arithmetic dtype, quantization, bf16 sums in fp32)
 AUTO_ROUTES = {
@@ -76,12 +76,15 @@ class Placement:
         return torch.int8 if self.device.type == "cpu" and quantized_fp32 else None
 
 
-def cache_storage(where: Placement, kv_cache: str | None = None) -> torch.dtype | None:
-    """The storage dtype of the LM's key/value cache for a user's `kv_cache` (None: `BLIP2_KV_CACHE`, else
-    "auto"): "auto" is the route's (`Placement.kv_storage`); a dtype name narrows the cache to it, or, where it is
-    the arithmetic's own, keeps `transformers`' cache numbers (None). A cache wider than the arithmetic would hold
-    nothing more: refused."""
-    kv_cache = kv_cache or os.environ.get(KV_CACHE_ENV, "").strip() or "auto"
+def kv_cache_choice(kv_cache: str | None = None) -> str:
+    """A user's `kv_cache`, or where none is given `BLIP2_KV_CACHE`, else "auto"."""
+    return kv_cache or os.environ.get(KV_CACHE_ENVVAR, "").strip() or "auto"
+
+
+def cache_storage(where: Placement, kv_cache: str = "auto") -> torch.dtype | None:
+    """The storage dtype of the LM's key/value cache for a user's `kv_cache`: "auto" is the route's
+    (`Placement.kv_storage`); a dtype name narrows the cache to it, or, where it is the arithmetic's own, keeps
+    `transformers`' cache numbers (None). A cache wider than the arithmetic would hold nothing more: refused."""
     if kv_cache == "auto":
         return where.kv_storage
     storage = KV_CACHE_DTYPES.get(kv_cache)

@@ -40,7 +40,7 @@ from .defaults import (
     VQA_MAX_NEW_TOKENS,
     VQA_TEMPLATE,
 )
-from .dtype_policy import KV_CACHE_ENV, cache_storage, placement
+from .dtype_policy import cache_storage, kv_cache_choice, placement
 from .errors import ConfigError, GenerationError
 from .model import Blip2Model, scored_generate
 from .processing import QFORMER_TEXT_TOKENS, ImageTransform, chat_prompt, load_image, vqa_prompt
@@ -428,7 +428,7 @@ def load(
 
     from .engines import check_engine
 
-    kv_cache = kv_cache or os.environ.get(KV_CACHE_ENV, "").strip() or "auto"
+    kv_cache = kv_cache_choice(kv_cache)
     if check_engine(engine) == "vllm":
         from .engines.vllm import load as load_vllm
 

@@ -25,7 +25,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from ..defaults import DEFAULT_MODEL, DEVICE, DTYPE, GENERATION, MAX_NEW_TOKENS, MODEL_ENVVAR, VQA_MAX_NEW_TOKENS
+from ..defaults import (
+    DEFAULT_MODEL,
+    DEVICE,
+    DTYPE,
+    GENERATION,
+    KV_CACHE_ENVVAR,
+    KV_CACHES,
+    MAX_NEW_TOKENS,
+    MODEL_ENVVAR,
+    VQA_MAX_NEW_TOKENS,
+)
 
 if TYPE_CHECKING:
     from ..pipeline import Blip2
@@ -102,21 +112,19 @@ def model_options(f: F) -> F:
 
     @functools.wraps(run)
     def command(*args: Any, base: str | None = None, kv_cache: str = "auto", **kwargs: Any) -> Any:
-        from ..dtype_policy import KV_CACHE_ENV
-
         if base is not None:
             from ..checkpoint.lavis import LavisCheckpoint
 
             kwargs["model"] = LavisCheckpoint(kwargs["model"], base)
-        before = os.environ.get(KV_CACHE_ENV)
-        os.environ[KV_CACHE_ENV] = kv_cache  # every load of this command, its workers' included (Ray, processes)
+        before = os.environ.get(KV_CACHE_ENVVAR)
+        os.environ[KV_CACHE_ENVVAR] = kv_cache  # every load of this command, its workers' included (Ray, processes)
         try:
             return run(*args, **kwargs)
         finally:
             if before is None:
-                os.environ.pop(KV_CACHE_ENV, None)
+                os.environ.pop(KV_CACHE_ENVVAR, None)
             else:
-                os.environ[KV_CACHE_ENV] = before
+                os.environ[KV_CACHE_ENVVAR] = before
 
     f = click.option(
         "--base",
@@ -137,10 +145,10 @@ def model_options(f: F) -> F:
     )(f)
     f = click.option(
         "--kv-cache",
-        type=click.Choice(["auto", "int8", "bf16", "fp16", "fp32"]),
+        type=click.Choice(KV_CACHES),
         default="auto",
         show_default=True,
-        envvar="BLIP2_KV_CACHE",
+        envvar=KV_CACHE_ENVVAR,
         show_envvar=True,
         help="The dtype of the language model's key/value cache while generating; auto: the dtype's (int8 for int8 "
         "and int4 on a CPU, else the model's own, as transformers); int8 quarters an fp32 cache (larger batches).",
