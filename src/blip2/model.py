@@ -49,6 +49,11 @@ def scored_generate(lm: nn.Module, **kwargs) -> tuple:
     kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), recorder])
     out = lm.generate(**kwargs, output_scores=False)
     steps = recorder.finish(out.sequences)
+    prompt = kwargs.get("input_ids")
+    if prompt is not None and not lm.config.is_encoder_decoder:
+        new = out.sequences.shape[1] - prompt.shape[1]
+        if steps.shape[1] != new:  # a decoding loop that skipped the processors: no score to give
+            raise RuntimeError(f"greedy search recorded {steps.shape[1]} scores for {new} new tokens")
     return out, _summed(lm, out.sequences[:, out.sequences.shape[1] - steps.shape[1] :], steps)
 
 
@@ -62,7 +67,8 @@ def _is_greedy(lm: nn.Module, kwargs: dict) -> bool:
     config = copy.deepcopy(kwargs.get("generation_config") or lm.generation_config)
     config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
     mode = config.get_generation_mode(kwargs.get("assistant_model"))
-    return mode == GenerationMode.GREEDY_SEARCH and config.watermarking_config is None
+    custom = kwargs.get("custom_generate") is not None  # a decoding loop of its own: its processors are its own
+    return mode == GenerationMode.GREEDY_SEARCH and config.watermarking_config is None and not custom
 
 
 class _ChosenLogProbs:
