@@ -103,7 +103,7 @@ def _recorded_and_kept_scores(lm, **kwargs):
     try:
         out, recorded = scored_generate(lm, **kwargs)
     finally:
-        lm.generate = generate
+        del lm.generate  # the class's method again
     torch.manual_seed(0)
     kept = generate(**kwargs, return_dict_in_generate=True, output_scores=True)
     assert torch.equal(kept.sequences, out.sequences)
