@@ -23,6 +23,8 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .quant import largest_magnitudes
+
 GROWTH_STEP = 16  # positions: a buffer that fills up grows by half, rounded up to this
 
 
@@ -111,7 +113,7 @@ class _Int8Rows(_Rows):
     @staticmethod
     def write(into: torch.Tensor, new: torch.Tensor) -> None:
         x = new.float()
-        scale = x.abs().amax(-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny) / 127
+        scale = largest_magnitudes(x).clamp_(min=torch.finfo(torch.float32).tiny) / 127
         into[..., : x.shape[-1]].copy_(torch.round(x / scale))
         into[..., -4:].view(torch.float32).copy_(scale)
 

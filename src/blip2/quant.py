@@ -222,14 +222,14 @@ def _int8_activations_mm(
     block = rows if packed else -(-rows // -(-rows // ROW_BLOCK))
     for i in range(0, rows, block):
         xs = x[i : i + block].float()
-        top = _largest_magnitudes(xs)
+        top = largest_magnitudes(xs)
         wide = None
         if top.max() > OUTLIER_THRESHOLD:
             big = xs.abs() > OUTLIER_THRESHOLD
             wide = big.any(0).nonzero().squeeze(1)  # the features that are outliers at some position of the block
             xo, xs = (xs * big)[:, wide], xs.masked_fill(big, 0.0)
             del big
-            top = _largest_magnitudes(xs)
+            top = largest_magnitudes(xs)
         s = top.clamp_(min=1e-12) / 127
         q = torch.div(xs, s).round_()
         if packed:
@@ -244,9 +244,10 @@ def _int8_activations_mm(
     return out
 
 
-def _largest_magnitudes(rows: torch.Tensor) -> torch.Tensor:
-    """(M, 1): each row's largest |value|, without an |rows| as large as the rows (an image's: tens of MB)."""
-    return torch.maximum(rows.amax(1, keepdim=True), rows.amin(1, keepdim=True).neg_())
+def largest_magnitudes(rows: torch.Tensor) -> torch.Tensor:
+    """(..., 1): each row's (last dimension's) largest |value|, without an |rows| as large as the rows (an image's
+    activations: tens of MB)."""
+    return torch.maximum(rows.amax(-1, keepdim=True), rows.amin(-1, keepdim=True).neg_())
 
 
 def _qlinear(q: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
