@@ -87,15 +87,23 @@ class _ChosenLogProbs:
 
     def _take(self, chosen: torch.Tensor) -> None:
         if self.scores is not None:
-            self.steps.append(self.scores.log_softmax(-1).gather(1, chosen))
+            self.steps.append(_log_prob_of(self.scores, chosen))
             self.scores = None
 
     def finish(self, sequences: torch.Tensor) -> torch.Tensor:
         """(B, T_new) log-probabilities, the last step's token read from the finished `sequences`."""
         self._take(sequences[:, -1:])
-        if not self.steps:
-            return torch.zeros(sequences.shape[0], 0, device=sequences.device)
-        return torch.cat(self.steps, dim=1)
+        return _steps(self.steps, sequences)
+
+
+def _log_prob_of(scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """(B, V) scores and (B, 1) chosen ids -> (B, 1) log-probabilities of the chosen ids."""
+    return scores.log_softmax(-1).gather(1, chosen)
+
+
+def _steps(columns: list[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """(B, 1) per-step log-probabilities side by side: (B, T), (B, 0) for no step."""
+    return torch.cat([*columns, tokens.new_zeros(tokens.shape[0], 0, dtype=torch.float)], dim=1)
 
 
 def sequence_scores(lm: nn.Module, out) -> torch.Tensor:
@@ -107,8 +115,7 @@ def sequence_scores(lm: nn.Module, out) -> torch.Tensor:
     if beam_indices is not None:
         steps = lm.compute_transition_scores(out.sequences, out.scores, beam_indices, normalize_logits=True)
     else:  # the same log-probabilities step by step: no (B, V, T) copy of every step's scores, no strided softmax
-        chosen = (s.log_softmax(-1).gather(1, tokens[:, t, None]) for t, s in enumerate(out.scores))
-        steps = torch.cat([*chosen, tokens.new_zeros(tokens.shape[0], 0, dtype=torch.float)], dim=1)
+        steps = _steps([_log_prob_of(s, tokens[:, t, None]) for t, s in enumerate(out.scores)], tokens)
     return _summed(lm, tokens, steps)
 
 
