@@ -1,5 +1,6 @@
 """`dtype="int4"`: the int8 route with a second, int4 copy of the language model's layers for decoding steps
-(quant.Int4Weight on PyTorch's int4 kernel for CPUs); prompts keep the int8 layers."""
+(quant.Int4Weight on PyTorch's int4 kernel for CPUs, quant.Int4Bf16Weight on ours for AVX512-BF16 CPUs); prompts
+keep the int8 layers. Each test runs with both kernels; ours is skipped, with the reason, where it is not built."""
 
 from __future__ import annotations
 
@@ -11,19 +12,43 @@ import torch
 import blip2
 from blip2.dtype_policy import placement
 from blip2.errors import ConfigError
-from blip2.quant import FusedProjection, Int4Weight, Int8Linear, Kernels, PackedInt8Linear, can_int4, can_pack_int8
+from blip2.quant import (
+    FusedProjection,
+    Int4Bf16Weight,
+    Int4Weight,
+    Int8Linear,
+    Kernels,
+    PackedInt8Linear,
+    can_int4,
+    can_pack_int8,
+)
 
 pytestmark = pytest.mark.skipif(not can_int4(), reason="this PyTorch has no int4 kernel for CPUs")
 
 
+@pytest.fixture(params=["torch", "bf16"])
+def kernel(request, monkeypatch) -> str:
+    """Each int4 kernel in turn, installed as the routes' choice for the loads of the test."""
+    from blip2 import quant, routes
+
+    if not can_int4(request.param):
+        pytest.skip("our int4 kernel needs an AVX512-BF16 CPU and a C++ compiler (blip2.native)")
+    chosen = routes.cpu_routes
+    monkeypatch.setattr(quant, "_active", replace(quant.active_kernels(), int4_kernel=request.param))
+    monkeypatch.setattr(
+        routes, "cpu_routes", lambda: replace(chosen(), kernels=replace(chosen().kernels, int4_kernel=request.param))
+    )
+    return request.param
+
+
 @pytest.mark.parametrize(("out", "width", "group"), [(64, 256, 128), (48, 96, 32), (32, 64, 64)])
-def test_int4_weight_is_the_nearest_of_its_groups_levels(out, width, group):
+def test_int4_weight_is_the_nearest_of_its_groups_levels(out, width, group, kernel):
     """If this fails, the int4 weights a decoding step multiplies are not the original weights rounded to their
     group's 16 levels: a scale or zero taken from another group or channel, levels rounded the wrong way, or a
     product that is not the rows times those weights."""
     torch.manual_seed(0)
     w = torch.randn(out, width) * torch.rand(out, 1) * 3
-    q = Int4Weight.quantize(w)
+    q = Int4Weight.quantize(w, kernel=kernel)
     assert q is not None and q.group == group
     got = q.dequantized()
     groups = w.view(out, -1, group)
@@ -37,55 +62,77 @@ def test_int4_weight_is_the_nearest_of_its_groups_levels(out, width, group):
     torch.testing.assert_close(y, want, atol=0.05 * want.abs().max().item(), rtol=0)
 
 
-def test_each_row_decodes_as_it_does_alone():
+def test_each_row_decodes_as_it_does_alone(kernel):
     """If this fails, a batch of decoding steps gets other sums than each sequence alone (the kernel's blocking
     over rows), and a batch of captions would differ from the same captions one by one."""
     torch.manual_seed(1)
-    q = Int4Weight.quantize(torch.randn(128, 256))
+    q = Int4Weight.quantize(torch.randn(128, 256), kernel=kernel)
     x = torch.randn(9, 256)
     with torch.no_grad():
         batched = q(x)
         assert all(torch.equal(batched[i], q(x[i : i + 1])[0]) for i in range(len(x)))
 
 
-def test_shapes_the_kernel_cannot_take_stay_int8():
+def test_our_kernel_sums_exact_products_in_fp32(kernel):
+    """If this fails, our int4 kernel (csrc/int4_bf16.cpp) multiplies rows by weights in another order than it
+    packs them, applies a group's scale or offset to another group or output, or loses more than fp32 sums lose:
+    its products differ from the rows (in bf16) times its dequantized weight computed in fp64."""
+    if kernel != "bf16":
+        pytest.skip("PyTorch's kernel rounds its output to bf16: test_int4_weight_is_the_nearest bounds it")
+    torch.manual_seed(3)
+    for rows, out, width in [(1, 32, 256), (6, 96, 512), (4, 48, 96)]:
+        w = torch.randn(out, width) * torch.linspace(0.1, 3, out)[:, None]
+        q = Int4Weight.quantize(w, kernel="bf16")
+        assert isinstance(q, Int4Bf16Weight)
+        x = torch.randn(rows, width).bfloat16()
+        with torch.no_grad():
+            got = q(x.float())
+        exact = x.double() @ q.dequantized().double().t()
+        scale = q.scales.transpose(1, 2).reshape(out, -1).repeat_interleave(q.group, 1)  # each weight's group scale
+        terms = x.double().abs() @ (q.dequantized().abs() + 144 * scale).double().t()  # the kernel's magnitudes
+        assert ((got.double() - exact).abs() <= 2**-14 * terms).all()
+
+
+def test_shapes_the_kernel_cannot_take_stay_int8(kernel):
     """If this fails, a layer whose width PyTorch's int4 packing refuses (outputs not a multiple of 16, inputs not
     a multiple of 32) fails to load instead of decoding on its int8 weight."""
-    assert Int4Weight.quantize(torch.randn(37, 64)) is None
-    assert Int4Weight.quantize(torch.randn(32, 48)) is None
+    assert Int4Weight.quantize(torch.randn(37, 64), kernel=kernel) is None
+    assert Int4Weight.quantize(torch.randn(32, 48), kernel=kernel) is None
     assert Int4Weight.fits(64, 2560) == 128 and Int4Weight.fits(64, 96) == 32
 
 
-def test_fused_int4_weights_multiply_as_the_whole_quantized_at_once():
+def test_fused_int4_weights_multiply_as_the_whole_quantized_at_once(kernel):
     """If this fails, the query, key and value projections fused into one layer decode with their int4 columns
     shuffled or scaled by another projection's groups."""
     torch.manual_seed(2)
     parts = [torch.randn(64, 128) for _ in range(3)]
-    fused = Int4Weight.cat([Int4Weight.quantize(p) for p in parts])
-    whole = Int4Weight.quantize(torch.cat(parts))
+    quantized = [Int4Weight.quantize(p, kernel=kernel) for p in parts]
+    fused = type(quantized[0]).cat(quantized)
+    whole = Int4Weight.quantize(torch.cat(parts), kernel=kernel)
     x = torch.randn(3, 128)
     with torch.no_grad():
         assert torch.equal(fused(x), whole(x))
-    narrow = [Int4Weight.quantize(torch.randn(32, 128)) for _ in range(3)]  # the packing's blocks span parts
-    assert Int4Weight.cat(narrow) is None
-    assert Int4Weight.cat([Int4Weight.quantize(parts[0]), None]) is None
+    narrow = [Int4Weight.quantize(torch.randn(32, 128), kernel=kernel) for _ in range(3)]
+    # PyTorch's packing keeps blocks of 64 outputs together: parts of 32 cannot be joined; ours, of 16
+    assert (type(narrow[0]).cat(narrow) is None) == (kernel == "torch")
+    assert type(quantized[0]).cat([quantized[0], None]) is None
 
 
 def _count_int4_products(monkeypatch) -> list[int]:
     """Positions per sequence seen by each int4 product from now on."""
     calls: list[int] = []
-    forward = Int4Weight.forward
+    for cls in (Int4Weight, Int4Bf16Weight):
 
-    def counted(self, x, bias=None):
-        calls.append(x.shape[-2] if x.dim() >= 3 else 1)
-        return forward(self, x, bias)
+        def counted(self, x, bias=None, forward=cls.forward):
+            calls.append(x.shape[-2] if x.dim() >= 3 else 1)
+            return forward(self, x, bias)
 
-    monkeypatch.setattr(Int4Weight, "forward", counted)
+        monkeypatch.setattr(cls, "forward", counted)
     return calls
 
 
 @pytest.mark.parametrize("acts", ["0", "1"])
-def test_prompts_run_int8_and_decoding_steps_int4(opt_ckpt, images, monkeypatch, acts):
+def test_prompts_run_int8_and_decoding_steps_int4(opt_ckpt, images, monkeypatch, acts, kernel):
     """If this fails, `dtype="int4"` leaves language-model layers without their int4 copy, quantizes the output
     head too, multiplies a prompt by int4 weights (a prompt's logits then differ from the int8 route's; OPT's
     feed-forward layers see a batch's rows as one matrix, so only the tracked positions per sequence tell a
@@ -98,7 +145,8 @@ def test_prompts_run_int8_and_decoding_steps_int4(opt_ckpt, images, monkeypatch,
     head = lm.get_output_embeddings()
     linears = [x for x in lm.modules() if isinstance(x, Int8Linear)]
     fits = [x for x in linears if Int4Weight.fits(x.out_features, x.in_features) and x is not head]
-    assert fits and all(isinstance(x.decoding, Int4Weight) for x in fits)
+    chosen = Int4Bf16Weight if kernel == "bf16" else Int4Weight
+    assert fits and all(type(x.decoding) is chosen for x in fits)
     assert head.decoding is None
     assert all(x.decoding is None for x in m8.model.language_model.modules() if isinstance(x, Int8Linear))
     calls = _count_int4_products(monkeypatch)
@@ -115,7 +163,7 @@ def test_prompts_run_int8_and_decoding_steps_int4(opt_ckpt, images, monkeypatch,
 
 
 @pytest.mark.skipif(not can_pack_int8(), reason="this PyTorch has no oneDNN int8 matmul to prepack for")
-def test_int4_llama_decodes_batches_and_chats_as_alone(tmp_path, images, monkeypatch):
+def test_int4_llama_decodes_batches_and_chats_as_alone(tmp_path, images, monkeypatch, kernel):
     """If this fails, an int4 InstructBLIP-Vicuna (LLaMA, prepacked int8 layers for prompts) loses its int4
     copies when its layers are prepacked, or answers otherwise in a batch than alone, or a chat's follow-up turn
     (a few new prompt positions, then decoding steps) fails."""
@@ -136,7 +184,7 @@ def test_int4_llama_decodes_batches_and_chats_as_alone(tmp_path, images, monkeyp
     assert [chat.ask("what is it?", max_new_tokens=5), chat.ask("and its colour?", max_new_tokens=5)]
 
 
-def test_int4_t5_decodes_on_int4_and_batches_as_alone(t5_ckpt, images, monkeypatch):
+def test_int4_t5_decodes_on_int4_and_batches_as_alone(t5_ckpt, images, monkeypatch, kernel):
     """If this fails, an int4 encoder-decoder (Flan-T5) multiplies its encoder's prompt by int4 weights, its
     decoder's steps never take them, or they take another route in a batch than alone."""
     m = blip2.load(t5_ckpt, dtype="int4")
@@ -181,7 +229,7 @@ def test_int4_without_int4_decoding_is_int8(opt_ckpt, monkeypatch):
     assert quant.active_kernels().int4_decoding is False
 
 
-def test_compiled_int4_decoding_gives_the_eager_tokens(opt_ckpt, images):
+def test_compiled_int4_decoding_gives_the_eager_tokens(opt_ckpt, images, kernel):
     """If this fails, `compile=True` with `dtype="int4"` crashes while compiling (the int4 kernel, or the stack's
     positions noted by forward hooks, inside a compiled step), or decodes on other weights than eager (int8 ones:
     other tokens)."""

@@ -40,6 +40,7 @@ AVX2_LIKE = timings(
         "int8 activations": [60] + [float("inf")] * 5,  # no VNNI: too slow to time beyond one row
         "int8 activations packed": [float("inf")] * 6,
         "int4": [7, 20, 40, 80, 160, 240],  # slower than the int8 kernel at one row: int4 would decode on int8
+        "int4 bf16": [float("inf")] * 6,  # no AVX512-BF16: our int4 kernel is not built
     },
     {
         "fp32": 97,
@@ -61,6 +62,7 @@ AMX_LIKE = timings(
         "int8 activations": [2, 3, 4, 6, 9, 12],  # AMX/VNNI: int8 x int8 beats the int8-weight kernel everywhere
         "int8 activations packed": [2.5, 2, 2.5, 4, 7, 9],  # prepacked: slower at one row, faster from 4
         "int4": [1, 3, 6, 12, 24, 36],  # half the bytes: fastest at one row, compute-bound from a few
+        "int4 bf16": [0.7, 2.5, 5, 10, 20, 30],  # ours: nearer the memory's speed
     },
     {
         "fp32": 97,
@@ -94,6 +96,18 @@ def test_int4_decodes_on_int4_only_where_one_row_measures_faster():
     assert amx.caption_ms["int4"] < amx.caption_ms["int8-activations"] and not amx.allowed["int4"]
     assert avx2.caption_ms["int4"] == avx2.caption_ms["int8"]  # int4 without int4 decoding is int8
     assert "int4" not in (avx2.auto, amx.auto)
+
+
+def test_the_int4_kernel_is_the_faster_over_one_to_eight_rows():
+    """If this fails, `dtype="int4"` decodes on the slower of PyTorch's int4 kernel and ours (or on ours where it
+    was not built: every decoding step would fail), or one noisy timing at one row count picks the kernel that is
+    slower over the batches a step decodes."""
+    assert routes.choose(AMX_LIKE).kernels.int4_kernel == "bf16"
+    assert routes.choose(AVX2_LIKE).kernels.int4_kernel == "torch"  # ours absent: infinitely slow
+    lm = AMX_LIKE["lm"]
+    noisy = {r: t | {"int4 bf16": t["int4"] * (0.9 if r == 1 else 1.2)} for r, t in lm.items()}
+    k = routes.choose({"lm": noisy, "vision": AMX_LIKE["vision"]}).kernels
+    assert k.int4_kernel == "torch" and k.int4_decoding  # faster at one row, slower at 4 and 8 rows together
 
 
 def test_packing_is_chosen_by_its_total_over_the_row_counts():

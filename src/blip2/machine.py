@@ -17,6 +17,7 @@ in cores, caches and memory channels. Each figure is the best of a few runs, aft
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import os
@@ -148,11 +149,15 @@ def kernels(
             lambda: torch.ops.onednn.qlinear_prepack(wq, None) if packs_int8 else int8_plain(),
             int8_acts,
         ),
-        "int4": (lambda: Int4Weight(w4.packed.clone(), w4.scales_and_zeros, w4.group), lambda x, xb, v: v(xb)),
+        "int4": (lambda: copy.deepcopy(w4["int4"]), lambda x, xb, v: v(xb)),
+        "int4 bf16": (lambda: copy.deepcopy(w4["int4 bf16"]), lambda x, xb, v: v(xb)),
     }
-    w4 = Int4Weight.quantize(w) if "int4" in (names or routes) else None
-    if w4 is None:  # this PyTorch has no int4 kernel for CPUs
-        hopeless.add("int4")
+    w4 = {
+        name: Int4Weight.quantize(w, kernel=kernel)
+        for name, kernel in (("int4", "torch"), ("int4 bf16", "bf16"))
+        if name in (names or routes)
+    }
+    hopeless.update(name for name, weight in w4.items() if weight is None)  # no such kernel here
     inputs = {m: (x, x.bfloat16()) for m in rows for x in (torch.randn(m, k),)}
     out: dict[int, dict[str, float]] = {m: {} for m in rows}
     for name in (r for r in routes if r in (names or routes)):
@@ -201,7 +206,7 @@ def report(
         dict.fromkeys(("int8", "int8 widened to fp32", "int8 activations", "int8 activations packed"), 1)
         | {"fp32": 4}
         | dict.fromkeys(("bf16", "bf16 packed", "bf16 widened to fp32"), 2)
-        | {"int4": 0.5 + 4 / 128}  # a bf16 scale and zero per 128 weights
+        | {"int4": 0.5 + 4 / 128, "int4 bf16": 0.5 + 8 / 128}  # a scale and zero per 128 weights: bf16, fp32
     )
     times = measured.timings["lm"]
     read = {m: {r: weight_bytes[r] * k * n / (ms / 1e3) / 1e9 for r, ms in t.items()} for m, t in times.items()}
@@ -224,6 +229,12 @@ def report(
 
 def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
+
+
+def _int4(k: dict[str, Any]) -> str:
+    if not k.get("int4_decoding", False):
+        return "no"
+    return "yes (our bf16 kernel)" if k.get("int4_kernel") == "bf16" else "yes (PyTorch's kernel)"
 
 
 def _threshold(n: int) -> str:
@@ -256,7 +267,7 @@ def format_report(r: dict[str, Any]) -> str:
             f"{_threshold(k['int8_vision'])}; bf16 prepacked: LM {_yes(k['bf16_packed_lm'])}, vision "
             f"{_yes(k['bf16_packed_vision'])}; int8 activations: {_yes(k['int8_activations'])}"
             f"{' (prepacked)' if k['int8_activations'] and k.get('int8_packed') else ''}; "
-            f"int4 decoding: {_yes(k.get('int4_decoding', False))}; dtype auto = {rt['auto']}"
+            f"int4 decoding: {_int4(k)}; dtype auto = {rt['auto']}"
         )
     for name, ms in routes["caption_ms"].items():
         may = "may be picked by auto" if routes["allowed"][name] else "not for auto (route_quality)"

@@ -85,6 +85,8 @@ class Kernels:
     # dtype="int4": decoding steps on int4 copies of the LM's layers (`Int4Weight`), where one row measures faster
     # on them than on the int8 route's layers; else dtype="int4" is dtype="int8"
     int4_decoding: bool = True
+    # which int4 kernel: PyTorch's ("torch", `Int4Weight`) or ours ("bf16", `Int4Bf16Weight`), the faster at one row
+    int4_kernel: str = "torch"
 
     @property
     def widens_bf16(self) -> bool:
@@ -412,15 +414,20 @@ class Int4Weight(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def quantize(cls, weight: torch.Tensor, rows: int = 1024) -> Int4Weight | None:
-        """From a (out, in) weight of any float dtype, a block of rows at a time; None where the kernel cannot take
-        its shape (the layer then decodes on int8) or the CPU build lacks the kernel."""
+    def quantize(cls, weight: torch.Tensor, rows: int = 1024, kernel: str | None = None) -> Int4Weight | None:
+        """From a (out, in) weight of any float dtype, a block of rows at a time, for `kernel` ("torch": this class;
+        "bf16": `Int4Bf16Weight`, PyTorch's where ours is not built; default: the measured choice,
+        `Kernels.int4_kernel`); None where the kernel cannot take its shape (the layer then decodes on int8) or
+        this PyTorch lacks its int4 kernel."""
+        kernel = kernel or active_kernels().int4_kernel
+        if kernel == "bf16" and not can_int4("bf16"):  # not built here (`native.int4_bf16` warned why)
+            kernel = "torch"
         n, k = weight.shape
         group = cls.fits(n, k)
-        if group is None or not can_int4():
+        if group is None or not can_int4(kernel):
             return None
         q = torch.empty(n, k, dtype=torch.int32)
-        sz = torch.empty(k // group, n, 2, dtype=torch.bfloat16)
+        sz = torch.empty(n, k // group, 2, dtype=torch.bfloat16)
         for i in range(0, n, rows):
             w = weight[i : i + rows].float().view(-1, k // group, group)
             low, high = w.amin(-1), w.amax(-1)
@@ -429,8 +436,14 @@ class Int4Weight(nn.Module):
             zero = (low + 8 * scale.float()).bfloat16()
             levels = w.sub(zero.float()[..., None]).div_(scale.float()[..., None]).add_(8).round_().clamp_(0, 15)
             q[i : i + rows] = levels.view(-1, k)
-            sz[:, i : i + rows] = torch.stack([scale, zero], -1).transpose(0, 1)
-        return cls(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), sz, group)
+            sz[i : i + rows] = torch.stack([scale, zero], -1)
+        return (Int4Bf16Weight if kernel == "bf16" else Int4Weight).from_levels(q, sz, group)
+
+    @classmethod
+    def from_levels(cls, q: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> Int4Weight:
+        """From levels q (out, in) in 0..15 and each group's bf16 scale and zero (out, in / group, 2)."""
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        return cls(packed, scales_and_zeros.transpose(0, 1).contiguous(), group)
 
     @classmethod
     def cat(cls, parts: list[Int4Weight | None]) -> Int4Weight | None:
@@ -438,7 +451,7 @@ class Int4Weight(nn.Module):
         packed layout keeps blocks of up to 64 output channels together, so parts whose widths are multiples of
         64 concatenate as packed; others (and parts without int4 weights) give None: the fused layer decodes on
         int8."""
-        if not parts or any(p is None or p.scales_and_zeros.shape[1] % 64 for p in parts):
+        if not parts or any(type(p) is not Int4Weight or p.scales_and_zeros.shape[1] % 64 for p in parts):
             return None
         if len({(p.group, p.packed.shape[1]) for p in parts}) > 1:
             return None
@@ -466,6 +479,64 @@ class Int4Weight(nn.Module):
     def extra_repr(self) -> str:
         n, half = self.packed.shape
         return f"in_features={half * 2}, out_features={n}, int4 in groups of {self.group} for decoding"
+
+
+class Int4Bf16Weight(Int4Weight):
+    """`Int4Weight`'s numbers (the same levels, scales and zeros) laid out for our own kernel,
+    `native.int4_bf16_mm`: AVX512-BF16 products of the bf16 rows with 128 + q, exact in fp32, then each group's
+    scale and offset. Reads the weights near the machine's bandwidth at one row, where PyTorch's kernel is
+    compute-bound (`routes.py` keeps the faster). Each row's sums do not depend on the other rows either.
+
+    `packed` (out / 16, in / 8, 64) uint8 in the kernel's order (csrc/int4_bf16.cpp); `scales` and `offsets`
+    (out / 16, in / group, 16) fp32, the offset being zero - 136 * scale: w = scale * (128 + q) + offset."""
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int) -> None:
+        nn.Module.__init__(self)
+        self.group = group
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
+        self.register_buffer("offsets", offsets)
+
+    @classmethod
+    def from_levels(cls, q: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> Int4Bf16Weight:
+        n, k = q.shape
+        # byte j of 128-bit lane L of chunk c of block b: output 16b + 4L + t, inputs 8c + 2u + e (low nibble) and
+        # that + 4 (high), where j = 8u + 2t + e
+        nibbles = q.to(torch.uint8).view(n // 16, 4, 4, k // 8, 2, 2, 2)  # b L t c high u e
+        byte = nibbles[:, :, :, :, 0] | (nibbles[:, :, :, :, 1] << 4)  # b L t c u e
+        packed = byte.permute(0, 3, 1, 4, 2, 5).reshape(n // 16, k // 8, 64).contiguous()
+        scale, zero = scales_and_zeros.float().unbind(-1)  # (out, in / group)
+        per_block = lambda t: t.view(n // 16, 16, k // group).transpose(1, 2).contiguous()  # noqa: E731
+        return cls(packed, per_block(scale), per_block(zero - 136 * scale), group)
+
+    @classmethod
+    def cat(cls, parts: list[Int4Weight | None]) -> Int4Weight | None:
+        """One weight of the parts' output channels in order; None where a part has none or the groups differ."""
+        if not parts or any(type(p) is not cls for p in parts) or len({p.group for p in parts}) > 1:
+            return None
+        return cls(
+            *(torch.cat([getattr(p, b) for p in parts]) for b in ("packed", "scales", "offsets")), parts[0].group
+        )
+
+    def dequantized(self) -> torch.Tensor:
+        blocks, chunks, _ = self.packed.shape
+        byte = self.packed.view(blocks, chunks, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5)  # b L t c u e
+        q = torch.stack([byte & 15, byte >> 4], 4).reshape(blocks * 16, chunks * 8).float()  # b L t c high u e
+        per_output = lambda t: t.transpose(1, 2).reshape(blocks * 16, -1)  # noqa: E731
+        scale, offset = per_output(self.scales), per_output(self.offsets)
+        w = (q + 128).view(blocks * 16, -1, self.group) * scale[..., None] + offset[..., None]
+        return w.view(blocks * 16, chunks * 8)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = torch.ops.blip2_native.int4_bf16_mm(rows, self.packed, self.scales, self.offsets, self.group)
+        y = y.to(x.dtype) if bias is None else y.to(x.dtype) + bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def extra_repr(self) -> str:
+        blocks, chunks, _ = self.packed.shape
+        n, k = blocks * 16, chunks * 8
+        return f"in_features={k}, out_features={n}, int4 in groups of {self.group} for decoding (bf16 kernel)"
 
 
 def _widening_applies(x: torch.Tensor) -> bool:
@@ -644,8 +715,13 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)  # the row hint does not change the layout
 
 
-def can_int4() -> bool:
-    """Whether this PyTorch has the int4 kernel for CPUs that `Int4Weight` multiplies with."""
+def can_int4(kernel: str = "torch") -> bool:
+    """Whether the int4 kernel for CPUs is there: PyTorch's ("torch", `Int4Weight`) in this build, or ours ("bf16",
+    `Int4Bf16Weight`: an AVX512-BF16 CPU, built by `native.int4_bf16`)."""
+    if kernel == "bf16":
+        from .native import int4_bf16
+
+        return int4_bf16()
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
@@ -814,7 +890,8 @@ def fuse_projections(model: nn.Module) -> int:
         fused.register_buffer("weight", torch.cat([q.weight for q in parts]))
         fused.scale = torch.cat([q.scale for q in parts])
         fused.bias = None if parts[0].bias is None else nn.Parameter(torch.cat([q.bias for q in parts]), False)
-        fused.decoding = Int4Weight.cat([q.decoding for q in parts])
+        first = parts[0].decoding
+        fused.decoding = None if first is None else type(first).cat([q.decoding for q in parts])
         attn.qkv_proj = PackedInt8Linear(fused)
         products, start = _Products(attn.qkv_proj, len(parts)), 0
         for name, q in zip(PROJECTIONS, parts):

@@ -7,8 +7,9 @@ prompt's prefill), in fp32, on PyTorch's bf16 kernel, on bf16 weights prepacked 
 on bf16 weights widened to fp32 (`quant._widened_mm`), on the int8-weight kernel (`_weight_int8pack_mm`), on int8
 weights widened to fp32, and with the activations quantized to int8 as well (`quant._int8_activations_mm`, PyTorch's
 int8 GEMM: fast where the CPU has VNNI or AMX, a fallback elsewhere), on plain int8 weights and on int8 weights
-prepacked for oneDNN's int8 matmul (`quant.PackedInt8Linear`), and on int4 weights in groups of 128
-(`quant.Int4Weight`, PyTorch's int4 kernel for CPUs). From the timings:
+prepacked for oneDNN's int8 matmul (`quant.PackedInt8Linear`), and on int4 weights in groups of 128 with PyTorch's
+int4 kernel for CPUs (`quant.Int4Weight`) and with ours on AVX512-BF16 CPUs (`quant.Int4Bf16Weight`, built at the
+first measurement: `native.py`). From the timings:
 
 - per kind of layer, the positions per sequence from which the widened route takes over (`quant.Kernels`): the
   fewest rows from which it is faster at every larger row count measured (never, if nowhere);
@@ -20,7 +21,7 @@ prepacked for oneDNN's int8 matmul (`quant.PackedInt8Linear`), and on int4 weigh
 - whether `dtype="int8"` quantizes the activations too: if that makes the estimated caption (below) faster than
   int8 weights alone;
 - whether `dtype="int4"` decodes on int4 copies of the language model's layers: if one row is faster on them
-  than on the layers of `dtype="int8"` (else `int4` is `int8`);
+  (with the faster of the two int4 kernels) than on the layers of `dtype="int8"` (else `int4` is `int8`);
 - `auto`: the estimated time of one caption (vision at 257 rows, a 48-position prefill, 20 decoding steps, scaled
   by the products of blip2-opt-2.7b) on each route that `route_quality.allowed` permits; the fastest wins.
 
@@ -54,7 +55,7 @@ from .quant import NEVER, Kernels
 from .route_quality import allowed
 
 ROUTES_ENV = "BLIP2_ROUTES"
-FORMAT = 7  # of the cache file; a new format is a new file name
+FORMAT = 8  # of the cache file; a new format is a new file name
 LM_SHAPE = (2560, 10240)  # in, out: OPT-2.7B's fc1
 VISION_SHAPE = (1408, 6144)  # EVA ViT-g's fc1
 VISION_ROWS = 257  # one image
@@ -66,7 +67,17 @@ VISION_PRODUCTS = 39 * (4 * 1408 + 2 * 6144) / 6144
 LM_PRODUCTS = 32 * (4 * 2560 + 2 * 10240) / 10240 + 50272 / 10240
 INT8_ACTIVATIONS_ENV = "BLIP2_INT8_ACTIVATIONS"
 INT8_ACTS = ("int8 activations", "int8 activations packed")
-LM_NAMES = ("fp32", "bf16", "bf16 packed", "bf16 widened to fp32", "int8", "int8 widened to fp32", *INT8_ACTS, "int4")
+LM_NAMES = (
+    "fp32",
+    "bf16",
+    "bf16 packed",
+    "bf16 widened to fp32",
+    "int8",
+    "int8 widened to fp32",
+    *INT8_ACTS,
+    "int4",
+    "int4 bf16",
+)
 VISION_NAMES = ("fp32", "bf16", "bf16 packed", "bf16 widened to fp32", *INT8_ACTS)
 
 Timings = dict[str, dict[int, dict[str, float]]]  # {"lm" | "vision": {rows: {route name: ms}}}
@@ -181,8 +192,12 @@ def choose(timings: Timings, source: str = "measured") -> Routes:
     k = replace(k, int8_activations={"int8-activations": True, weights_only: False}.get(auto, activations))
     # dtype="int4" is dtype="int8" with int4 decoding steps, where one row is faster on them
     int8_route = (lambda r: acts) if k.int8_activations else int8_weights_only
-    k = replace(k, int4_decoding=lm[1]["int4"] < lm[1][int8_route(1)])
-    int4_route = lambda r: "int4" if r == 1 and k.int4_decoding else int8_route(r)  # noqa: E731
+    # the int4 kernel that decodes 1-8 sequences faster, all three row counts together (one count's noise aside)
+    int4 = min(("int4", "int4 bf16"), key=lambda name: sum(lm[r][name] for r in (1, 4, 8)))
+    k = replace(
+        k, int4_decoding=lm[1][int4] < lm[1][int8_route(1)], int4_kernel="bf16" if int4 == "int4 bf16" else "torch"
+    )
+    int4_route = lambda r: int4 if r == 1 and k.int4_decoding else int8_route(r)  # noqa: E731
     candidates["int4"] = caption(vision[acts] if k.int8_activations else int8_vision, int4_route)
     ok["int4"] = False  # never auto: its quality is below int8's (route_quality)
     return Routes(k, auto, source, timings, candidates, ok)
