@@ -13,7 +13,8 @@ Every engine runs in its own process, one after the other (two full-size models 
 24 GB), on the blip2-opt-2.7b architecture with random weights (`common.make_full_checkpoint`, bf16; `--tiny`: the
 tests' tiny OPT checkpoint, a check that the script runs). Reported per engine: images/s for each batch, seconds
 for the single image and for the follow-up turn, peak resident memory (`peak_rss_gib_<images>`: loading, warm-up,
-the batch and the single image; `peak_rss_gib`: after the larger batch and the follow-up too; vLLM: its largest
+the batch and the single image; for ours, `--more-images` other images at the default batch size then, with their
+images/s and the peak so far; `peak_rss_gib`: after the larger batch and the follow-up too; vLLM: its largest
 process; `base_rss_gib`: the interpreter with torch, transformers (and for ours blip2) imported, before loading),
 and for ours the bytes of the weights as stored for the route and the peaks over them; with the machine's CPU, flags
 and measured memory bandwidth and GEMM rates (`blip2.machine`). An engine that cannot run here (vLLM's CPU build on
@@ -57,14 +58,19 @@ def peak_rss_gib(who: int = resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 2**20
 
 
-def measure(run, followup, n: int, more: int) -> dict:
-    """Times of the anchor workload through `run(images)` (seconds of one call) and of `followup(image)`; the peak
-    resident memory before the `more` images (loading, warm-up, `n` images, one image) and at the end."""
-    imgs = images(n + 3 + more + 1, seed=0)
+def measure(run, followup, n: int, more: int, run_default=None) -> dict:
+    """Times of the anchor workload through `run(images)` (seconds of one call, all images in one batch) and of
+    `followup(image)`; the peak resident memory before the `more` images (loading, warm-up, `n` images, one
+    image) and at the end. With `run_default` (ours): `more` other new images at the default batch size first,
+    their images/s and the peak so far (`peak_rss_gib_<more>_default_batch`)."""
+    imgs = images(n + 3 + 2 * more + 1, seed=0)
     run(imgs[n : n + 2])  # warm-up, on images not timed below
     seconds = run(imgs[:n])
     out = {"seconds": seconds, "images_per_s": n / seconds, "single_s": run(imgs[n + 2 : n + 3])}
     out[f"peak_rss_gib_{n}"] = peak_rss_gib()
+    if more and run_default is not None:
+        out[f"images_per_s_{more}_default_batch"] = more / run_default(imgs[n + 3 + more : n + 3 + 2 * more])
+        out[f"peak_rss_gib_{more}_default_batch"] = peak_rss_gib()
     if more:
         out[f"images_per_s_{more}"] = more / run(imgs[n + 3 : n + 3 + more])
     out["followup_s"] = followup(imgs[-1])
@@ -75,6 +81,7 @@ def side_ours(folder: str, dtype: str, n: int, tokens: int, more: int) -> dict:
     import transformers  # noqa: F401  (imported before the baseline, as transformers' side does)
 
     import blip2
+    from blip2.defaults import BATCH_SIZE
     from blip2.quant import quantized_bytes
 
     base = rss_gib()
@@ -83,9 +90,9 @@ def side_ours(folder: str, dtype: str, n: int, tokens: int, more: int) -> dict:
     load_s = time.perf_counter() - t0
     gen = dict(max_new_tokens=tokens, min_new_tokens=tokens)
 
-    def run(batch: list) -> float:
+    def run(batch: list, batch_size: int | None = None) -> float:
         t = time.perf_counter()
-        out = m.generate(batch, [PROMPT] * len(batch), batch_size=len(batch), **gen)
+        out = m.generate(batch, [PROMPT] * len(batch), batch_size=batch_size or len(batch), **gen)
         assert all(len(g.tokens) == tokens for g in out)
         return time.perf_counter() - t
 
@@ -99,7 +106,8 @@ def side_ours(folder: str, dtype: str, n: int, tokens: int, more: int) -> dict:
     return {
         "route": dtype,
         "resolved_dtype": str(m.dtype).replace("torch.", ""),
-        **measure(run, followup, n, more),
+        **measure(run, followup, n, more, run_default=lambda batch: run(batch, BATCH_SIZE)),
+        "default_batch_size": BATCH_SIZE,
         "load_s": load_s,
         "weights_gib": quantized_bytes(m.model) / 2**30,
         "base_rss_gib": base,
@@ -232,6 +240,9 @@ def main() -> None:
         w = r["weights_gib"]
         r["peak_over_weights"] = r["peak_rss_gib"] / w
         r[f"peak_over_weights_{args.images}"] = r[f"peak_rss_gib_{args.images}"] / w
+        if f"peak_rss_gib_{args.more_images}_default_batch" in r:
+            key = f"{args.more_images}_default_batch"
+            r[f"peak_over_weights_{key}"] = r[f"peak_rss_gib_{key}"] / w
         # what the model costs the process: the peak above the interpreter with torch and transformers imported
         r[f"model_peak_over_weights_{args.images}"] = (r[f"peak_rss_gib_{args.images}"] - r["base_rss_gib"]) / w
         r["model_peak_over_weights"] = (r["peak_rss_gib"] - r["base_rss_gib"]) / w
