@@ -14,7 +14,8 @@ runs: the yardstick `dtype="auto"` is held to), `bf16-fp32-sums` with products s
 (`BLIP2_CPU_BF16=0`, quant.bf16_sums_in_fp32), `int8` with its vision encoder in fp32 (`BLIP2_ROUTES=flags`),
 `int8-activations` with the activations of every int8 layer, the vision encoder's included, quantized per
 position (`BLIP2_INT8_ACTIVATIONS=1`, quant._int8_activations_mm; on a CPU without VNNI or AMX it is slow), `int4`
-with that route's prepacked int8 layers for prompts and int4 weights for decoding steps (quant.Int4Weight). On
+with that route's prepacked int8 layers for prompts and int4 weights for decoding steps on PyTorch's int4 kernel
+(quant.Int4Weight), `int4-bf16` the same on ours (quant.Int4Bf16Weight, AVX512-BF16 CPUs: fp32 sums and output). On
 random weights mere bf16 rounding already moves logits a lot (on the tiny random T5, rounding only its token
 embeddings to bf16 moves the logits by 11% of their range: such networks amplify any perturbation). At full size
 the bf16 routes run only with `--full-bf16` (the native kernels take minutes on a CPU that emulates bf16).
@@ -50,7 +51,18 @@ ROUTE_ENV = {  # pins each route's kernels on any CPU (blip2.routes)
     "bf16-fp32-sums": {"BLIP2_CPU_BF16": "0"},
     "int8": {"BLIP2_ROUTES": "flags", "BLIP2_CPU_BF16": "", "BLIP2_INT8_ACTIVATIONS": "0"},
     "int8-activations": {"BLIP2_ROUTES": "flags", "BLIP2_CPU_BF16": "", "BLIP2_INT8_ACTIVATIONS": "1"},
-    "int4": {"BLIP2_ROUTES": "flags", "BLIP2_CPU_BF16": "", "BLIP2_INT8_ACTIVATIONS": "packed"},
+    "int4": {
+        "BLIP2_ROUTES": "flags",
+        "BLIP2_CPU_BF16": "",
+        "BLIP2_INT8_ACTIVATIONS": "packed",
+        "BLIP2_INT4_KERNEL": "torch",
+    },
+    "int4-bf16": {
+        "BLIP2_ROUTES": "flags",
+        "BLIP2_CPU_BF16": "",
+        "BLIP2_INT8_ACTIVATIONS": "packed",
+        "BLIP2_INT4_KERNEL": "bf16",
+    },
 }
 OLD_NAMES = {"bf16": "bf16-fp32-sums", "bf16-native": "bf16"}  # in files with a "bf16-native" entry
 PROMPTS = ["", "a photo of", "Question: what is in the picture? Answer:", "Question: what colour is it? Answer:"]

@@ -268,6 +268,20 @@ def test_int8_activations_variable_overrides_the_measurement(measured, monkeypat
         routes.cpu_routes()
 
 
+@pytest.mark.parametrize(("value", "table"), [("torch", AMX_LIKE), ("bf16", AVX2_LIKE)])
+def test_int4_kernel_variable_overrides_the_measurement(measured, monkeypatch, value, table):
+    """If this fails, a user (or bench/quality.py, which pins each route's arithmetic) cannot choose which int4
+    kernel `dtype="int4"` decodes on, or a misspelt choice passes silently."""
+    monkeypatch.setattr(routes, "measure", lambda: measured.append(1) or table)
+    monkeypatch.setenv(routes.INT4_KERNEL_ENV, value)
+    r = routes.cpu_routes()
+    assert r.kernels.int4_kernel == value and r.source.endswith(f"BLIP2_INT4_KERNEL={value}")
+    assert routes.choose(table).kernels.int4_kernel != value  # the measurement chose the other
+    monkeypatch.setenv(routes.INT4_KERNEL_ENV, "fast")
+    with pytest.raises(ConfigError, match="BLIP2_INT4_KERNEL='fast': expected torch or bf16"):
+        routes.cpu_routes()
+
+
 def test_bad_routes_variable_is_a_clear_error(measured, monkeypatch):
     monkeypatch.setenv(routes.ROUTES_ENV, "fastest")
     with pytest.raises(ConfigError, match="BLIP2_ROUTES='fastest': expected measure or flags"):

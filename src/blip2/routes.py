@@ -32,7 +32,7 @@ Overrides: `BLIP2_ROUTES=flags` skips the measurement and decides by CPU flags w
 `BLIP2_CPU_BF16=0|1` does the same with the bf16 capability forced (the tests use both);
 `BLIP2_INT8_ACTIVATIONS=0|1|packed` forces whether `dtype="int8"` quantizes activations and how its weights are
 stored (0: weights only, the more accurate int8 route; 1: int8 activations on plain weights; packed: on weights
-prepacked for oneDNN).
+prepacked for oneDNN); `BLIP2_INT4_KERNEL=torch|bf16` forces which int4 kernel `dtype="int4"` decodes on.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ PREFILL_ROWS, NEW_TOKENS = 48, 20
 VISION_PRODUCTS = 39 * (4 * 1408 + 2 * 6144) / 6144
 LM_PRODUCTS = 32 * (4 * 2560 + 2 * 10240) / 10240 + 50272 / 10240
 INT8_ACTIVATIONS_ENV = "BLIP2_INT8_ACTIVATIONS"
+INT4_KERNEL_ENV = "BLIP2_INT4_KERNEL"
 INT8_ACTS = ("int8 activations", "int8 activations packed")
 LM_NAMES = (
     "fp32",
@@ -265,7 +266,19 @@ def cpu_routes() -> Routes:
         if key not in _memo:
             _memo[key] = measured_routes()
         chosen = _memo[key]
-    return _int8_activations_override(chosen)
+    return _int4_kernel_override(_int8_activations_override(chosen))
+
+
+def _int4_kernel_override(chosen: Routes) -> Routes:
+    """`chosen` with `BLIP2_INT4_KERNEL=torch|bf16` applied, if set (ours where it is not built: PyTorch's, with
+    `native.int4_bf16`'s warning)."""
+    forced = os.environ.get(INT4_KERNEL_ENV, "").strip()
+    if not forced:
+        return chosen
+    if forced not in ("torch", "bf16"):
+        raise ConfigError(f"{INT4_KERNEL_ENV}={forced!r}: expected torch or bf16")
+    kernels = replace(chosen.kernels, int4_kernel=forced)
+    return replace(chosen, kernels=kernels, source=f"{chosen.source}; {INT4_KERNEL_ENV}={forced}")
 
 
 def _int8_activations_override(chosen: Routes) -> Routes:
