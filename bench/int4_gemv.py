@@ -5,8 +5,8 @@
 Decoding one sequence reads every weight of the language model once per token, so its speed is the rate at which
 the weights stream from memory. Timed on blip2-opt-2.7b's fc1, fc2 and output head at one row, each product on the
 next of several weight copies that together exceed the caches (as a model's layers are read): our int4 kernel
-(`quant.Int4Bf16Weight`, csrc/int4_bf16.cpp: AVX512-BF16, built by `blip2.native`), PyTorch's own int4 kernel for
-CPUs (`quant.Int4Weight`, `_weight_int4pack_mm_for_cpu`), both on the same levels and groups of 128, `torch._int_mm`
+(`int4.Int4Bf16Weight`, csrc/int4_bf16.cpp: AVX512-BF16, built by `blip2.native`), PyTorch's own int4 kernel for
+CPUs (`int4.Int4Weight`, `_weight_int4pack_mm_for_cpu`), both on the same levels and groups of 128, `torch._int_mm`
 on int8 weights of the same shape, and the time to read the same int4 and int8 bytes without multiplying (an int64
 sum). Then the two int4 kernels against the int8 route's prepacked layer (`quant.PackedInt8Linear`) at 1, 4, 8 and
 48 rows (fc1, fc2). The torchao wheel on PyPI holds CUDA kernels only (its x86 int4 kernels come with PyTorch's own
@@ -39,7 +39,7 @@ def nbytes(module: torch.nn.Module) -> int:
 
 
 def int4_copies(w: torch.Tensor) -> dict[str, list]:
-    from blip2.quant import Int4Weight
+    from blip2.int4 import Int4Weight
 
     out = {}
     for name, kernel in KERNELS.items():
@@ -91,8 +91,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    from blip2.int4 import can_int4
     from blip2.machine import cpu_flags, cpu_name, memory
-    from blip2.quant import can_int4
 
     if not can_int4("bf16"):
         sys.exit("our int4 kernel needs a CPU with AVX512-BF16 and a C++ compiler (blip2.native)")

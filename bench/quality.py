@@ -15,7 +15,7 @@ runs: the yardstick `dtype="auto"` is held to), `bf16-fp32-sums` with products s
 `int8-activations` with the activations of every int8 layer, the vision encoder's included, quantized per
 position (`BLIP2_INT8_ACTIVATIONS=1`, quant._int8_activations_mm; on a CPU without VNNI or AMX it is slow), `int4`
 with that route's prepacked int8 layers for prompts and int4 weights for decoding steps on PyTorch's int4 kernel
-(quant.Int4Weight), `int4-bf16` the same on ours (quant.Int4Bf16Weight, AVX512-BF16 CPUs: fp32 sums and output). On
+(int4.Int4Weight), `int4-bf16` the same on ours (int4.Int4Bf16Weight, AVX512-BF16 CPUs: fp32 sums and output). On
 random weights mere bf16 rounding already moves logits a lot (on the tiny random T5, rounding only its token
 embeddings to bf16 moves the logits by 11% of their range: such networks amplify any perturbation). At full size
 the bf16 routes run only with `--full-bf16` (the native kernels take minutes on a CPU that emulates bf16).

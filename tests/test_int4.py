@@ -1,5 +1,5 @@
 """`dtype="int4"`: the int8 route with a second, int4 copy of the language model's layers for decoding steps
-(quant.Int4Weight on PyTorch's int4 kernel for CPUs, quant.Int4Bf16Weight on ours for AVX512-BF16 CPUs); prompts
+(int4.Int4Weight on PyTorch's int4 kernel for CPUs, int4.Int4Bf16Weight on ours for AVX512-BF16 CPUs); prompts
 keep the int8 layers. Each test runs with both kernels; ours is skipped, with the reason, where it is not built."""
 
 from __future__ import annotations
@@ -12,16 +12,8 @@ import torch
 import blip2
 from blip2.dtype_policy import placement
 from blip2.errors import ConfigError
-from blip2.quant import (
-    FusedProjection,
-    Int4Bf16Weight,
-    Int4Weight,
-    Int8Linear,
-    Kernels,
-    PackedInt8Linear,
-    can_int4,
-    can_pack_int8,
-)
+from blip2.int4 import Int4Bf16Weight, Int4Weight, can_int4
+from blip2.quant import FusedProjection, Int8Linear, Kernels, PackedInt8Linear, can_pack_int8
 
 pytestmark = pytest.mark.skipif(not can_int4(), reason="this PyTorch has no int4 kernel for CPUs")
 

@@ -19,7 +19,7 @@ from blip2.native import NATIVE_ENV, SOURCE, build_folder, int4_bf16
 PROBE = """
 import torch
 from blip2.native import int4_bf16
-from blip2.quant import Int4Weight
+from blip2.int4 import Int4Weight
 print("built", int4_bf16())
 print("layer", type(Int4Weight.quantize(torch.randn(64, 128), kernel="bf16")).__name__)
 """

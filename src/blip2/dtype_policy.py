@@ -12,7 +12,7 @@
 * `kv_cache` ("auto", "int8", "bf16", "fp16", "fp32"; `cache_storage`) overrides the route's cache dtype: int8 to
   fit larger batches on any route, or the arithmetic's own dtype (`transformers`' numbers) on the int8 routes;
 * dtype "int4" (CPU only): "int8" with a second, int4 copy of the language model's layers (not its head) for the
-  decoding steps (`quant.Int4Weight`): faster captions and chat turns one at a time, not a smaller model;
+  decoding steps (`int4.Int4Weight`): faster captions and chat turns one at a time, not a smaller model;
 * dtype bf16 on a CPU: the bf16 layers sum in fp32 on widened weights where the measurement says that pays
   (`quant.bf16_sums_in_fp32`; without bf16 instructions PyTorch emulates bf16 GEMMs at a fifth of the fp32 speed);
   where no layer is widened, their weights are prepacked for oneDNN where that measures faster (`quant.pack_bf16`).
@@ -32,7 +32,8 @@ import torch
 
 from .defaults import KV_CACHE_ENVVAR
 from .errors import ConfigError
-from .quant import SCHEMES, can_int4, use_kernels
+from .int4 import can_int4
+from .quant import SCHEMES, use_kernels
 
 CPU_BF16_ENV = "BLIP2_CPU_BF16"
 FP32_MODULES = ("query_tokens", "qformer.")  # parameter-name prefixes kept in fp32 when the model is fp16

@@ -114,7 +114,8 @@ def kernels(
     time there is infinite. Without VNNI or AMX, PyTorch's int8 GEMM runs at about 1% of fp32's speed, and timing
     it at an image's rows would take seconds."""
     hopeless = set() if hopeless is None else hopeless
-    from .quant import Int4Weight, _int8_activations_mm, _pack, _widened_mm, can_pack, can_pack_int8, int8_rows
+    from .int4 import Int4Weight
+    from .quant import _int8_activations_mm, _pack, _widened_mm, can_pack, can_pack_int8, int8_rows
 
     w = torch.randn(n, k)
     scale = w.abs().amax(1) / 127

@@ -1,7 +1,7 @@
 """Kernels of our own in C++ (`csrc/`), compiled for the running machine at first use and cached.
 
 `int4_bf16_mm` (csrc/int4_bf16.cpp) multiplies a few bf16 rows by int4 weights with AVX512-BF16's `vdpbf16ps`, for
-the decoding steps of `dtype="int4"` (`quant.Int4Bf16Weight`): PyTorch's own int4 kernel for CPUs converts each
+the decoding steps of `dtype="int4"` (`int4.Int4Bf16Weight`): PyTorch's own int4 kernel for CPUs converts each
 weight to a float before multiplying and is compute-bound at one row, reading the weights at about half the
 machine's bandwidth; this one reads them near it (`bench/int4_gemv.py`, docs/speed.md). `routes.py` times both and
 keeps the faster.

@@ -8,7 +8,7 @@ on bf16 weights widened to fp32 (`quant._widened_mm`), on the int8-weight kernel
 weights widened to fp32, and with the activations quantized to int8 as well (`quant._int8_activations_mm`, PyTorch's
 int8 GEMM: fast where the CPU has VNNI or AMX, a fallback elsewhere), on plain int8 weights and on int8 weights
 prepacked for oneDNN's int8 matmul (`quant.PackedInt8Linear`), and on int4 weights in groups of 128 with PyTorch's
-int4 kernel for CPUs (`quant.Int4Weight`) and with ours on AVX512-BF16 CPUs (`quant.Int4Bf16Weight`, built at the
+int4 kernel for CPUs (`int4.Int4Weight`) and with ours on AVX512-BF16 CPUs (`int4.Int4Bf16Weight`, built at the
 first measurement: `native.py`). From the timings:
 
 - per kind of layer, the positions per sequence from which the widened route takes over (`quant.Kernels`): the

@@ -1,7 +1,7 @@
 // y = x W^T for decoding: x a few bf16 rows, W in int4 with a scale and an offset per group of inputs of each output
 // (w = scale * q + offset, q in 0..15), multiplied with AVX512-BF16's vdpbf16ps.
 //
-// Layout (quant.Int4Bf16Weight.pack writes it):
+// Layout (int4.Int4Bf16Weight.from_levels writes it):
 //   packed  (N/16, K/8, 64) uint8: block b holds outputs 16b..16b+15, chunk c inputs 8c..8c+7. In each 128-bit lane
 //           L (bytes 16L..16L+15) byte j is q[o, k] | q[o, k + 4] << 4 with o = 16b + 4L + (j % 8) / 2 and
 //           k = 8c + 2 * (j / 8) + j % 2: so `unpacklo/hi_epi8` with the byte 0x43 turn a chunk's low (high)
