@@ -54,7 +54,7 @@ def one_row(k: int, n: int) -> dict[str, float]:
     layers = int4_copies(w)
     row = torch.randn(1, k).bfloat16()
     int8 = copies(lambda: torch.randint(-127, 128, (n, k), dtype=torch.int8), n * k)
-    int4_bytes = copies(lambda: torch.empty(n * k // 16, dtype=torch.int64), n * k // 2)
+    int4_bytes = copies(lambda: torch.randint(-127, 128, (n * k // 2,), dtype=torch.int8).view(torch.int64), n * k // 2)
     times = {name: median_ms(turns(row, ms, lambda x, m: m(x)), 21) for name, ms in layers.items()}
     times |= {
         "int8 torch._int_mm": median_ms(turns(row.char(), int8, lambda x, w: torch._int_mm(x, w.t())), 21),
