@@ -11,6 +11,7 @@ from test_routes import AVX2_LIKE
 
 from blip2 import routes
 from blip2.cli import main
+from blip2.int4 import can_int4
 from blip2.machine import format_report
 
 
@@ -63,13 +64,26 @@ def test_a_hopeless_int8_gemm_is_timed_once_not_at_every_row_count(monkeypatch):
     hopeless: set[str] = set()
     t = machine.kernels(64, 64, rows=(1, 8, 48), hopeless=hopeless)
     int8_acts = {"int8 activations", "int8 activations packed"}
-    assert calls and all(t[1][name] >= 20 for name in int8_acts) and hopeless == int8_acts
+    absent = set() if can_int4("bf16") else {"int4 bf16"}  # our int4 kernel needs AVX512-BF16 and a compiler
+    assert calls and all(t[1][name] >= 20 for name in int8_acts) and hopeless == int8_acts | absent
     assert all(t[8][name] == t[48][name] == float("inf") for name in int8_acts)
-    assert all(0 < ms < float("inf") for r in t for name, ms in t[r].items() if name not in int8_acts)
+    assert all(0 < ms < float("inf") for r in t for name, ms in t[r].items() if name not in int8_acts | absent)
     n = len(calls)
     vision = machine.kernels(64, 64, rows=(257,), hopeless=hopeless)[257]
     assert all(vision[name] == float("inf") for name in int8_acts)
     assert len(calls) == n  # the vision shape's timing skips them too
+
+
+def test_an_int4_kernel_that_is_not_built_is_never_timed_as_one(monkeypatch):
+    """If this fails, on a machine where our int4 kernel could not be built the calibration times PyTorch's kernel
+    under our kernel's name (the int4 quantizer stands PyTorch's in), and `blip2 doctor` shows a speed for a
+    kernel that is not there."""
+    import blip2.int4 as int4
+    import blip2.machine as machine
+
+    monkeypatch.setattr(int4, "can_int4", lambda kernel="torch": kernel == "torch")
+    t = machine.kernels(64, 64, rows=(1,), names=("int4", "int4 bf16"))[1]
+    assert t["int4 bf16"] == float("inf") and 0 < t["int4"] < float("inf")
 
 
 def test_kernels_read_weight_copies_in_turn(monkeypatch):

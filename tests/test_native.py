@@ -26,7 +26,7 @@ print("layer", type(Int4Weight.quantize(torch.randn(64, 128), kernel="bf16")).__
 
 
 def _probe(tmp_path, **env) -> subprocess.CompletedProcess:
-    environ = os.environ | {"XDG_CACHE_HOME": str(tmp_path)} | env
+    environ = {k: v for k, v in os.environ.items() if k != NATIVE_ENV} | {"XDG_CACHE_HOME": str(tmp_path)} | env
     return subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=environ, timeout=300)
 
 

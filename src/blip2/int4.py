@@ -112,9 +112,10 @@ class Int4Weight(nn.Module):
 
 class Int4Bf16Weight(Int4Weight):
     """`Int4Weight`'s numbers (the same levels, scales and zeros) laid out for our own kernel,
-    `torch.ops.blip2_native.int4_bf16_mm` (`native.py`): AVX512-BF16 products of the bf16 rows with 128 + q, exact in fp32, then each group's
-    scale and offset. Reads the weights near the machine's bandwidth at one row, where PyTorch's kernel is
-    compute-bound (`routes.py` keeps the faster). Each row's sums do not depend on the other rows either.
+    `torch.ops.blip2_native.int4_bf16_mm` (`native.py`): AVX512-BF16 products of the bf16 rows with 128 + q, exact
+    in fp32, then each group's scale and offset. Reads the weights near the machine's bandwidth at one row, where
+    PyTorch's kernel is compute-bound (`routes.py` keeps the faster). Each row's sums do not depend on the other
+    rows either.
 
     `packed` (out / 16, in / 8, 64) uint8 in the kernel's order (csrc/int4_bf16.cpp); `scales` and `offsets`
     (out / 16, in / group, 16) fp32, the offset being zero - 136 * scale: w = scale * (128 + q) + offset."""

@@ -114,7 +114,7 @@ def kernels(
     time there is infinite. Without VNNI or AMX, PyTorch's int8 GEMM runs at about 1% of fp32's speed, and timing
     it at an image's rows would take seconds."""
     hopeless = set() if hopeless is None else hopeless
-    from .int4 import Int4Weight
+    from .int4 import Int4Weight, can_int4
     from .quant import _int8_activations_mm, _pack, _widened_mm, can_pack, can_pack_int8, int8_rows
 
     w = torch.randn(n, k)
@@ -153,8 +153,8 @@ def kernels(
         "int4": (lambda: copy.deepcopy(w4["int4"]), lambda x, xb, v: v(xb)),
         "int4 bf16": (lambda: copy.deepcopy(w4["int4 bf16"]), lambda x, xb, v: v(xb)),
     }
-    w4 = {
-        name: Int4Weight.quantize(w, kernel=kernel)
+    w4 = {  # ours only where it is built: `quantize` would stand PyTorch's in for it
+        name: Int4Weight.quantize(w, kernel=kernel) if can_int4(kernel) else None
         for name, kernel in (("int4", "torch"), ("int4 bf16", "bf16"))
         if name in (names or routes)
     }
