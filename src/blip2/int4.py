@@ -4,15 +4,13 @@ Each group of 128 inputs of an output channel (fewer where a layer's inputs are 
 levels between the group's smallest and largest weight, with a bf16 scale and zero. Two kernels multiply them:
 PyTorch's int4 kernel for CPUs (`Int4Weight`) and ours for AVX512-BF16 CPUs (`Int4Bf16Weight`, csrc/int4_bf16.cpp,
 built by `native.py`); `routes.py` times both and keeps the faster (`quant.Kernels.int4_kernel`). The layer that
-holds the copy (`quant.Int8Linear`) keeps its int8 weight for prompts (`Int4Weight.applies`).
+holds the copy (`quant.Int8Linear`) keeps its int8 weight for prompts (`quant._int4_step`).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from . import quant
 
 INT4_GROUP = 128  # inputs per scale of `Int4Weight` (fewer where a layer's inputs are not a multiple of it)
 
@@ -24,7 +22,7 @@ class Int4Weight(nn.Module):
     rows, bf16 out) on the layout it packs for the running CPU. Half the bytes of int8: a decoding step, which reads
     every weight once for one row per sequence, runs 2.1-2.9x faster per layer than on the int8 route's prepacked
     layers on an AVX512-VNNI EPYC (bench/int4_gemv.py); from a few rows on it is slower than int8 (compute-bound),
-    so the layer holding it keeps its int8 weight for prompts (`applies`). Each row's sums do not depend on the
+    so the layer holding it keeps its int8 weight for prompts (`quant._int4_step`). Each row's sums do not depend on the
     other rows: a batch decodes as its members do alone."""
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> None:
@@ -43,12 +41,11 @@ class Int4Weight(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def quantize(cls, weight: torch.Tensor, rows: int = 1024, kernel: str | None = None) -> Int4Weight | None:
+    def quantize(cls, weight: torch.Tensor, kernel: str = "torch", rows: int = 1024) -> Int4Weight | None:
         """From a (out, in) weight of any float dtype, a block of rows at a time, for `kernel` ("torch": this class;
-        "bf16": `Int4Bf16Weight`, PyTorch's where ours is not built; default: the measured choice,
-        `Kernels.int4_kernel`); None where the kernel cannot take its shape (the layer then decodes on int8) or
-        this PyTorch lacks its int4 kernel."""
-        kernel = kernel or quant.active_kernels().int4_kernel
+        "bf16": `Int4Bf16Weight`, PyTorch's where ours is not built; the routes' choice is
+        `quant.Kernels.int4_kernel`); None where the kernel cannot take its shape (the layer then decodes on int8)
+        or this PyTorch lacks its int4 kernel."""
         if kernel == "bf16" and not can_int4("bf16"):  # not built here (`native.int4_bf16` warned why)
             kernel = "torch"
         n, k = weight.shape
@@ -86,11 +83,6 @@ class Int4Weight(nn.Module):
             return None
         packed = torch.cat([p.packed for p in parts])
         return cls(packed, torch.cat([p.scales_and_zeros for p in parts], 1), parts[0].group)
-
-    @staticmethod
-    def applies(x: torch.Tensor) -> bool:
-        """Whether an input takes the int4 weight: one position per sequence (a decoding step), CPU inference."""
-        return x.device.type == "cpu" and not torch.is_grad_enabled() and quant._positions(x) == 1
 
     def dequantized(self) -> torch.Tensor:
         """The (out, in) weight as the kernel multiplies it (a product with the identity: rounded to bf16)."""

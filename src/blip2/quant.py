@@ -45,16 +45,13 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-
-if TYPE_CHECKING:
-    from .int4 import Int4Weight
+from .int4 import Int4Weight
 
 SCHEMES = ("int8", "int4")
 NEVER = sys.maxsize  # a threshold no sequence reaches: that kind of layer is never widened
@@ -143,9 +140,7 @@ class Int8Linear(nn.Module):
             q[i : i + rows] = torch.round(w / s[:, None]).clamp_(-127, 127)
             scale[i : i + rows] = s
         if self.int4 and weight.device.type == "cpu":
-            from .int4 import Int4Weight
-
-            self.decoding = Int4Weight.quantize(weight)
+            self.decoding = Int4Weight.quantize(weight, kernel=active_kernels().int4_kernel)
         self._parameters.pop("weight", None)
         self.register_buffer("weight", q.to(weight.device))
         self.scale = scale.to(weight.device)
@@ -154,7 +149,7 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.decoding is not None and self.decoding.applies(x):
+        if self.decoding is not None and _int4_step(x):
             return self.decoding(x, self.bias)
         if self.activations and x.device.type == "cpu" and not torch.is_grad_enabled():
             mm = _int8_activations_op if torch.compiler.is_compiling() else _int8_activations_mm
@@ -391,6 +386,12 @@ def _forget_positions(module: nn.Module, args: tuple, output: object) -> None:
     _stack.positions = None
 
 
+def _int4_step(x: torch.Tensor) -> bool:
+    """Whether an input takes a layer's int4 copy (`int4.Int4Weight`): one position per sequence (a decoding step),
+    CPU inference; a prompt keeps the int8 weight."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and _positions(x) == 1
+
+
 def _widening_applies(x: torch.Tensor) -> bool:
     """`_widened_mm` serves CPU inference. With gradients the widened blocks would be kept for the backward pass,
     and a compiled graph gets the plain product (inductor plans its own buffers)."""
@@ -623,7 +624,7 @@ class PackedInt8Linear(_CpuPacked):
         return _dequantized_columns(self.packed, self.scale, torch.arange(self.in_features), self.in_features).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.decoding is not None and self.decoding.applies(x):
+        if self.decoding is not None and _int4_step(x):
             return self.decoding(x, self.bias)
         bias = None if self.bias is None else self.bias.float()
         if torch.is_grad_enabled():
