@@ -92,10 +92,13 @@ class Int4Weight(nn.Module):
         return w.t().float()
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_and_zeros)
+        y = self._product(x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous())
         y = y.to(x.dtype) if bias is None else y.to(x.dtype) + bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        """(M, in) bf16 rows times the weight: (M, out), bf16."""
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_and_zeros)
 
     def extra_repr(self) -> str:
         n, half = self.packed.shape
@@ -149,11 +152,9 @@ class Int4Bf16Weight(Int4Weight):
         w = (q + 128).view(blocks * 16, -1, self.group) * scale[..., None] + offset[..., None]
         return w.view(blocks * 16, chunks * 8)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch.ops.blip2_native.int4_bf16_mm(rows, self.packed, self.scales, self.offsets, self.group)
-        y = y.to(x.dtype) if bias is None else y.to(x.dtype) + bias.to(x.dtype)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        """(M, in) bf16 rows times the weight: (M, out), fp32."""
+        return torch.ops.blip2_native.int4_bf16_mm(rows, self.packed, self.scales, self.offsets, self.group)
 
     def extra_repr(self) -> str:
         blocks, chunks, _ = self.packed.shape
