@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from .cpuinfo import cpu_flags
 from .defaults import KV_CACHE_ENVVAR
 from .errors import ConfigError
 from .int4 import can_int4
@@ -127,11 +127,8 @@ def cpu_has_native_bf16() -> bool:
         return forced == "1"
     if forced:
         raise ConfigError(f"{CPU_BF16_ENV}={forced!r}: expected 0 or 1")
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    flags = cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

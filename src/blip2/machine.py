@@ -21,15 +21,14 @@ import copy
 import itertools
 import math
 import os
-import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .cpuinfo import cpu_flags, cpu_name
 from .quant import NEVER
 
 ROWS = (1, 4, 8, 24, 64, 257)  # decoding 1-8 sequences, the thresholds' region, a prompt's prefill, one image
@@ -51,28 +50,6 @@ def best_seconds(fn: Callable[[], Any], repeat: int = 3, budget_s: float = 2.0) 
         fn()
         best = min(best, time.perf_counter() - start)
     return best
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    """The SIMD flags that decide which kernels PyTorch can use (AVX2, AVX-512 and its bf16/VNNI parts, AMX)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    present = set(line.split(":", 1)[-1].split())
-    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16")
-    return [f for f in wanted if f in present] + sorted(f for f in present if f.startswith("amx_") and f != "amx_bf16")
 
 
 @torch.no_grad()

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .cpuinfo import cpu_flags
+
 NATIVE_ENV = "BLIP2_NATIVE"
 SOURCE = Path(__file__).parent / "csrc" / "int4_bf16.cpp"
 
@@ -41,8 +43,8 @@ def build_folder(source: bytes) -> Path:
 @functools.cache
 def int4_bf16() -> bool:
     """Whether `torch.ops.blip2_native.int4_bf16_mm` is there to call: built (or loaded) now if this CPU has
-    AVX512-BF16 and `BLIP2_NATIVE` is not 0."""
-    if os.environ.get(NATIVE_ENV, "").strip() == "0" or not _has_avx512_bf16():
+    AVX512-BF16 (its own flag, whatever `BLIP2_CPU_BF16` makes the routes assume) and `BLIP2_NATIVE` is not 0."""
+    if os.environ.get(NATIVE_ENV, "").strip() == "0" or "avx512_bf16" not in cpu_flags():
         return False
     if hasattr(torch.ops.blip2_native, "int4_bf16_mm"):
         return True
@@ -71,14 +73,6 @@ def int4_bf16() -> bool:
         return False
     torch.library.register_fake("blip2_native::int4_bf16_mm")(_int4_bf16_shape)
     return True
-
-
-def _has_avx512_bf16() -> bool:
-    """The CPU's own flag, whatever `BLIP2_CPU_BF16` makes the routes assume: the kernel runs on these instructions."""
-    try:
-        return " avx512_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
 
 
 def _int4_bf16_shape(x: torch.Tensor, packed: torch.Tensor, scales, offsets, group: int) -> torch.Tensor:
